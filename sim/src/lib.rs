@@ -1,0 +1,500 @@
+//! A seeded, deterministic simulator of Mixpanel's Raw Event Export API, with fault
+//! injection, a request log and the exact ground truth the replicator must produce.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use serde_json::{Map, Value};
+
+mod r#gen;
+mod query;
+mod server;
+mod templates;
+
+use r#gen::{DayInfo, Filter, Gen, LateBatch, Sink, day_num, date_of, rfc3339};
+
+/// How the project's export `time` and from/to days are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeMode {
+    /// Projects created on/after 2023-01-01: `time` is epoch seconds and days are UTC days.
+    Utc,
+    /// Older projects: `time` is the local wall clock encoded as if UTC, days are project-local.
+    ProjectLocal,
+}
+
+/// Everything that defines a simulated project.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Seed of all generated data.
+    pub seed: u64,
+    /// IANA project timezone, e.g. "America/Los_Angeles".
+    pub timezone: String,
+    /// How `time` and the from/to days are encoded.
+    pub time_mode: TimeMode,
+    /// First project-local day that has data.
+    pub first_day: Date,
+    /// Number of project-local days with data.
+    pub days: u32,
+    /// Base number of distinct events per day (before duplicates).
+    pub events_per_day: u32,
+    /// Accepted project API secret.
+    pub api_secret: String,
+    /// Accepted service account, if any.
+    pub service_account: Option<ServiceAccount>,
+    /// Request budget; beyond it requests get 429.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        let today = Clock::now_day();
+        SimConfig {
+            seed: 1,
+            timezone: "UTC".into(),
+            time_mode: TimeMode::Utc,
+            first_day: date_of(today - 9).unwrap_or_default(),
+            days: 10,
+            events_per_day: 200,
+            api_secret: "sim-secret".into(),
+            service_account: None,
+            rate_limit: None,
+        }
+    }
+}
+
+/// A service account: HTTP Basic `username:secret` plus `project_id`.
+#[derive(Clone, Debug)]
+pub struct ServiceAccount {
+    /// Basic auth user name.
+    pub username: String,
+    /// Basic auth password.
+    pub secret: String,
+    /// The project the account may read.
+    pub project_id: u64,
+}
+
+/// A sliding-window request budget over all requests.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimit {
+    /// Requests admitted per window.
+    pub requests: u32,
+    /// Length of the sliding window.
+    pub window: Duration,
+}
+
+/// A fault applied to the next matching requests.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// 429 with Mixpanel's body; a `Retry-After` header when `Some`.
+    RateLimited {
+        /// Seconds announced in `Retry-After`.
+        retry_after_secs: Option<u64>,
+    },
+    /// A 5xx (or any status) with a small body.
+    ServerError {
+        /// The HTTP status.
+        status: u16,
+    },
+    /// 200; after `after_lines` valid lines the body ends with `terminated early\n`.
+    TerminatedEarly {
+        /// Valid lines sent first.
+        after_lines: usize,
+    },
+    /// 200; after `after_lines` valid lines and half of the next one the connection breaks.
+    CutBody {
+        /// Valid lines sent first.
+        after_lines: usize,
+    },
+    /// Headers and body only after `delay`.
+    SlowFirstByte {
+        /// Time before the first byte.
+        delay: Duration,
+    },
+    /// Any literal answer.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The literal body.
+        body: String,
+    },
+}
+
+/// Which requests a fault applies to, and how many times.
+#[derive(Clone, Debug)]
+pub struct FaultRule {
+    /// Request path, e.g. "/api/2.0/export".
+    pub path: String,
+    /// Only requests whose `from_date` is this day.
+    pub from_date: Option<Date>,
+    /// How many matching requests get the fault.
+    pub times: u32,
+    /// The fault.
+    pub fault: Fault,
+}
+
+/// One request as the simulator saw it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RequestRecord {
+    /// HTTP method.
+    pub method: String,
+    /// URL path.
+    pub path: String,
+    /// Raw query string (for POST, followed by the form body).
+    pub query: String,
+    /// How the request authenticated.
+    pub auth: AuthKind,
+    /// Status answered.
+    pub status: u16,
+    /// Arrival, in milliseconds since the Unix epoch (monotonic within a simulator).
+    pub at_ms: u64,
+    /// Whether an injected fault was applied.
+    pub faulted: bool,
+}
+
+/// How a request authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum AuthKind {
+    /// `Basic base64(secret)`.
+    SecretNoColon,
+    /// `Basic base64(secret + ":")`.
+    SecretWithColon,
+    /// `Basic base64(username:secret)` of the configured service account.
+    ServiceAccount,
+    /// No Authorization header.
+    Missing,
+    /// Anything else.
+    Invalid,
+}
+
+/// A simulated Mixpanel project; cheap to clone, thread-safe.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: SimConfig,
+    generator: Gen,
+    started: Instant,
+    started_epoch_ms: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    late: HashMap<i64, Vec<LateBatch>>,
+    faults: Vec<FaultRule>,
+    requests: Vec<RequestRecord>,
+    window: VecDeque<Instant>,
+}
+
+/// Clock helpers.
+struct Clock;
+
+impl Clock {
+    /// Today's UTC day number.
+    fn now_day() -> i64 {
+        jiff::Timestamp::now().as_second().div_euclid(86_400)
+    }
+}
+
+/// Uncompressed bytes buffered before a chunk is handed on.
+pub(crate) const CHUNK: usize = 64 * 1024;
+
+impl Simulator {
+    /// Creates a simulator; panics on an unknown timezone (a test setup error).
+    pub fn new(config: SimConfig) -> Simulator {
+        let tz = TimeZone::get(&config.timezone)
+            .unwrap_or_else(|e| panic!("mixpanel-sim: unknown timezone {:?}: {e}", config.timezone));
+        r#gen::warm();
+        let generator = Gen::new(
+            config.seed,
+            config.time_mode,
+            tz,
+            config.events_per_day as u64,
+            day_num(config.first_day),
+            config.days,
+        );
+        let started_epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Simulator {
+            inner: Arc::new(Inner {
+                config,
+                generator,
+                started: Instant::now(),
+                started_epoch_ms,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The configuration this simulator was built with.
+    pub fn config(&self) -> &SimConfig {
+        &self.inner.config
+    }
+
+    /// Adds `count` new events to a project-local day, delivered (and processed) later than all
+    /// existing ones; also re-delivers one existing event of that day with a later
+    /// mp_processing_time_ms and one property changed (so the late version must win).
+    pub fn add_late_events(&self, day: Date, count: u32) {
+        let d = day_num(day);
+        let mut st = self.inner.lock();
+        let batches = st.late.entry(d).or_default();
+        let batch = batches.len() as u32 + 1;
+        let first = batches.last().map_or(0, |b| b.first + b.count as u64);
+        batches.push(LateBatch {
+            batch,
+            first,
+            count,
+            redeliver: self.inner.generator.redeliver_index(d, batch),
+        });
+    }
+
+    /// Queues a fault rule (rules are matched in the order pushed).
+    pub fn push_fault(&self, rule: FaultRule) {
+        self.inner.lock().faults.push(rule);
+    }
+
+    /// Removes every queued fault rule.
+    pub fn clear_faults(&self) {
+        self.inner.lock().faults.clear();
+    }
+
+    /// Every API request received so far, oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.inner.lock().requests.clone()
+    }
+
+    /// The rows the replicator must produce for one project-local day of the export table
+    /// (order not significant), optionally only for the given event names.
+    pub fn export_ground_truth(&self, day: Date, events: Option<&[String]>) -> Vec<Value> {
+        let g = &self.inner.generator;
+        let d = day_num(day);
+        let target = DayInfo::new(&g.tz, d).unwrap_or_else(|e| panic!("mixpanel-sim: {e}"));
+        let mut filter = Filter::all();
+        filter.names = g.name_mask(events);
+        let late = self.inner.late_snapshot(d - 1, d + 1);
+        // Key -> (mp_processing_time_ms, delivery); the latest processed delivery wins.
+        let mut best: HashMap<(String, String, i64, String), (i64, Map<String, Value>, String)> = HashMap::new();
+        let mut buf = Vec::new();
+        for n in (d - 1).max(g.first)..=(d + 1).min(g.last) {
+            let info = DayInfo::new(&g.tz, n).unwrap_or_else(|e| panic!("mixpanel-sim: {e}"));
+            let mut sink = |buf: &mut Vec<u8>, start: usize| {
+                let line: Value = serde_json::from_slice(&buf[start..])
+                    .unwrap_or_else(|e| panic!("mixpanel-sim generated invalid JSON ({e}): {:?}", String::from_utf8_lossy(&buf[start..])));
+                buf.clear();
+                let Value::Object(mut line) = line else { panic!("mixpanel-sim: line is not an object") };
+                let event = line.get("event").and_then(Value::as_str).unwrap_or_default().to_string();
+                let Some(Value::Object(props)) = line.remove("properties") else {
+                    panic!("mixpanel-sim: line without properties")
+                };
+                let time = props.get("time").and_then(Value::as_i64).unwrap_or_default();
+                let instant = self.inner.true_instant(time);
+                if instant < target.s0 || instant >= target.s1 {
+                    return true;
+                }
+                let did = props.get("distinct_id").map_or("null".to_string(), Value::to_string);
+                let iid = props.get("$insert_id").map_or("null".to_string(), Value::to_string);
+                let proc = props.get("mp_processing_time_ms").and_then(Value::as_i64).unwrap_or_default();
+                let key = (event.clone(), did, time, iid);
+                match best.get(&key) {
+                    Some((p, _, _)) if *p >= proc => {}
+                    _ => {
+                        best.insert(key, (proc, props, event));
+                    }
+                }
+                true
+            };
+            g.emit_day(&info, late.get(&n).map_or(&[], Vec::as_slice), &filter, None, &mut buf, &mut sink);
+        }
+        best.into_values()
+            .map(|(_, props, event)| {
+                let mut row = Map::new();
+                let time = props.get("time").and_then(Value::as_i64).unwrap_or_default();
+                row.insert("event".into(), Value::String(event));
+                row.insert("distinct_id".into(), props.get("distinct_id").cloned().unwrap_or(Value::Null));
+                row.insert("time".into(), Value::String(rfc3339(self.inner.true_instant(time))));
+                for (k, v) in props {
+                    if k == "time" || k == "distinct_id" {
+                        continue;
+                    }
+                    let k = match k.strip_prefix('$') {
+                        Some(rest) => format!("mp_reserved_{rest}"),
+                        None => k,
+                    };
+                    row.insert(k, v);
+                }
+                Value::Object(row)
+            })
+            .collect()
+    }
+
+    /// Writes the raw export body (NDJSON, uncompressed) that /api/2.0/export would send for
+    /// these parameters; used by benchmarks. `where_clause` as in the API.
+    pub fn write_export_body(
+        &self,
+        from: Date,
+        to: Date,
+        events: Option<&[String]>,
+        where_clause: Option<&str>,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<u64> {
+        let (lo, hi) = match where_clause {
+            Some(w) => query::parse_where(w).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            None => (i64::MIN, i64::MAX),
+        };
+        let filter = Filter {
+            names: self.inner.generator.name_mask(events),
+            export_lo: lo,
+            export_hi: hi,
+            time_in_ms: false,
+        };
+        let mut total = 0u64;
+        let mut err = None;
+        let mut buf = Vec::with_capacity(CHUNK + 16 * 1024);
+        let mut sink = |buf: &mut Vec<u8>, _start: usize| {
+            if buf.len() >= CHUNK {
+                if let Err(e) = out.write_all(buf) {
+                    err = Some(e);
+                    return false;
+                }
+                total += buf.len() as u64;
+                buf.clear();
+            }
+            true
+        };
+        self.inner
+            .emit_range(day_num(from), day_num(to), &filter, &mut buf, &mut sink)
+            .map_err(std::io::Error::other)?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        out.write_all(&buf)?;
+        Ok(total + buf.len() as u64)
+    }
+
+    /// Binds 127.0.0.1:port (0 = any free port) and serves in a tokio task.
+    pub async fn serve(&self, port: u16) -> std::io::Result<RunningSim> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = server::router(self.clone());
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                eprintln!("mixpanel-sim: server stopped: {e}");
+            }
+        });
+        Ok(RunningSim { sim: self.clone(), addr, shutdown: Some(tx) })
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not wedge the server.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started_epoch_ms + self.started.elapsed().as_millis() as u64
+    }
+
+    /// Today's day number in the clock that bounds `to_date`.
+    fn today(&self) -> i64 {
+        match self.config.time_mode {
+            TimeMode::Utc => Clock::now_day(),
+            TimeMode::ProjectLocal => day_num(self.generator.tz.to_datetime(jiff::Timestamp::now()).date()),
+        }
+    }
+
+    /// The true UTC instant of an exported `time` (seconds).
+    fn true_instant(&self, time: i64) -> i64 {
+        match self.config.time_mode {
+            TimeMode::Utc => time,
+            TimeMode::ProjectLocal => jiff::Timestamp::from_second(time)
+                .ok()
+                .and_then(|ts| self.generator.tz.to_timestamp(TimeZone::UTC.to_datetime(ts)).ok())
+                .map_or(time, |ts| ts.as_second()),
+        }
+    }
+
+    fn late_snapshot(&self, from: i64, to: i64) -> HashMap<i64, Vec<LateBatch>> {
+        self.lock()
+            .late
+            .iter()
+            .filter(|(d, _)| **d >= from && **d <= to)
+            .map(|(d, b)| (*d, b.clone()))
+            .collect()
+    }
+
+    /// Emits the body for API days `from..=to` (UTC days or local days, per the time mode).
+    fn emit_range(&self, from: i64, to: i64, f: &Filter, buf: &mut Vec<u8>, sink: &mut Sink<'_>) -> Result<(), String> {
+        let g = &self.generator;
+        let late = self.late_snapshot(from - 1, to + 1);
+        let batches = |n: i64| late.get(&n).map_or(&[][..], Vec::as_slice);
+        match self.config.time_mode {
+            TimeMode::ProjectLocal => {
+                for n in from.max(g.first)..=to.min(g.last) {
+                    let info = DayInfo::new(&g.tz, n)?;
+                    if !g.emit_day(&info, batches(n), f, None, buf, sink) {
+                        break;
+                    }
+                }
+            }
+            TimeMode::Utc => {
+                // A local day can straddle UTC days: cover neighbours, keep instants in range.
+                let (lo, hi) = (from * 86_400, (to + 1) * 86_400);
+                for n in (from - 1).max(g.first)..=(to + 1).min(g.last) {
+                    let info = DayInfo::new(&g.tz, n)?;
+                    if info.s1 <= lo || info.s0 >= hi {
+                        continue;
+                    }
+                    let range = (info.s0 < lo || info.s1 > hi).then_some((lo, hi));
+                    if !g.emit_day(&info, batches(n), f, range, buf, sink) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A simulator serving on loopback; dropping it stops the server.
+pub struct RunningSim {
+    sim: Simulator,
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningSim {
+    /// Base URL, e.g. "http://127.0.0.1:PORT".
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The simulator being served.
+    pub fn sim(&self) -> &Simulator {
+        &self.sim
+    }
+}
+
+impl Drop for RunningSim {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

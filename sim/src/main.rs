@@ -1,0 +1,108 @@
+//! `mixpanel-sim`: serves a simulated Mixpanel project on loopback until killed.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Parser;
+use mixpanel_sim::{Date, RateLimit, ServiceAccount, SimConfig, Simulator, TimeMode};
+
+/// Serves a seeded, deterministic Mixpanel Raw Event Export API on 127.0.0.1.
+#[derive(Parser, Debug)]
+#[command(name = "mixpanel-sim", version)]
+struct Args {
+    /// Port to bind on 127.0.0.1 (0 = any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Seed of all generated data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// IANA project timezone.
+    #[arg(long, default_value = "UTC")]
+    timezone: String,
+    /// How `time` and from/to days are encoded: utc or project-local.
+    #[arg(long, default_value = "utc", value_parser = ["utc", "project-local"])]
+    time_mode: String,
+    /// First project-local day with data (default: so that the last day is today, UTC).
+    #[arg(long)]
+    first_day: Option<Date>,
+    /// Number of days with data.
+    #[arg(long, default_value_t = 10)]
+    days: u32,
+    /// Distinct events per day (before duplicates).
+    #[arg(long, default_value_t = 200)]
+    events_per_day: u32,
+    /// Accepted project API secret.
+    #[arg(long, default_value = "sim-secret")]
+    api_secret: String,
+    /// Accepted service account as USERNAME:SECRET:PROJECT_ID.
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Rate limit as REQUESTS/SECONDS (sliding window), e.g. 60/3600.
+    #[arg(long)]
+    rate_limit: Option<String>,
+}
+
+fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
+    let mut it = s.rsplitn(2, ':');
+    let project = it.next().unwrap_or("");
+    let user_secret = it.next().ok_or("expected USERNAME:SECRET:PROJECT_ID")?;
+    let (username, secret) = user_secret.split_once(':').ok_or("expected USERNAME:SECRET:PROJECT_ID")?;
+    let project_id = project.parse().map_err(|_| format!("bad project id {project:?}"))?;
+    Ok(ServiceAccount { username: username.into(), secret: secret.into(), project_id })
+}
+
+fn parse_rate_limit(s: &str) -> Result<RateLimit, String> {
+    let (n, secs) = s.split_once('/').ok_or("expected REQUESTS/SECONDS")?;
+    Ok(RateLimit {
+        requests: n.trim().parse().map_err(|_| format!("bad request count {n:?}"))?,
+        window: Duration::from_secs(secs.trim().parse().map_err(|_| format!("bad window {secs:?}"))?),
+    })
+}
+
+fn config(args: Args) -> Result<SimConfig, String> {
+    jiff::tz::TimeZone::get(&args.timezone).map_err(|e| format!("--timezone {:?}: {e}", args.timezone))?;
+    let first_day = match args.first_day {
+        Some(d) => d,
+        None => {
+            let today = jiff::Timestamp::now().to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+            today
+                .checked_sub(jiff::Span::new().days(i64::from(args.days.max(1)) - 1))
+                .map_err(|e| e.to_string())?
+        }
+    };
+    Ok(SimConfig {
+        seed: args.seed,
+        timezone: args.timezone,
+        time_mode: if args.time_mode == "utc" { TimeMode::Utc } else { TimeMode::ProjectLocal },
+        first_day,
+        days: args.days,
+        events_per_day: args.events_per_day,
+        api_secret: args.api_secret,
+        service_account: args.service_account.as_deref().map(parse_service_account).transpose()?,
+        rate_limit: args.rate_limit.as_deref().map(parse_rate_limit).transpose()?,
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let port = args.port;
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mixpanel-sim: {e}");
+            std::process::exit(2);
+        }
+    };
+    let running = match Simulator::new(cfg).serve(port).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mixpanel-sim: cannot listen: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "listening on {}", running.url());
+    let _ = stdout.flush();
+    std::future::pending::<()>().await;
+}

@@ -1,0 +1,89 @@
+//! Everything an invocation needs, built once per process (warm Lambda invocations reuse it).
+
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::error::Result;
+use crate::mixpanel::MixpanelClient;
+use crate::secrets::CredentialsProvider;
+use crate::sink::ObjectSink;
+use crate::sink::local::LocalSink;
+use crate::sink::s3::S3Sink;
+use crate::state::StateStore;
+use crate::state::dynamo::DynamoStore;
+use crate::state::local::LocalStore;
+
+/// Settings, clients, state store and sink.
+#[derive(Clone)]
+pub struct App {
+    /// The settings.
+    pub settings: Arc<Settings>,
+    /// Mixpanel's client.
+    pub mixpanel: MixpanelClient,
+    /// The state store.
+    pub store: Arc<dyn StateStore>,
+    /// The output sink.
+    pub sink: Arc<dyn ObjectSink>,
+    /// Key prefix of every output object.
+    pub prefix: String,
+}
+
+impl App {
+    /// Builds the app from settings: S3/DynamoDB where named, else the local folder and file.
+    /// `sdk` is loaded only when an AWS service is used.
+    pub async fn build(settings: Settings, sdk: Option<aws_config::SdkConfig>) -> Result<App> {
+        let needs_aws = settings.output_bucket.is_some() && settings.output_dir.is_none()
+            || settings.state_table.is_some() && settings.state_file.is_none()
+            || matches!(
+                settings.credentials,
+                crate::secrets::CredentialsSource::SecretsManager { .. }
+            );
+        let sdk = match (sdk, needs_aws) {
+            (Some(s), _) => Some(s),
+            (None, true) => {
+                Some(aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await)
+            }
+            (None, false) => None,
+        };
+        let secrets_client = sdk.as_ref().map(aws_sdk_secretsmanager::Client::new);
+        let credentials = Arc::new(CredentialsProvider::new(
+            settings.credentials.clone(),
+            secrets_client,
+        ));
+        let mixpanel = MixpanelClient::new(&settings.api_url, &settings.data_url, credentials)?;
+
+        let local_root = settings
+            .output_dir
+            .clone()
+            .unwrap_or_else(|| "mixpanel-data".into());
+        let (sink, prefix): (Arc<dyn ObjectSink>, String) =
+            match (&settings.output_dir, &settings.output_bucket, &sdk) {
+                (None, Some(bucket), Some(sdk)) => (
+                    Arc::new(S3Sink::new(aws_sdk_s3::Client::new(sdk), bucket.clone())),
+                    settings.output_prefix.clone(),
+                ),
+                // Locally the folder stands for the bucket and prefix.
+                _ => (
+                    Arc::new(LocalSink::new(local_root.clone())),
+                    settings.local_prefix.clone(),
+                ),
+            };
+        let store: Arc<dyn StateStore> = match (&settings.state_file, &settings.state_table, &sdk) {
+            (None, Some(table), Some(sdk)) => Arc::new(DynamoStore::new(
+                aws_sdk_dynamodb::Client::new(sdk),
+                table.clone(),
+            )),
+            (file, _, _) => Arc::new(LocalStore::open(
+                file.clone()
+                    .unwrap_or_else(|| local_root.join(".state.json")),
+            )?),
+        };
+        Ok(App {
+            settings: Arc::new(settings),
+            mixpanel,
+            store,
+            sink,
+            prefix,
+        })
+    }
+}

@@ -1,0 +1,301 @@
+//! The local command: `sync`, `invoke`, `plan`, `demo`.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use jiff::Timestamp;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::config::{RunMode, Settings};
+use crate::error::{Error, ErrorKind, Result};
+use crate::handler::{self, Status};
+use crate::plan;
+use crate::tables::Table;
+
+/// Replicates a Mixpanel project into S3 (or a local folder) as gzip JSON Lines.
+#[derive(Parser, Debug)]
+#[command(name = "mixpanel-replicator", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replicate until nothing is pending (all tables by default).
+    Sync {
+        /// A table to replicate (repeatable).
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<Table>,
+        /// Output folder (default: OUTPUT_BUCKET if set, else ./mixpanel-data).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// State file (default: STATE_TABLE if set, else <out>/.state.json).
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Run the Lambda handler once on an event (a file, or - for standard input).
+    Invoke {
+        /// The event file.
+        #[arg(long, value_name = "FILE|-")]
+        event: String,
+    },
+    /// Show the pending slices; change nothing.
+    Plan {
+        /// A table to show (repeatable).
+        #[arg(long = "table", value_name = "NAME")]
+        tables: Vec<Table>,
+        /// State file (default: STATE_TABLE if set, else ./mixpanel-data/.state.json).
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Start the bundled simulator and sync it into ./mixpanel-data.
+    Demo {
+        /// Output folder.
+        #[arg(long, default_value = "mixpanel-data")]
+        out: PathBuf,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Sync { tables, out, state } => match local_settings(out, state) {
+            Ok(s) => sync_command(s, tables).await,
+            Err(e) => Err(e),
+        },
+        Command::Invoke { event } => invoke_command(&event).await,
+        Command::Plan { tables, state } => match local_settings(None, state) {
+            Ok(s) => plan_command(s, tables).await,
+            Err(e) => Err(e),
+        },
+        Command::Demo { out } => crate::demo::run(out).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e} [{}]", e.kind());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn local_settings(out: Option<PathBuf>, state: Option<PathBuf>) -> Result<Settings> {
+    let mut s = Settings::from_env(RunMode::Local)?;
+    if let Some(out) = out {
+        if state.is_none() && s.state_table.is_none() {
+            s.state_file = Some(out.join(".state.json"));
+        }
+        s.output_dir = Some(out);
+    }
+    if state.is_some() {
+        s.state_file = state;
+    }
+    Ok(s)
+}
+
+async fn sync_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode> {
+    let app = App::build(settings, None).await?;
+    let report = sync(&app, &tables).await?;
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What a sync did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Slices committed.
+    pub slices: u64,
+    /// Records written.
+    pub records: u64,
+    /// Stored bytes written.
+    pub bytes: u64,
+    /// Files written.
+    pub files: u64,
+    /// Tables skipped (plan or version does not allow them).
+    pub skipped: Vec<String>,
+    /// Slices left uncommitted.
+    pub failed: u64,
+}
+
+/// Plans and replicates the tables (all supported ones when empty) until nothing is pending.
+pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
+    let chosen: Vec<Table> = if tables.is_empty() {
+        let unsupported: Vec<&str> = Table::ALL
+            .iter()
+            .filter(|t| !t.is_implemented())
+            .map(|t| t.as_str())
+            .collect();
+        if !unsupported.is_empty() {
+            tracing::warn!(
+                "not supported by this version yet, left out: {}",
+                unsupported.join(", ")
+            );
+        }
+        Table::ALL
+            .into_iter()
+            .filter(|t| t.is_implemented())
+            .collect()
+    } else {
+        tables.to_vec()
+    };
+    let mut report = SyncReport::default();
+    let json_lines = !std::io::stdout().is_terminal();
+    for table in chosen {
+        if !table.is_implemented() {
+            return Err(Error::event(format!(
+                "the {table} table is not supported by this version yet"
+            )));
+        }
+        let now = Timestamp::now();
+        let days = plan::planned_days(app.store.as_ref(), &app.settings, table, now).await?;
+        plan::queue_days(app.store.as_ref(), &app.settings, table, &days, now).await?;
+        let mut partial_in_a_row = 0;
+        loop {
+            let deadline = Instant::now() + app.settings.time_budget;
+            let owner = handler::new_attempt_id();
+            let now_ms = Timestamp::now().as_millisecond() as u64;
+            let until = now_ms + app.settings.time_budget.as_millis() as u64 + 60_000;
+            let Some(lease) =
+                plan::claim_next(app.store.as_ref(), table, &owner, now_ms, until).await?
+            else {
+                break;
+            };
+            match handler::run_slice(app, &lease, deadline).await {
+                Ok(resp) => {
+                    print_line(json_lines, &resp);
+                    match resp.status {
+                        Status::Done => {
+                            partial_in_a_row = 0;
+                            report.slices += 1;
+                            report.records += resp.records;
+                            report.bytes += resp.bytes;
+                            report.files += resp.files;
+                        }
+                        Status::Skipped => {
+                            report.skipped.push(table.to_string());
+                            break;
+                        }
+                        _ => {
+                            partial_in_a_row += 1;
+                            if partial_in_a_row >= 3 {
+                                return Err(Error::new(
+                                    ErrorKind::Deadline,
+                                    format!(
+                                        "{table} {} did not finish within INVOCATION_TIME_BUDGET_SECONDS three times",
+                                        lease.slice
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::RateLimited => {
+                    tracing::warn!(error = %e, "waiting out Mixpanel's rate limit");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !report.skipped.iter().any(|s| s == table.as_str()) {
+            report.failed += plan::outstanding(app.store.as_ref(), table).await? as u64;
+        }
+    }
+    Ok(report)
+}
+
+fn print_line(json: bool, resp: &handler::Response) {
+    if json {
+        if let Ok(s) = serde_json::to_string(resp) {
+            println!("{s}");
+        }
+    } else {
+        eprintln!(
+            "{} {} {:?}: {} records, {} files, {} bytes{}",
+            resp.table,
+            resp.slice.as_deref().unwrap_or("-"),
+            resp.status,
+            resp.records,
+            resp.files,
+            resp.bytes,
+            resp.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+async fn invoke_command(event: &str) -> Result<ExitCode> {
+    let text = if event == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Error::event(format!("cannot read the event from standard input: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(event)
+            .map_err(|e| Error::event(format!("cannot read the event file {event}: {e}")))?
+    };
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::event(format!("the event is not JSON: {e}")))?;
+    // Validate the event before touching settings, so a bad event changes nothing.
+    handler::parse_event(&value)?;
+    let settings = local_settings(None, None)?;
+    let app = App::build(settings, None).await?;
+    let deadline = handler::effective_deadline(None, app.settings.time_budget);
+    match handler::handle(&app, value, deadline).await {
+        Ok(resp) => {
+            println!("{}", serde_json::to_string(&resp).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({"errorType": e.kind().as_str(), "errorMessage": e.message()})
+            );
+            Err(e)
+        }
+    }
+}
+
+async fn plan_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode> {
+    let app = App::build(settings, None).await?;
+    let chosen: Vec<Table> = if tables.is_empty() {
+        Table::ALL
+            .into_iter()
+            .filter(|t| t.is_implemented())
+            .collect()
+    } else {
+        tables
+    };
+    let now = Timestamp::now();
+    for table in chosen {
+        if !table.is_implemented() {
+            return Err(Error::event(format!(
+                "the {table} table is not supported by this version yet"
+            )));
+        }
+        let pending = plan::preview(app.store.as_ref(), &app.settings, table, now).await?;
+        if pending.is_empty() {
+            println!("{table}: nothing pending");
+        }
+        for r in pending {
+            let why = match (r.status, r.committed_at_ms) {
+                (crate::state::SliceStatus::Leased, _) => "lease expired",
+                (_, Some(_)) => "refresh (attribution window)",
+                _ if r.attempts > 0 => "retry",
+                _ => "new",
+            };
+            println!("{table}\t{}\t{why}", r.slice);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,194 @@
+//! Committing a partition: fencing check, manifest, removal of other attempts' parts, queue and
+//! bookmark update. After a commit the partition holds exactly the parts its manifest lists.
+
+use bytes::Bytes;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::sink::ObjectSink;
+use crate::state::{Lease, Schema, SliceId, SliceStatus, StateStore};
+use crate::tables::Table;
+
+/// A committed part as the manifest lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// File name within the partition.
+    pub name: String,
+    /// Records in the part.
+    pub records: u64,
+    /// Stored (compressed) size.
+    pub bytes: u64,
+}
+
+/// `_manifest.json` of a committed partition or snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Table name.
+    pub table: String,
+    /// Partition, e.g. `date=2026-11-01`.
+    pub partition: String,
+    /// The attempt that wrote the parts.
+    pub attempt: String,
+    /// When it was committed (RFC 3339 UTC).
+    pub committed_at: String,
+    /// Records in all parts.
+    pub records: u64,
+    /// The parts.
+    pub files: Vec<FileEntry>,
+}
+
+/// Joins key components, skipping an empty prefix.
+pub fn key(prefix: &str, rest: &str) -> String {
+    if prefix.is_empty() {
+        rest.to_string()
+    } else {
+        format!("{prefix}/{rest}")
+    }
+}
+
+/// The folder of a table's date partition: `{prefix}/{table}/date=YYYY-MM-DD`.
+pub fn date_partition(prefix: &str, table: Table, slice: SliceId) -> Result<(String, String)> {
+    let day = slice.day().ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidEvent,
+            format!("{table} slice {slice} has no day"),
+        )
+    })?;
+    let partition = format!("date={day}");
+    Ok((key(prefix, &format!("{table}/{partition}")), partition))
+}
+
+/// How long the commit may take once the fencing check passed (the lease is extended by this).
+const COMMIT_LEASE_MS: u64 = 120_000;
+
+/// Commits the parts of `lease`'s attempt in `folder`. Returns an error of kind `State` when the
+/// lease was lost (another attempt owns the slice now): nothing is committed then.
+pub async fn commit(
+    store: &dyn StateStore,
+    sink: &dyn ObjectSink,
+    lease: &Lease,
+    folder: &str,
+    partition: &str,
+    files: Vec<FileEntry>,
+) -> Result<Manifest> {
+    let now = Timestamp::now();
+    let now_ms = now.as_millisecond() as u64;
+    // Fencing: only the attempt that still holds the lease may write the manifest.
+    if !store
+        .confirm(lease, now_ms, now_ms + COMMIT_LEASE_MS)
+        .await?
+    {
+        return Err(lost(lease));
+    }
+    let records = files.iter().map(|f| f.records).sum();
+    let manifest = Manifest {
+        table: lease.table.to_string(),
+        partition: partition.to_string(),
+        attempt: lease.owner.clone(),
+        committed_at: now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        records,
+        files,
+    };
+    let body = serde_json::to_vec_pretty(&manifest).map_err(Error::storage)?;
+    sink.put(
+        &format!("{folder}/_manifest.json"),
+        Bytes::from(body),
+        "application/json",
+    )
+    .await?;
+    // Parts of other attempts (failed, abandoned or replaced) go.
+    let keep: std::collections::HashSet<String> = manifest
+        .files
+        .iter()
+        .map(|f| format!("{folder}/{}", f.name))
+        .collect();
+    let stale: Vec<String> = sink
+        .list(&format!("{folder}/"))
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| {
+            !keep.contains(k) && k.rsplit('/').next().is_some_and(|n| n.starts_with("part-"))
+        })
+        .collect();
+    if !stale.is_empty() {
+        sink.delete(&stale).await?;
+    }
+    if !store
+        .complete(lease, Timestamp::now().as_millisecond() as u64)
+        .await?
+    {
+        return Err(lost(lease));
+    }
+    Ok(manifest)
+}
+
+fn lost(lease: &Lease) -> Error {
+    Error::new(
+        ErrorKind::State,
+        format!(
+            "lost the lease on {} {} (attempt {}): another invocation owns it now; nothing was committed by this attempt",
+            lease.table, lease.slice, lease.owner
+        ),
+    )
+}
+
+/// Moves the bookmark of a date-sliced table to the last day D such that every day from the
+/// start date to D is committed.
+pub async fn advance_bookmark(
+    store: &dyn StateStore,
+    table: Table,
+    start: jiff::civil::Date,
+) -> Result<()> {
+    let slices = store.slices(table).await?;
+    let mut committed: Vec<jiff::civil::Date> = slices
+        .iter()
+        .filter(|s| s.status == SliceStatus::Committed)
+        .filter_map(|s| match s.slice {
+            SliceId::Day(d) => Some(d),
+            _ => None,
+        })
+        .filter(|d| *d >= start)
+        .collect();
+    committed.sort();
+    let mut last = None;
+    let mut expect = start;
+    for d in committed {
+        if d != expect {
+            break;
+        }
+        last = Some(d);
+        match d.tomorrow() {
+            Ok(t) => expect = t,
+            Err(_) => break,
+        }
+    }
+    if let Some(d) = last {
+        let current = store.bookmark(table).await?;
+        if current.is_none_or(|c| c < d) {
+            store.advance_bookmark(table, d).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `{prefix}/{table}/_schema.json`: column names and JSON types.
+pub async fn write_schema(
+    sink: &dyn ObjectSink,
+    prefix: &str,
+    table: Table,
+    schema: &Schema,
+) -> Result<()> {
+    let body = serde_json::json!({
+        "table": table.as_str(),
+        "columns": schema.columns.iter().map(|(name, ty)| serde_json::json!({"name": name, "type": ty})).collect::<Vec<_>>(),
+    });
+    let bytes = serde_json::to_vec_pretty(&body).map_err(Error::storage)?;
+    sink.put(
+        &key(prefix, &format!("{table}/_schema.json")),
+        Bytes::from(bytes),
+        "application/json",
+    )
+    .await
+}

@@ -1,0 +1,138 @@
+//! Errors, typed by what a caller can do about them.
+
+use std::fmt;
+
+/// What a failure means for whoever invoked us: retry now, retry later, or fix something first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A setting is missing or malformed: fix the configuration.
+    InvalidSetting,
+    /// The invocation event is not one we accept: fix the event.
+    InvalidEvent,
+    /// Mixpanel rejected the credentials: fix the secret.
+    Unauthorized,
+    /// The Mixpanel plan does not include this API.
+    PaymentRequired,
+    /// Mixpanel's rate limit: retry later.
+    RateLimited,
+    /// A passing failure (5xx, network, a cut or `terminated early` body): retry.
+    Transient,
+    /// Mixpanel answered something we cannot use (4xx other than auth, garbage body).
+    BadResponse,
+    /// The credentials secret could not be read or has the wrong shape.
+    Secret,
+    /// Object storage (S3 or the local folder) failed.
+    Storage,
+    /// The state store (DynamoDB or the local state file) failed.
+    State,
+    /// The invocation ran out of time; progress was saved.
+    Deadline,
+}
+
+impl ErrorKind {
+    /// Name used in logs, responses and Lambda's `errorType`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidSetting => "InvalidSetting",
+            ErrorKind::InvalidEvent => "InvalidEvent",
+            ErrorKind::Unauthorized => "Unauthorized",
+            ErrorKind::PaymentRequired => "PaymentRequired",
+            ErrorKind::RateLimited => "RateLimited",
+            ErrorKind::Transient => "Transient",
+            ErrorKind::BadResponse => "BadResponse",
+            ErrorKind::Secret => "Secret",
+            ErrorKind::Storage => "Storage",
+            ErrorKind::State => "State",
+            ErrorKind::Deadline => "Deadline",
+        }
+    }
+
+    /// Whether trying the same thing again may succeed without a change by a person.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::RateLimited
+                | ErrorKind::Transient
+                | ErrorKind::Storage
+                | ErrorKind::State
+                | ErrorKind::Deadline
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The one error type of the replicator: a kind and a message that names the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Error {
+    /// An error of `kind` with a message for a person.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A missing or malformed setting, named.
+    pub fn setting(name: &str, reason: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::InvalidSetting, format!("{name}: {reason}"))
+    }
+
+    /// A rejected invocation event.
+    pub fn event(reason: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::InvalidEvent, format!("invalid event: {reason}"))
+    }
+
+    /// A failure of the object store.
+    pub fn storage(reason: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::Storage, format!("storage: {reason}"))
+    }
+
+    /// A failure of the state store.
+    pub fn state(reason: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::State, format!("state store: {reason}"))
+    }
+
+    /// A passing failure worth retrying.
+    pub fn transient(reason: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::Transient, reason.to_string())
+    }
+
+    /// What the failure means for the caller.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message, without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::storage(e)
+    }
+}
+
+/// Result with the replicator's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for lambda_runtime::Diagnostic {
+    fn from(e: Error) -> Self {
+        lambda_runtime::Diagnostic {
+            error_type: e.kind().as_str().to_string(),
+            error_message: e.message().to_string(),
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! mixpanel-replicator: replicates a Mixpanel project into Amazon S3 as gzip JSON Lines.
+//!
+//! The path of a record: [`mixpanel`] client → [`tables`] transform → [`sink::part`] writer →
+//! [`sink`] → [`commit`].
+
+pub mod app;
+pub mod cli;
+pub mod commit;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod handler;
+pub mod logging;
+pub mod mixpanel;
+pub mod plan;
+pub mod replicate;
+pub mod secrets;
+pub mod sink;
+pub mod state;
+pub mod tables;

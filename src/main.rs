@@ -1,0 +1,69 @@
+//! The `mixpanel-replicator` binary: the Lambda function when `AWS_LAMBDA_RUNTIME_API` is set,
+//! the local command otherwise.
+#![recursion_limit = "256"]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use lambda_runtime::{LambdaEvent, service_fn};
+use mixpanel_replicator::app::App;
+use mixpanel_replicator::cli::{self, Cli};
+use mixpanel_replicator::config::{RunMode, Settings};
+use mixpanel_replicator::handler;
+
+fn main() -> ExitCode {
+    let lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+    mixpanel_replicator::logging::init(lambda);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if lambda {
+        runtime.block_on(run_lambda())
+    } else {
+        let cli = Cli::parse();
+        runtime.block_on(cli::run(cli))
+    }
+}
+
+async fn run_lambda() -> ExitCode {
+    let settings = match Settings::from_env(RunMode::Lambda) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(kind = %e.kind(), "{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = match App::build(settings, None).await {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            tracing::error!(kind = %e.kind(), "{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+        let app = app.clone();
+        async move {
+            let deadline = handler::effective_deadline(
+                Some(event.context.deadline()),
+                app.settings.time_budget,
+            );
+            handler::handle(&app, event.payload, deadline).await
+        }
+    }))
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("the Lambda runtime stopped: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

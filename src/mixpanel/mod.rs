@@ -1,0 +1,319 @@
+//! Mixpanel HTTP client: hosts, authentication, retries with backoff, error classification.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use jiff::civil::Date;
+use reqwest::StatusCode;
+use tokio::time::Instant;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::secrets::CredentialsProvider;
+
+/// Counters of what the client did, for the invocation summary.
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    /// Requests sent.
+    pub requests: AtomicU64,
+    /// Requests retried.
+    pub retries: AtomicU64,
+    /// HTTP 429 answers.
+    pub rate_limited: AtomicU64,
+}
+
+/// One raw export request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportQuery {
+    /// First day (inclusive), in the export API's day encoding.
+    pub from_date: Date,
+    /// Last day (inclusive).
+    pub to_date: Date,
+    /// Only these event names.
+    pub events: Option<Vec<String>>,
+    /// A `where` expression (time bounds of the slice).
+    pub where_clause: Option<String>,
+}
+
+/// How many times a request is sent before a retryable failure is given up on.
+const MAX_ATTEMPTS: u32 = 6;
+
+/// The client; cheap to clone.
+#[derive(Clone)]
+pub struct MixpanelClient {
+    http: reqwest::Client,
+    api_url: String,
+    data_url: String,
+    credentials: Arc<CredentialsProvider>,
+    stats: Arc<RequestStats>,
+    base_backoff: Duration,
+}
+
+impl MixpanelClient {
+    /// A client for the given base URLs.
+    pub fn new(
+        api_url: &str,
+        data_url: &str,
+        credentials: Arc<CredentialsProvider>,
+    ) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // Large exports may think for minutes before the first byte; a stalled read beyond
+            // this is a broken connection.
+            .read_timeout(Duration::from_secs(300))
+            .user_agent(concat!("mixpanel-replicator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidSetting,
+                    format!("cannot build the HTTP client: {e}"),
+                )
+            })?;
+        Ok(MixpanelClient {
+            http,
+            api_url: api_url.trim_end_matches('/').to_string(),
+            data_url: data_url.trim_end_matches('/').to_string(),
+            credentials,
+            stats: Arc::new(RequestStats::default()),
+            base_backoff: Duration::from_millis(500),
+        })
+    }
+
+    /// Shortens backoff between retries (tests against the simulator).
+    pub fn with_base_backoff(mut self, d: Duration) -> Self {
+        self.base_backoff = d;
+        self
+    }
+
+    /// The counters of this client.
+    pub fn stats(&self) -> &RequestStats {
+        &self.stats
+    }
+
+    /// The export endpoint's URL.
+    pub fn export_url(&self) -> String {
+        format!("{}/api/2.0/export", self.data_url)
+    }
+
+    /// A query API endpoint's URL (`path` like `cohorts/list`).
+    pub fn query_url(&self, path: &str) -> String {
+        format!("{}/api/2.0/{}", self.api_url, path.trim_start_matches('/'))
+    }
+
+    /// The query parameters of an export request (service accounts add `project_id`).
+    pub fn export_params(
+        &self,
+        q: &ExportQuery,
+        project_id: Option<u64>,
+    ) -> Vec<(&'static str, String)> {
+        let mut p = vec![
+            ("from_date", q.from_date.to_string()),
+            ("to_date", q.to_date.to_string()),
+        ];
+        if let Some(ev) = &q.events {
+            p.push(("event", serde_json::Value::from(ev.clone()).to_string()));
+        }
+        if let Some(w) = &q.where_clause {
+            p.push(("where", w.clone()));
+        }
+        if let Some(id) = project_id {
+            p.push(("project_id", id.to_string()));
+        }
+        p
+    }
+
+    /// Starts a raw export and returns the response once its status is 200; 429 and 5xx are
+    /// retried with backoff (honouring `Retry-After`) as long as `deadline` allows.
+    pub async fn export(&self, q: &ExportQuery, deadline: Instant) -> Result<reqwest::Response> {
+        let url = self.export_url();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let creds = self.credentials.get().await?;
+            let params = self.export_params(q, creds.project_id());
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = self
+                .http
+                .get(&url)
+                .header(reqwest::header::AUTHORIZATION, creds.authorization())
+                .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+                .query(&params)
+                .send()
+                .await;
+            let failure = match sent {
+                Ok(resp) if resp.status() == StatusCode::OK => return Ok(resp),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = retry_after(&resp);
+                    let body = read_error_body(resp).await;
+                    let err = classify(status, &body, "/api/2.0/export");
+                    if err.kind() == ErrorKind::Unauthorized {
+                        // A rotated secret is picked up by the next invocation.
+                        self.credentials.invalidate().await;
+                    }
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (err, retry_after)
+                }
+                Err(e) => (
+                    Error::transient(format!("export request failed: {}", without_url(&e))),
+                    None,
+                ),
+            };
+            let (err, retry_after) = failure;
+            if !matches!(err.kind(), ErrorKind::RateLimited | ErrorKind::Transient)
+                || attempt >= MAX_ATTEMPTS
+            {
+                return Err(err);
+            }
+            let wait = retry_after.unwrap_or_else(|| backoff(self.base_backoff, attempt));
+            if Instant::now() + wait >= deadline {
+                return Err(err);
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying Mixpanel export request");
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Exponential backoff with jitter, capped at a minute.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
+    let capped = exp.min(Duration::from_secs(60));
+    // Jitter from the clock's nanoseconds: enough to spread concurrent invocations.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    capped.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
+}
+
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    let v = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .map(|s| Duration::from_secs(s.min(3600)))
+}
+
+async fn read_error_body(resp: reqwest::Response) -> String {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > 16 * 1024 {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Mixpanel's `{"error": "..."}` message, or a short excerpt of the body.
+fn error_message(body: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body)
+        && let Some(e) = v.get("error").and_then(|e| e.as_str())
+    {
+        return e.to_string();
+    }
+    let excerpt: String = body.trim().chars().take(200).collect();
+    if excerpt.is_empty() {
+        "empty body".into()
+    } else {
+        excerpt
+    }
+}
+
+/// Turns a non-200 answer into an error whose kind says what can be done.
+pub fn classify(status: StatusCode, body: &str, path: &str) -> Error {
+    let msg = error_message(body);
+    let code = status.as_u16();
+    match code {
+        401 | 403 => Error::new(
+            ErrorKind::Unauthorized,
+            format!(
+                "Mixpanel rejected the credentials (HTTP {code} on {path}: {msg}); check the API secret or service account and its project"
+            ),
+        ),
+        400 if body.contains("Unable to authenticate") => Error::new(
+            ErrorKind::Unauthorized,
+            format!(
+                "Mixpanel rejected the credentials (HTTP 400 on {path}: {msg}); check the API secret or service account"
+            ),
+        ),
+        402 => Error::new(
+            ErrorKind::PaymentRequired,
+            format!("the Mixpanel plan does not allow {path} (HTTP 402: {msg})"),
+        ),
+        429 => Error::new(
+            ErrorKind::RateLimited,
+            format!("Mixpanel rate limit on {path} (HTTP 429: {msg})"),
+        ),
+        400 if msg.contains("Timeout Error") => {
+            Error::transient(format!("Mixpanel timed out on {path} (HTTP 400: {msg})"))
+        }
+        500..=599 => Error::transient(format!(
+            "Mixpanel server error on {path} (HTTP {code}: {msg})"
+        )),
+        _ => Error::new(
+            ErrorKind::BadResponse,
+            format!("Mixpanel answered HTTP {code} on {path}: {msg}"),
+        ),
+    }
+}
+
+/// A reqwest error without its URL (which carries query parameters).
+pub fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), url.path());
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let c = |code: u16, body: &str| {
+            classify(StatusCode::from_u16(code).unwrap(), body, "/x").kind()
+        };
+        assert_eq!(
+            c(401, r#"{"error":"Invalid credentials"}"#),
+            ErrorKind::Unauthorized
+        );
+        assert_eq!(c(403, ""), ErrorKind::Unauthorized);
+        assert_eq!(
+            c(400, "Unable to authenticate request"),
+            ErrorKind::Unauthorized
+        );
+        assert_eq!(
+            c(402, r#"{"error":"Your plan does not allow API calls."}"#),
+            ErrorKind::PaymentRequired
+        );
+        assert_eq!(c(429, "{}"), ErrorKind::RateLimited);
+        assert_eq!(c(503, "oops"), ErrorKind::Transient);
+        assert_eq!(
+            c(400, r#"{"error":"Timeout Error."}"#),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            c(400, r#"{"error":"to_date cannot be later than today"}"#),
+            ErrorKind::BadResponse
+        );
+    }
+}

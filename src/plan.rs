@@ -1,0 +1,147 @@
+//! Planning: which slices a table needs, queued idempotently, and claiming the oldest one.
+
+use jiff::Timestamp;
+use jiff::civil::Date;
+
+use crate::config::Settings;
+use crate::error::Result;
+use crate::state::{Lease, SliceId, SliceRecord, SliceStatus, StateStore};
+use crate::tables::Table;
+use crate::tables::export::{days_before, project_today};
+
+/// The days a date-sliced table should have queued now: from `max(start, bookmark - window)` to
+/// today in the project's timezone.
+pub async fn planned_days(
+    store: &dyn StateStore,
+    settings: &Settings,
+    table: Table,
+    now: Timestamp,
+) -> Result<Vec<Date>> {
+    let today = project_today(&settings.timezone, now);
+    let from = match store.bookmark(table).await? {
+        Some(b) => days_before(b, settings.attribution_window_days).max(settings.start_date),
+        None => settings.start_date,
+    };
+    let mut days = Vec::new();
+    let mut d = from;
+    while d <= today {
+        days.push(d);
+        match d.tomorrow() {
+            Ok(t) => d = t,
+            Err(_) => break,
+        }
+    }
+    Ok(days)
+}
+
+/// Whether planning would (re-)queue this day given its current record.
+fn needs_queue(existing: Option<&SliceRecord>, stale_before_ms: u64) -> bool {
+    match existing {
+        None => true,
+        Some(r) => {
+            r.status == SliceStatus::Committed && r.committed_at_ms.unwrap_or(0) < stale_before_ms
+        }
+    }
+}
+
+/// Queues `days` of `table`: unknown days, and committed days last committed before the refresh
+/// interval. Returns the days queued by this call.
+pub async fn queue_days(
+    store: &dyn StateStore,
+    settings: &Settings,
+    table: Table,
+    days: &[Date],
+    now: Timestamp,
+) -> Result<Vec<Date>> {
+    let stale_before = stale_before_ms(settings, now);
+    let existing = store.slices(table).await?;
+    let mut queued = Vec::new();
+    for &d in days {
+        let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
+        if needs_queue(rec, stale_before)
+            && store
+                .enqueue(table, SliceId::Day(d), Some(stale_before))
+                .await?
+        {
+            queued.push(d);
+        }
+    }
+    Ok(queued)
+}
+
+/// What planning would queue, without changing anything.
+pub async fn preview(
+    store: &dyn StateStore,
+    settings: &Settings,
+    table: Table,
+    now: Timestamp,
+) -> Result<Vec<SliceRecord>> {
+    let stale_before = stale_before_ms(settings, now);
+    let existing = store.slices(table).await?;
+    let now_ms = now.as_millisecond() as u64;
+    let mut out: Vec<SliceRecord> = existing
+        .iter()
+        .filter(|r| claimable(r, now_ms))
+        .cloned()
+        .collect();
+    for d in planned_days(store, settings, table, now).await? {
+        let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
+        if needs_queue(rec, stale_before) && !out.iter().any(|r| r.slice == SliceId::Day(d)) {
+            out.push(SliceRecord {
+                table,
+                slice: SliceId::Day(d),
+                status: SliceStatus::Pending,
+                lease_owner: None,
+                lease_expires_ms: None,
+                committed_at_ms: rec.and_then(|r| r.committed_at_ms),
+                attempts: rec.map(|r| r.attempts).unwrap_or(0),
+                progress: None,
+            });
+        }
+    }
+    out.sort_by_key(|r| r.slice);
+    Ok(out)
+}
+
+fn stale_before_ms(settings: &Settings, now: Timestamp) -> u64 {
+    (now.as_millisecond() as u64).saturating_sub(settings.refresh.as_millis() as u64)
+}
+
+/// Whether a slice can be claimed now.
+pub fn claimable(r: &SliceRecord, now_ms: u64) -> bool {
+    match r.status {
+        SliceStatus::Pending => true,
+        SliceStatus::Leased => r.lease_expires_ms.is_some_and(|e| e < now_ms),
+        SliceStatus::Committed => false,
+    }
+}
+
+/// Claims the oldest claimable slice of `table`; concurrent callers each get a different one.
+pub async fn claim_next(
+    store: &dyn StateStore,
+    table: Table,
+    owner: &str,
+    now_ms: u64,
+    lease_until_ms: u64,
+) -> Result<Option<Lease>> {
+    let slices = store.slices(table).await?;
+    for r in slices.iter().filter(|r| claimable(r, now_ms)) {
+        if let Some(lease) = store
+            .claim(table, r.slice, owner, now_ms, lease_until_ms)
+            .await?
+        {
+            return Ok(Some(lease));
+        }
+    }
+    Ok(None)
+}
+
+/// Counts the slices of `table` that are not committed.
+pub async fn outstanding(store: &dyn StateStore, table: Table) -> Result<usize> {
+    Ok(store
+        .slices(table)
+        .await?
+        .iter()
+        .filter(|r| r.status != SliceStatus::Committed)
+        .count())
+}

@@ -1,0 +1,224 @@
+//! Replication state: the slice queue with leases, bookmarks and discovered schemas.
+//!
+//! Two implementations with the same semantics: DynamoDB (conditional writes) for Lambda and a
+//! locked JSON file for local use. The core only sees [`StateStore`].
+
+pub mod dynamo;
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use jiff::civil::Date;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::tables::Table;
+
+/// A unit of work of one table: a project-local day, some hours of one, or a whole snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SliceId {
+    /// One project-local day.
+    Day(Date),
+    /// Hours `[from_hour, to_hour)` of one project-local day (a day too big for one invocation).
+    Hours {
+        /// The day.
+        day: Date,
+        /// First hour, 0..=23.
+        from_hour: u8,
+        /// Hour after the last, 1..=24.
+        to_hour: u8,
+    },
+    /// A whole-table snapshot.
+    Full,
+}
+
+impl SliceId {
+    /// The project-local day of a date slice.
+    pub fn day(&self) -> Option<Date> {
+        match *self {
+            SliceId::Day(d) | SliceId::Hours { day: d, .. } => Some(d),
+            SliceId::Full => None,
+        }
+    }
+}
+
+impl fmt::Display for SliceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SliceId::Day(d) => write!(f, "{d}"),
+            SliceId::Hours {
+                day,
+                from_hour,
+                to_hour,
+            } => write!(f, "{day}T{from_hour:02}-{to_hour:02}"),
+            SliceId::Full => f.write_str("full"),
+        }
+    }
+}
+
+impl FromStr for SliceId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "full" {
+            return Ok(SliceId::Full);
+        }
+        let bad = || format!("not a slice id: {s:?}");
+        match s.split_once('T') {
+            None => Ok(SliceId::Day(s.parse().map_err(|_| bad())?)),
+            Some((d, h)) => {
+                let (a, b) = h.split_once('-').ok_or_else(bad)?;
+                let (from_hour, to_hour): (u8, u8) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if from_hour >= to_hour || to_hour > 24 {
+                    return Err(bad());
+                }
+                Ok(SliceId::Hours {
+                    day: d.parse().map_err(|_| bad())?,
+                    from_hour,
+                    to_hour,
+                })
+            }
+        }
+    }
+}
+
+/// Where a slice stands in the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SliceStatus {
+    /// Waiting to be claimed.
+    Pending,
+    /// Claimed by an attempt whose lease may have expired.
+    Leased,
+    /// Replicated and committed.
+    Committed,
+}
+
+impl SliceStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SliceStatus::Pending => "pending",
+            SliceStatus::Leased => "leased",
+            SliceStatus::Committed => "committed",
+        }
+    }
+}
+
+impl FromStr for SliceStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pending" => Ok(SliceStatus::Pending),
+            "leased" => Ok(SliceStatus::Leased),
+            "committed" => Ok(SliceStatus::Committed),
+            _ => Err(format!("unknown slice status {s:?}")),
+        }
+    }
+}
+
+/// A slice of one table as the state store holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceRecord {
+    /// The table.
+    pub table: Table,
+    /// The slice.
+    pub slice: SliceId,
+    /// Queue status.
+    pub status: SliceStatus,
+    /// The attempt holding (or last holding) the lease.
+    pub lease_owner: Option<String>,
+    /// When the lease ends, epoch milliseconds.
+    pub lease_expires_ms: Option<u64>,
+    /// When the slice was last committed, epoch milliseconds.
+    pub committed_at_ms: Option<u64>,
+    /// How many times the slice was claimed.
+    pub attempts: u32,
+    /// Resumable progress of the current snapshot (engage pages), opaque JSON.
+    pub progress: Option<String>,
+}
+
+/// A lease on a slice: proof that one attempt may write it until `expires_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The table.
+    pub table: Table,
+    /// The slice.
+    pub slice: SliceId,
+    /// The attempt id, also used in part names.
+    pub owner: String,
+    /// When the lease ends, epoch milliseconds.
+    pub expires_ms: u64,
+}
+
+/// The columns discovered for a table: output column name to JSON type name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schema {
+    /// Column name → JSON type (`string`, `integer`, `number`, `boolean`, `object`, `array`, `null`).
+    pub columns: BTreeMap<String, String>,
+}
+
+/// The state store: every method is atomic on its own (conditional writes).
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Every slice of the table, ordered by slice id.
+    async fn slices(&self, table: Table) -> Result<Vec<SliceRecord>>;
+
+    /// Queues a slice that is not known yet (as pending), or re-queues a committed slice whose
+    /// last commit is before `requeue_committed_before_ms`. Returns whether it is now pending
+    /// because of this call. Leased slices are never touched.
+    async fn enqueue(
+        &self,
+        table: Table,
+        slice: SliceId,
+        requeue_committed_before_ms: Option<u64>,
+    ) -> Result<bool>;
+
+    /// Removes a pending slice from the queue (a day replaced by hour slices). Returns whether it
+    /// was removed; a leased or committed slice is left alone.
+    async fn remove_pending(&self, table: Table, slice: SliceId) -> Result<bool>;
+
+    /// Claims a slice that is pending, or leased with a lease expired at `now_ms`. Returns the
+    /// lease, or `None` when someone else holds it or it is committed.
+    async fn claim(
+        &self,
+        table: Table,
+        slice: SliceId,
+        owner: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Result<Option<Lease>>;
+
+    /// Fencing check before a commit: extends the lease to `until_ms` only if `lease` is still
+    /// held (same owner, not expired at `now_ms`). Returns whether it is held.
+    async fn confirm(&self, lease: &Lease, now_ms: u64, until_ms: u64) -> Result<bool>;
+
+    /// Saves resumable progress under a held lease. Returns whether the lease was still held.
+    async fn save_progress(&self, lease: &Lease, progress: Option<&str>) -> Result<bool>;
+
+    /// Marks the slice committed at `now_ms` if `lease` is still held. Returns whether it was.
+    async fn complete(&self, lease: &Lease, now_ms: u64) -> Result<bool>;
+
+    /// Gives a held slice back to the queue as pending (an attempt that failed or ran out of
+    /// time). Does nothing if the lease is no longer held.
+    async fn release(&self, lease: &Lease) -> Result<()>;
+
+    /// The table's bookmark: the last day D such that every slice up to D is committed.
+    async fn bookmark(&self, table: Table) -> Result<Option<Date>>;
+
+    /// Moves the bookmark forward to `day`; never moves it backwards.
+    async fn advance_bookmark(&self, table: Table, day: Date) -> Result<()>;
+
+    /// The table's discovered schema.
+    async fn schema(&self, table: Table) -> Result<Option<Schema>>;
+
+    /// Stores `schema` as the table's first discovered schema unless one exists; returns the
+    /// schema now stored (the existing one if another attempt was first).
+    async fn init_schema(&self, table: Table, schema: &Schema) -> Result<Schema>;
+
+    /// Adds columns to the table's schema (union); returns the schema now stored.
+    async fn merge_schema(&self, table: Table, columns: &Schema) -> Result<Schema>;
+}

@@ -1,0 +1,663 @@
+//! The state store contract: the same cases run against DynamoDB (on moto) and the local file.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use jiff::civil::{Date, date};
+use mixpanel_replicator::error::ErrorKind;
+use mixpanel_replicator::state::dynamo::DynamoStore;
+use mixpanel_replicator::state::local::LocalStore;
+use mixpanel_replicator::state::{Schema, SliceId, SliceStatus, StateStore};
+use mixpanel_replicator::tables::Table;
+use support::aws::create_state_table;
+use support::moto::Moto;
+
+/// A store under test and what keeps it alive.
+struct Backend {
+    store: Arc<dyn StateStore>,
+    _moto: Option<Moto>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn dynamodb() -> Backend {
+    let moto = Moto::start();
+    let client = aws_sdk_dynamodb::Client::new(&moto.sdk_config().await);
+    create_state_table(&client, "replicator-state").await;
+    Backend {
+        store: Arc::new(DynamoStore::new(client, "replicator-state")),
+        _moto: Some(moto),
+        _dir: None,
+    }
+}
+
+async fn local() -> Backend {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LocalStore::open(dir.path().join("state/.state.json")).expect("open");
+    Backend {
+        store: Arc::new(store),
+        _moto: None,
+        _dir: Some(dir),
+    }
+}
+
+/// Runs every listed case against both stores, each case on a fresh store.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let backend = super::dynamodb().await;
+                    super::$case(backend.store.clone()).await;
+                }
+            )*
+        }
+        mod local {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let backend = super::local().await;
+                    super::$case(backend.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    enqueue_queues_a_new_slice_once,
+    enqueue_requeues_only_committed_slices_older_than_the_threshold,
+    slices_are_listed_in_slice_order_per_table,
+    remove_pending_removes_only_pending_slices,
+    only_one_of_many_concurrent_claimers_wins,
+    an_expired_lease_goes_to_another_owner_and_fences_the_first,
+    confirm_and_complete_fail_once_the_lease_expired,
+    release_returns_the_slice_and_keeps_its_progress,
+    complete_commits_and_ends_the_work,
+    bookmark_never_moves_backwards,
+    init_schema_keeps_the_first_schema,
+    merge_schema_adds_missing_columns,
+    concurrent_schema_merges_lose_no_column,
+);
+
+const DAY: Date = date(2026, 11, 1);
+const T: Table = Table::Export;
+
+fn day(d: i8) -> SliceId {
+    SliceId::Day(date(2026, 11, d))
+}
+
+fn schema(columns: &[(&str, &str)]) -> Schema {
+    Schema {
+        columns: columns
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+async fn record(store: &dyn StateStore, slice: SliceId) -> mixpanel_replicator::state::SliceRecord {
+    store
+        .slices(T)
+        .await
+        .expect("slices")
+        .into_iter()
+        .find(|r| r.slice == slice)
+        .unwrap_or_else(|| panic!("slice {slice} is not queued"))
+}
+
+async fn enqueue_queues_a_new_slice_once(store: Arc<dyn StateStore>) {
+    let slice = SliceId::Day(DAY);
+    assert!(store.enqueue(T, slice, None).await.unwrap());
+    assert!(!store.enqueue(T, slice, None).await.unwrap());
+    assert!(!store.enqueue(T, slice, Some(u64::MAX)).await.unwrap());
+
+    let slices = store.slices(T).await.unwrap();
+    assert_eq!(slices.len(), 1);
+    let r = &slices[0];
+    assert_eq!(
+        (r.table, r.slice, r.status),
+        (T, slice, SliceStatus::Pending)
+    );
+    assert_eq!(r.attempts, 0);
+    assert_eq!((r.lease_owner.as_deref(), r.lease_expires_ms), (None, None));
+    assert_eq!((r.committed_at_ms, r.progress.as_deref()), (None, None));
+}
+
+async fn enqueue_requeues_only_committed_slices_older_than_the_threshold(
+    store: Arc<dyn StateStore>,
+) {
+    let (done, busy) = (day(1), day(2));
+    for slice in [done, busy] {
+        store.enqueue(T, slice, None).await.unwrap();
+    }
+    let lease = store.claim(T, done, "a", 100, 200).await.unwrap().unwrap();
+    assert!(store.complete(&lease, 150).await.unwrap());
+    store
+        .claim(T, busy, "b", 100, 10_000)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Committed at 150: not before 150, and never without a threshold.
+    assert!(!store.enqueue(T, done, Some(150)).await.unwrap());
+    assert!(!store.enqueue(T, done, None).await.unwrap());
+    assert_eq!(record(&*store, done).await.status, SliceStatus::Committed);
+    // A leased slice is never touched.
+    assert!(!store.enqueue(T, busy, Some(u64::MAX)).await.unwrap());
+    let r = record(&*store, busy).await;
+    assert_eq!(
+        (r.status, r.lease_owner.as_deref()),
+        (SliceStatus::Leased, Some("b"))
+    );
+
+    assert!(store.enqueue(T, done, Some(151)).await.unwrap());
+    let r = record(&*store, done).await;
+    assert_eq!(r.status, SliceStatus::Pending);
+    assert_eq!(r.committed_at_ms, Some(150), "the last commit stays known");
+    assert_eq!(r.attempts, 0, "a re-queued slice starts a new round");
+    // Pending again: a second re-queue is no news.
+    assert!(!store.enqueue(T, done, Some(151)).await.unwrap());
+    assert!(store.claim(T, done, "c", 300, 400).await.unwrap().is_some());
+}
+
+async fn slices_are_listed_in_slice_order_per_table(store: Arc<dyn StateStore>) {
+    let hours = |from_hour, to_hour| SliceId::Hours {
+        day: DAY,
+        from_hour,
+        to_hour,
+    };
+    let queued = [day(10), hours(12, 24), day(2), hours(0, 12), day(1), day(9)];
+    for slice in queued {
+        store.enqueue(T, slice, None).await.unwrap();
+    }
+    store
+        .enqueue(Table::Engage, SliceId::Full, None)
+        .await
+        .unwrap();
+
+    let listed: Vec<SliceId> = store
+        .slices(T)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.slice)
+        .collect();
+    let mut expected = queued.to_vec();
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(listed[0], day(1));
+
+    let engage = store.slices(Table::Engage).await.unwrap();
+    assert_eq!(engage.len(), 1);
+    assert_eq!(
+        (engage[0].table, engage[0].slice),
+        (Table::Engage, SliceId::Full)
+    );
+    assert!(store.slices(Table::Funnels).await.unwrap().is_empty());
+}
+
+async fn remove_pending_removes_only_pending_slices(store: Arc<dyn StateStore>) {
+    let (pending, leased, committed) = (day(1), day(2), day(3));
+    for slice in [pending, leased, committed] {
+        store.enqueue(T, slice, None).await.unwrap();
+    }
+    store.claim(T, leased, "a", 0, 1000).await.unwrap().unwrap();
+    let lease = store
+        .claim(T, committed, "a", 0, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    store.complete(&lease, 10).await.unwrap();
+
+    assert!(store.remove_pending(T, pending).await.unwrap());
+    assert!(!store.remove_pending(T, pending).await.unwrap());
+    assert!(!store.remove_pending(T, leased).await.unwrap());
+    assert!(!store.remove_pending(T, committed).await.unwrap());
+    assert!(!store.remove_pending(T, day(4)).await.unwrap());
+
+    let left: Vec<SliceId> = store
+        .slices(T)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.slice)
+        .collect();
+    assert_eq!(left, vec![leased, committed]);
+}
+
+async fn only_one_of_many_concurrent_claimers_wins(store: Arc<dyn StateStore>) {
+    let slice = SliceId::Day(DAY);
+    store.enqueue(T, slice, None).await.unwrap();
+    let claimers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .claim(T, slice, &format!("owner-{i}"), 1000, 61_000)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut leases = Vec::new();
+    for claimer in claimers {
+        leases.extend(claimer.await.unwrap());
+    }
+    assert_eq!(leases.len(), 1, "exactly one lease: {leases:?}");
+    let lease = &leases[0];
+    assert_eq!(
+        (lease.table, lease.slice, lease.expires_ms),
+        (T, slice, 61_000)
+    );
+
+    let r = record(&*store, slice).await;
+    assert_eq!(r.status, SliceStatus::Leased);
+    assert_eq!(r.lease_owner.as_deref(), Some(lease.owner.as_str()));
+    assert_eq!((r.lease_expires_ms, r.attempts), (Some(61_000), 1));
+}
+
+async fn an_expired_lease_goes_to_another_owner_and_fences_the_first(store: Arc<dyn StateStore>) {
+    let slice = SliceId::Day(DAY);
+    store.enqueue(T, slice, None).await.unwrap();
+    let first = store
+        .claim(T, slice, "first", 1000, 2000)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Held until 2000 inclusive.
+    assert!(
+        store
+            .claim(T, slice, "second", 1500, 3000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .claim(T, slice, "second", 2000, 3000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let second = store
+        .claim(T, slice, "second", 2001, 5000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.owner, "second");
+
+    // The first owner is fenced out, whatever time it believes it is.
+    assert!(!store.confirm(&first, 1500, 9000).await.unwrap());
+    assert!(!store.save_progress(&first, Some("page 9")).await.unwrap());
+    assert!(!store.complete(&first, 1500).await.unwrap());
+    store.release(&first).await.unwrap();
+    let r = record(&*store, slice).await;
+    assert_eq!(
+        (r.status, r.lease_owner.as_deref()),
+        (SliceStatus::Leased, Some("second"))
+    );
+    assert_eq!(
+        (r.lease_expires_ms, r.attempts, r.progress),
+        (Some(5000), 2, None)
+    );
+
+    // The second owner still holds it.
+    assert!(store.confirm(&second, 2500, 6000).await.unwrap());
+    assert_eq!(record(&*store, slice).await.lease_expires_ms, Some(6000));
+    assert!(store.complete(&second, 5500).await.unwrap());
+    let r = record(&*store, slice).await;
+    assert_eq!(
+        (r.status, r.committed_at_ms),
+        (SliceStatus::Committed, Some(5500))
+    );
+}
+
+async fn confirm_and_complete_fail_once_the_lease_expired(store: Arc<dyn StateStore>) {
+    let slice = SliceId::Day(DAY);
+    store.enqueue(T, slice, None).await.unwrap();
+    let lease = store
+        .claim(T, slice, "a", 1000, 2000)
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert!(
+        store.confirm(&lease, 2000, 3000).await.unwrap(),
+        "held at its last millisecond"
+    );
+    assert!(!store.confirm(&lease, 3001, 9000).await.unwrap());
+    assert!(!store.complete(&lease, 3001).await.unwrap());
+    assert_eq!(record(&*store, slice).await.status, SliceStatus::Leased);
+    // Nobody else claimed it, so it is still this attempt's to complete in time.
+    assert!(store.complete(&lease, 2999).await.unwrap());
+}
+
+async fn release_returns_the_slice_and_keeps_its_progress(store: Arc<dyn StateStore>) {
+    let slice = SliceId::Full;
+    let table = Table::Engage;
+    store.enqueue(table, slice, None).await.unwrap();
+    let lease = store
+        .claim(table, slice, "a", 0, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .save_progress(&lease, Some(r#"{"page":3}"#))
+            .await
+            .unwrap()
+    );
+    store.release(&lease).await.unwrap();
+
+    let r = &store.slices(table).await.unwrap()[0];
+    assert_eq!((r.status, r.lease_expires_ms), (SliceStatus::Pending, None));
+    assert_eq!(r.progress.as_deref(), Some(r#"{"page":3}"#));
+    // A released lease is no longer held.
+    assert!(!store.save_progress(&lease, None).await.unwrap());
+    assert!(!store.confirm(&lease, 10, 1000).await.unwrap());
+
+    // The next attempt claims it at once and resumes.
+    let next = store
+        .claim(table, slice, "b", 10, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    let r = &store.slices(table).await.unwrap()[0];
+    assert_eq!(
+        (r.attempts, r.progress.as_deref()),
+        (2, Some(r#"{"page":3}"#))
+    );
+    assert!(store.save_progress(&next, None).await.unwrap());
+    assert_eq!(store.slices(table).await.unwrap()[0].progress, None);
+}
+
+async fn complete_commits_and_ends_the_work(store: Arc<dyn StateStore>) {
+    let slice = SliceId::Full;
+    let table = Table::Cohorts;
+    store.enqueue(table, slice, None).await.unwrap();
+    let lease = store
+        .claim(table, slice, "a", 0, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    store.save_progress(&lease, Some("halfway")).await.unwrap();
+    assert!(store.complete(&lease, 500).await.unwrap());
+
+    let r = &store.slices(table).await.unwrap()[0];
+    assert_eq!(
+        (r.status, r.committed_at_ms),
+        (SliceStatus::Committed, Some(500))
+    );
+    assert_eq!((r.progress.as_deref(), r.attempts), (None, 1));
+    assert!(
+        store
+            .claim(table, slice, "b", 2000, 3000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(!store.complete(&lease, 600).await.unwrap());
+    store.release(&lease).await.unwrap();
+    assert_eq!(
+        store.slices(table).await.unwrap()[0].status,
+        SliceStatus::Committed
+    );
+}
+
+async fn bookmark_never_moves_backwards(store: Arc<dyn StateStore>) {
+    assert_eq!(store.bookmark(T).await.unwrap(), None);
+    store.advance_bookmark(T, date(2026, 11, 5)).await.unwrap();
+    assert_eq!(store.bookmark(T).await.unwrap(), Some(date(2026, 11, 5)));
+    store.advance_bookmark(T, date(2026, 11, 3)).await.unwrap();
+    store.advance_bookmark(T, date(2026, 11, 5)).await.unwrap();
+    assert_eq!(store.bookmark(T).await.unwrap(), Some(date(2026, 11, 5)));
+    store.advance_bookmark(T, date(2027, 1, 2)).await.unwrap();
+    assert_eq!(store.bookmark(T).await.unwrap(), Some(date(2027, 1, 2)));
+    assert_eq!(store.bookmark(Table::Revenue).await.unwrap(), None);
+}
+
+async fn init_schema_keeps_the_first_schema(store: Arc<dyn StateStore>) {
+    assert_eq!(store.schema(T).await.unwrap(), None);
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mine = schema(&[("event", "string"), (&format!("col_{i}"), "integer")]);
+                store.init_schema(T, &mine).await.unwrap()
+            })
+        })
+        .collect();
+    let mut answers = BTreeSet::new();
+    for racer in racers {
+        answers.insert(format!("{:?}", racer.await.unwrap()));
+    }
+    assert_eq!(
+        answers.len(),
+        1,
+        "every racer sees the winner's schema: {answers:?}"
+    );
+    let stored = store.schema(T).await.unwrap().unwrap();
+    assert_eq!(answers.pop_first(), Some(format!("{stored:?}")));
+
+    let later = store
+        .init_schema(T, &schema(&[("other", "string")]))
+        .await
+        .unwrap();
+    assert_eq!(later, stored);
+    assert_eq!(store.schema(Table::Funnels).await.unwrap(), None);
+}
+
+async fn merge_schema_adds_missing_columns(store: Arc<dyn StateStore>) {
+    let first = schema(&[("event", "string"), ("time", "string")]);
+    assert_eq!(store.merge_schema(T, &first).await.unwrap(), first);
+    let merged = store
+        .merge_schema(
+            T,
+            &schema(&[("time", "integer"), ("mp_reserved_city", "string")]),
+        )
+        .await
+        .unwrap();
+    let expected = schema(&[
+        ("event", "string"),
+        ("mp_reserved_city", "string"),
+        ("time", "string"),
+    ]);
+    assert_eq!(merged, expected, "a column keeps its first type");
+    assert_eq!(store.schema(T).await.unwrap(), Some(expected.clone()));
+    assert_eq!(
+        store
+            .merge_schema(T, &schema(&[("event", "string")]))
+            .await
+            .unwrap(),
+        expected
+    );
+}
+
+async fn concurrent_schema_merges_lose_no_column(store: Arc<dyn StateStore>) {
+    store
+        .init_schema(T, &schema(&[("event", "string")]))
+        .await
+        .unwrap();
+    let mergers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for j in 0..3 {
+                    let column = format!("col_{i}_{j}");
+                    store
+                        .merge_schema(T, &schema(&[(&column, "number")]))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for merger in mergers {
+        merger.await.unwrap();
+    }
+    let columns = store.schema(T).await.unwrap().unwrap().columns;
+    assert_eq!(columns.len(), 1 + 8 * 3, "{columns:?}");
+}
+
+// ---- The local file only ----
+
+/// Set in a child process of this test binary: `{state file}|{owner}`.
+const WORKER_ENV: &str = "STATE_STORE_TEST_WORKER";
+const WORKER_SLICES: i8 = 24;
+
+/// Not a test on its own: the worker of
+/// `local_store_stays_consistent_across_processes`, run in a child process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_store_process_worker() {
+    let Ok(spec) = std::env::var(WORKER_ENV) else {
+        return;
+    };
+    let (path, owner) = spec.split_once('|').expect("worker spec");
+    let store = LocalStore::open(path).expect("open");
+    for i in 1..=WORKER_SLICES {
+        let slice = day(i);
+        if let Some(lease) = store.claim(T, slice, owner, 0, u64::MAX).await.unwrap() {
+            assert!(store.complete(&lease, 1).await.unwrap());
+            println!("CLAIMED {slice}");
+        }
+        let column = format!("{owner}_{i}");
+        store
+            .merge_schema(T, &schema(&[(&column, "string")]))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn local_store_stays_consistent_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".state.json");
+    let store = LocalStore::open(&path).unwrap();
+    for i in 1..=WORKER_SLICES {
+        store.enqueue(T, day(i), None).await.unwrap();
+    }
+
+    let workers: Vec<_> = ["p1", "p2", "p3"]
+        .into_iter()
+        .map(|owner| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["local_store_process_worker", "--exact", "--nocapture"])
+                .env(WORKER_ENV, format!("{}|{owner}", path.display()))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut claimed: BTreeMap<String, usize> = BTreeMap::new();
+    for worker in workers {
+        let out = worker.wait_with_output().unwrap();
+        assert!(out.status.success(), "a worker failed");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(slice) = line.strip_prefix("CLAIMED ") {
+                *claimed.entry(slice.to_string()).or_default() += 1;
+            }
+        }
+    }
+
+    assert_eq!(
+        claimed.len(),
+        WORKER_SLICES as usize,
+        "every slice claimed: {claimed:?}"
+    );
+    assert!(
+        claimed.values().all(|&n| n == 1),
+        "each slice claimed once: {claimed:?}"
+    );
+    let slices = store.slices(T).await.unwrap();
+    assert!(
+        slices
+            .iter()
+            .all(|r| r.status == SliceStatus::Committed && r.attempts == 1)
+    );
+    let columns = store.schema(T).await.unwrap().unwrap().columns;
+    assert_eq!(
+        columns.len(),
+        3 * WORKER_SLICES as usize,
+        "no lost schema update"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_local_state_file_is_a_clear_error_and_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".state.json");
+    std::fs::write(&path, "{\"slices\": {\"export\": [oops").unwrap();
+    let store = LocalStore::open(&path).unwrap();
+
+    let read = store.slices(T).await.unwrap_err();
+    assert_eq!(read.kind(), ErrorKind::State);
+    assert!(
+        read.message().contains(&path.display().to_string()),
+        "{read}"
+    );
+    assert!(read.message().contains("not valid"), "{read}");
+    let write = store.enqueue(T, day(1), None).await.unwrap_err();
+    assert_eq!(write.kind(), ErrorKind::State);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "{\"slices\": {\"export\": [oops",
+        "never reset"
+    );
+}
+
+#[tokio::test]
+async fn the_local_state_file_is_readable_json_that_keeps_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deep/folder/state.json");
+    let store = LocalStore::open(&path).unwrap();
+    store.enqueue(T, day(1), None).await.unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["ledger"] = serde_json::json!({"export": [1, 2]});
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+
+    store.advance_bookmark(T, DAY).await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("\n  \"bookmarks\": {\n    \"export\": \"2026-11-01\""),
+        "{text}"
+    );
+    assert!(text.contains("\"status\": \"pending\""), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["ledger"], serde_json::json!({"export": [1, 2]}));
+    let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn dynamodb_failures_name_the_operation_and_the_table() {
+    let moto = Moto::start();
+    let client = aws_sdk_dynamodb::Client::new(&moto.sdk_config().await);
+    let store = DynamoStore::new(client, "no-such-table");
+
+    let error = store.slices(T).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::State);
+    let message = error.message();
+    assert!(
+        message.contains("listing the slices of export"),
+        "{message}"
+    );
+    assert!(message.contains("no-such-table"), "{message}");
+    assert!(message.len() < 600, "short enough to read: {message}");
+    let error = store.enqueue(T, day(1), None).await.unwrap_err();
+    assert!(
+        error
+            .message()
+            .contains("queueing slice 2026-11-01 of export"),
+        "{error}"
+    );
+    eprintln!("{error}");
+}

@@ -1,0 +1,5 @@
+//! Shared helpers of the integration tests: real servers on loopback.
+#![allow(dead_code)]
+
+pub mod aws;
+pub mod moto;
