@@ -486,5 +486,4 @@ async fn s3_failures_name_the_operation_and_the_object() {
         error.message().contains("s3://no-such-bucket/a/"),
         "{error}"
     );
-    eprintln!("{error}");
 }

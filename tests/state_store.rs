@@ -659,5 +659,4 @@ async fn dynamodb_failures_name_the_operation_and_the_table() {
             .contains("queueing slice 2026-11-01 of export"),
         "{error}"
     );
-    eprintln!("{error}");
 }

@@ -6,7 +6,8 @@
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
@@ -49,25 +50,47 @@ impl S3Sink {
         self
     }
 
-    fn fail<E, R>(&self, op: &str, key: &str, err: SdkError<E, R>) -> Error
+    fn fail<E>(&self, op: &str, key: &str, err: SdkError<E, HttpResponse>) -> Error
     where
-        E: std::error::Error + 'static,
-        R: std::fmt::Debug + 'static,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         failure(op, &self.bucket, key, err)
     }
 }
 
 /// An SDK failure as a storage error naming the operation and the object.
-fn failure<E, R>(op: &str, bucket: &str, key: &str, err: SdkError<E, R>) -> Error
+fn failure<E>(op: &str, bucket: &str, key: &str, err: SdkError<E, HttpResponse>) -> Error
 where
-    E: std::error::Error + 'static,
-    R: std::fmt::Debug + 'static,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    Error::storage(format!(
-        "{op} s3://{bucket}/{key}: {}",
-        DisplayErrorContext(&err)
-    ))
+    Error::storage(format!("{op} s3://{bucket}/{key}: {}", describe(&err)))
+}
+
+/// A short account of an SDK failure: the service's error code and message, or the chain of
+/// causes. (`DisplayErrorContext` would append the whole debug view: headers, body and all.)
+fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let Some(service) = err.as_service_error() {
+        let mut text = service.code().unwrap_or("error").to_owned();
+        if let Some(message) = service.message() {
+            text.push_str(": ");
+            text.push_str(message);
+        }
+        if let Some(response) = err.raw_response() {
+            text.push_str(&format!(" (HTTP {})", response.status().as_u16()));
+        }
+        return text;
+    }
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[async_trait]
@@ -235,10 +258,9 @@ struct S3Upload {
 }
 
 impl S3Upload {
-    fn fail<E, R>(&self, op: &str, err: SdkError<E, R>) -> Error
+    fn fail<E>(&self, op: &str, err: SdkError<E, HttpResponse>) -> Error
     where
-        E: std::error::Error + 'static,
-        R: std::fmt::Debug + 'static,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         failure(op, &self.bucket, &self.key, err)
     }

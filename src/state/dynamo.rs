@@ -15,7 +15,8 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::AttributeValue;
 use jiff::civil::Date;
@@ -50,15 +51,14 @@ impl DynamoStore {
     }
 
     /// An SDK failure as a state error naming the operation and the DynamoDB table.
-    fn fail<E, R>(&self, op: &str, err: SdkError<E, R>) -> Error
+    fn fail<E>(&self, op: &str, err: SdkError<E, HttpResponse>) -> Error
     where
-        E: std::error::Error + 'static,
-        R: std::fmt::Debug + 'static,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         Error::state(format!(
             "{op} (DynamoDB table {}): {}",
             self.table_name,
-            DisplayErrorContext(&err)
+            describe(&err)
         ))
     }
 
@@ -453,6 +453,33 @@ fn union(stored: &Schema, new: &Schema) -> Schema {
             .or_insert_with(|| kind.clone());
     }
     merged
+}
+
+/// A short account of an SDK failure: the service's error code and message, or the chain of
+/// causes. (`DisplayErrorContext` would append the whole debug view: headers, body and all.)
+fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let Some(service) = err.as_service_error() {
+        let mut text = service.code().unwrap_or("error").to_owned();
+        if let Some(message) = service.message() {
+            text.push_str(": ");
+            text.push_str(message);
+        }
+        if let Some(response) = err.raw_response() {
+            text.push_str(&format!(" (HTTP {})", response.status().as_u16()));
+        }
+        return text;
+    }
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Whether an SDK error is DynamoDB's answer that a condition did not hold.

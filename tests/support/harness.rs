@@ -1,0 +1,188 @@
+//! A simulated Mixpanel project and a replicator app pointed at it, locally or on moto.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use jiff::civil::Date;
+use mixpanel_replicator::app::App;
+use mixpanel_replicator::commit::Manifest;
+use mixpanel_replicator::config::{RunMode, Settings};
+use mixpanel_replicator::sink::ObjectSink;
+use mixpanel_sim::{RunningSim, SimConfig, Simulator};
+
+use super::moto::Moto;
+
+/// The project-local "today" of a timezone.
+pub fn today_in(tz: &str) -> Date {
+    jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::get(tz).unwrap())
+        .date()
+}
+
+/// `n` days before `d`.
+pub fn minus(d: Date, n: i64) -> Date {
+    d.checked_sub(jiff::Span::new().days(n)).unwrap()
+}
+
+/// Simulator config: `days` days of data ending yesterday (project-local).
+pub fn sim_config(tz: &str, days: u32, events_per_day: u32) -> SimConfig {
+    SimConfig {
+        seed: 7,
+        timezone: tz.into(),
+        first_day: minus(today_in(tz), i64::from(days)),
+        days,
+        events_per_day,
+        ..SimConfig::default()
+    }
+}
+
+/// A running simulator plus the settings that point at it.
+pub struct Project {
+    /// The simulator server.
+    pub sim: RunningSim,
+    /// Settings variables (without output/state, which each target adds).
+    pub vars: HashMap<String, String>,
+}
+
+impl Project {
+    /// Starts a simulator with `config` and the matching settings.
+    pub async fn start(config: SimConfig) -> Project {
+        let sim = Simulator::new(config.clone()).serve(0).await.unwrap();
+        let mut vars = HashMap::new();
+        vars.insert("MIXPANEL_API_SECRET".into(), config.api_secret.clone());
+        vars.insert("MIXPANEL_START_DATE".into(), config.first_day.to_string());
+        vars.insert("MIXPANEL_PROJECT_TIMEZONE".into(), config.timezone.clone());
+        vars.insert("MIXPANEL_API_URL".into(), sim.url());
+        vars.insert("MIXPANEL_DATA_URL".into(), sim.url());
+        if config.time_mode == mixpanel_sim::TimeMode::ProjectLocal {
+            vars.insert("MIXPANEL_EXPORT_TIME_MODE".into(), "project_local".into());
+        }
+        Project { sim, vars }
+    }
+
+    /// The simulator.
+    pub fn simulator(&self) -> &Simulator {
+        self.sim.sim()
+    }
+
+    /// Settings from `vars` plus `extra`.
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Result<Settings, mixpanel_replicator::error::Error> {
+        let mut vars = self.vars.clone();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        Settings::from_lookup(RunMode::Local, |k| vars.get(k).cloned())
+    }
+
+    /// An app writing into a local folder with a local state file.
+    pub async fn local_app(&self, dir: &std::path::Path, extra: &[(&str, &str)]) -> App {
+        let mut s = self.settings(extra).unwrap();
+        s.output_dir = Some(dir.to_path_buf());
+        s.state_file = Some(dir.join(".state.json"));
+        App::build(s, None).await.unwrap()
+    }
+}
+
+/// AWS resources on moto: a bucket, a state table and the credentials secret.
+pub struct Aws {
+    /// The server.
+    pub moto: Moto,
+    /// Its SDK config.
+    pub sdk: aws_config::SdkConfig,
+}
+
+impl Aws {
+    /// Starts moto.
+    pub async fn start() -> Aws {
+        let moto = tokio::task::spawn_blocking(Moto::start).await.unwrap();
+        let sdk = moto.sdk_config().await;
+        Aws { moto, sdk }
+    }
+
+    /// Creates `bucket`, `table` and a secret `secret_id` holding `secret_value`.
+    pub async fn provision(&self, bucket: &str, table: &str, secret_id: &str, secret_value: &str) {
+        super::aws::create_bucket(&aws_sdk_s3::Client::new(&self.sdk), bucket).await;
+        super::aws::create_state_table(&aws_sdk_dynamodb::Client::new(&self.sdk), table).await;
+        super::aws::put_secret(&aws_sdk_secretsmanager::Client::new(&self.sdk), secret_id, secret_value).await;
+    }
+
+    /// An app on S3 + DynamoDB + Secrets Manager (credentials come only from the secret).
+    pub async fn app(&self, project: &Project, bucket: &str, table: &str, secret_id: &str, extra: &[(&str, &str)]) -> App {
+        let mut vars = project.vars.clone();
+        vars.remove("MIXPANEL_API_SECRET");
+        vars.insert("MIXPANEL_SECRET_ID".into(), secret_id.into());
+        vars.insert("OUTPUT_BUCKET".into(), bucket.into());
+        vars.insert("STATE_TABLE".into(), table.into());
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let s = Settings::from_lookup(RunMode::Lambda, |k| vars.get(k).cloned()).unwrap();
+        App::build(s, Some(self.sdk.clone())).await.unwrap()
+    }
+}
+
+/// Reads a committed date partition: its manifest and its rows (canonical JSON strings, sorted).
+pub async fn read_partition(sink: &Arc<dyn ObjectSink>, prefix: &str, table: &str, day: Date) -> Option<(Manifest, Vec<String>)> {
+    let folder = if prefix.is_empty() { format!("{table}/date={day}") } else { format!("{prefix}/{table}/date={day}") };
+    let body = sink.get(&format!("{folder}/_manifest.json")).await.unwrap()?;
+    let manifest: Manifest = serde_json::from_slice(&body).unwrap();
+    let mut rows = Vec::new();
+    for f in &manifest.files {
+        let gz = sink.get(&format!("{folder}/{}", f.name)).await.unwrap().expect("a part the manifest lists is missing");
+        assert_eq!(gz.len() as u64, f.bytes, "manifest bytes of {}", f.name);
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+        let n = text.lines().count() as u64;
+        assert_eq!(n, f.records, "manifest records of {}", f.name);
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            rows.push(v.to_string());
+        }
+    }
+    // Nothing in the partition beyond the manifest and its parts.
+    let listed: Vec<String> = sink.list(&format!("{folder}/")).await.unwrap().into_iter().map(|o| o.key).collect();
+    let mut expected: Vec<String> = manifest.files.iter().map(|f| format!("{folder}/{}", f.name)).collect();
+    expected.push(format!("{folder}/_manifest.json"));
+    expected.sort();
+    assert_eq!(listed, expected, "objects of {folder}");
+    rows.sort();
+    Some((manifest, rows))
+}
+
+/// The simulator's ground truth of a day, as sorted canonical JSON strings.
+pub fn truth(sim: &Simulator, day: Date, events: Option<&[String]>) -> Vec<String> {
+    let mut t: Vec<String> = sim.export_ground_truth(day, events).iter().map(|v| v.to_string()).collect();
+    t.sort();
+    t
+}
+
+/// Every day from `from` to `to`, inclusive.
+pub fn days(from: Date, to: Date) -> Vec<Date> {
+    let mut out = Vec::new();
+    let mut d = from;
+    while d <= to {
+        out.push(d);
+        d = d.tomorrow().unwrap();
+    }
+    out
+}
+
+/// Asserts that every day from `from` to `to` is committed and equals the ground truth.
+pub async fn assert_exact(app: &App, sim: &Simulator, from: Date, to: Date, events: Option<&[String]>) {
+    for day in days(from, to) {
+        let (_, rows) = read_partition(&app.sink, &app.prefix, "export", day)
+            .await
+            .unwrap_or_else(|| panic!("export {day} was not committed"));
+        let expected = truth(sim, day, events);
+        if rows != expected {
+            let missing: Vec<_> = expected.iter().filter(|r| !rows.contains(r)).take(3).collect();
+            let extra: Vec<_> = rows.iter().filter(|r| !expected.contains(r)).take(3).collect();
+            panic!(
+                "export {day}: {} rows, ground truth {}\nmissing e.g. {missing:#?}\nextra e.g. {extra:#?}",
+                rows.len(),
+                expected.len()
+            );
+        }
+    }
+}
