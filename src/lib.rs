@@ -16,5 +16,6 @@ pub mod plan;
 pub mod replicate;
 pub mod secrets;
 pub mod sink;
+pub mod spill;
 pub mod state;
 pub mod tables;

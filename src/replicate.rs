@@ -4,9 +4,6 @@
 //! Nothing reaches the sink before the whole body was read and every line parsed, so a
 //! `terminated early` or cut body never leaves parts behind; the slice is simply fetched again.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
-
 use bytes::Bytes;
 use futures_util::StreamExt;
 use jiff::Timestamp;
@@ -18,6 +15,7 @@ use crate::commit::{self, FileEntry};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
 use crate::sink::part::{PartEvent, PartWriter};
+use crate::spill::Spill;
 use crate::state::{Lease, Schema};
 use crate::tables::Table;
 use crate::tables::export::{self, LineOutcome, Transformer};
@@ -101,12 +99,12 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
     }
 
     let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
-    let files = write_parts(app, &lease.owner, &folder, pass1.spill, pass1.losers).await?;
+    let (files, duplicates) = write_parts(app, &lease.owner, &folder, pass1.spill).await?;
     let result = SliceResult {
         records: files.iter().map(|f| f.records).sum(),
         bytes: files.iter().map(|f| f.bytes).sum(),
         files: files.len() as u64,
-        duplicates: pass1.duplicates,
+        duplicates,
         raw_bytes: pass1.raw_bytes,
     };
     let committed = commit::commit(
@@ -132,12 +130,9 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
     Ok(result)
 }
 
-/// The spill file and what pass 1 learned.
+/// The spill and what pass 1 learned.
 struct Pass1 {
-    spill: std::fs::File,
-    /// Ordinals (in the spill) of records that lost deduplication.
-    losers: Vec<u64>,
-    duplicates: u64,
+    spill: Spill,
     raw_bytes: u64,
     schema: Schema,
 }
@@ -180,61 +175,30 @@ async fn fetch_into_spill(
     }
 }
 
-/// Blocking half of pass 1: lines → records in the spill file; duplicates → `losers`.
+/// Blocking half of pass 1: lines → records in the spill, bucketed by dedup key.
 fn pass1(mut rx: mpsc::Receiver<Bytes>, mut t: Transformer) -> Result<Pass1> {
-    let file = tempfile::tempfile()
-        .map_err(|e| Error::storage(format!("cannot create a spill file: {e}")))?;
-    let mut spill = BufWriter::with_capacity(1 << 20, file);
+    let mut spill = Spill::new()?;
     let mut out = Vec::with_capacity(64 * 1024);
     let mut carry: Vec<u8> = Vec::new();
-    // Dedup key → (processing time, ordinal of the kept record).
-    let mut index: HashMap<u128, (u64, u64)> = HashMap::new();
-    let mut losers = Vec::new();
-    let mut ordinal: u64 = 0;
     let mut raw_bytes = 0u64;
 
-    let mut handle =
-        |line: &[u8], out: &mut Vec<u8>, spill: &mut BufWriter<std::fs::File>| -> Result<()> {
-            out.clear();
-            match t.transform(line, out)? {
-                LineOutcome::Record { key, processing_ms } => {
-                    if let Some(k) = key {
-                        match index.get_mut(&k) {
-                            None => {
-                                index.insert(k, (processing_ms, ordinal));
-                            }
-                            Some(kept) => {
-                                // The most recently processed version wins; on a tie, the later delivery.
-                                if processing_ms >= kept.0 {
-                                    losers.push(kept.1);
-                                    *kept = (processing_ms, ordinal);
-                                } else {
-                                    losers.push(ordinal);
-                                }
-                            }
-                        }
-                    }
-                    spill
-                        .write_all(out)
-                        .map_err(|e| Error::storage(format!("spill file: {e}")))?;
-                    ordinal += 1;
-                }
-                LineOutcome::OutOfRange | LineOutcome::Blank => {}
-            }
-            Ok(())
-        };
+    let mut handle = |line: &[u8], out: &mut Vec<u8>, spill: &mut Spill| -> Result<()> {
+        out.clear();
+        match t.transform(line, out)? {
+            LineOutcome::Record { key, processing_ms } => spill.push(key, processing_ms, out),
+            LineOutcome::OutOfRange | LineOutcome::Blank => Ok(()),
+        }
+    };
 
     while let Some(chunk) = rx.blocking_recv() {
         raw_bytes += chunk.len() as u64;
         let mut rest: &[u8] = &chunk;
-        while let Some(pos) = memchr(b'\n', rest) {
+        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
             if carry.is_empty() {
                 handle(&rest[..pos], &mut out, &mut spill)?;
             } else {
                 carry.extend_from_slice(&rest[..pos]);
-                let line = std::mem::take(&mut carry);
-                handle(&line, &mut out, &mut spill)?;
-                carry = line;
+                handle(&carry, &mut out, &mut spill)?;
                 carry.clear();
             }
             rest = &rest[pos + 1..];
@@ -245,24 +209,11 @@ fn pass1(mut rx: mpsc::Receiver<Bytes>, mut t: Transformer) -> Result<Pass1> {
         // A last line without its newline must still be complete JSON.
         handle(&carry, &mut out, &mut spill)?;
     }
-    let schema = t.schema();
-    let mut file = spill
-        .into_inner()
-        .map_err(|e| Error::storage(format!("spill file: {}", e.error())))?;
-    file.rewind()
-        .map_err(|e| Error::storage(format!("spill file: {e}")))?;
-    losers.sort_unstable();
     Ok(Pass1 {
-        spill: file,
-        duplicates: losers.len() as u64,
-        losers,
+        spill,
         raw_bytes,
-        schema,
+        schema: t.schema(),
     })
-}
-
-fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
 }
 
 /// Pass 2: the spill's surviving records → compressed parts uploaded as they fill.
@@ -270,38 +221,24 @@ async fn write_parts(
     app: &App,
     attempt: &str,
     folder: &str,
-    spill: std::fs::File,
-    losers: Vec<u64>,
-) -> Result<Vec<FileEntry>> {
+    spill: Spill,
+) -> Result<(Vec<FileEntry>, u64)> {
     let s = app.settings.clone();
     let attempt_id = attempt.to_string();
     let (tx, mut rx) = mpsc::channel::<PartEvent>(4);
-    let producer = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut reader = BufReader::with_capacity(1 << 20, spill);
+    let producer = tokio::task::spawn_blocking(move || -> Result<u64> {
         let mut writer = PartWriter::new(&attempt_id, s.compression, s.max_file_bytes, |e| {
             tx.blocking_send(e).is_ok()
         });
-        let mut line = Vec::with_capacity(64 * 1024);
-        let mut ordinal = 0u64;
-        let mut next_loser = 0usize;
-        loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| Error::storage(format!("spill file: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            let lost = losers.get(next_loser) == Some(&ordinal);
-            if lost {
-                next_loser += 1;
-            } else if !writer.write(&line) {
-                return Ok(());
-            }
-            ordinal += 1;
+        let mut open = true;
+        let duplicates = spill.drain_deduplicated(|record| {
+            open = writer.write(record);
+            open
+        })?;
+        if open {
+            writer.finish();
         }
-        writer.finish();
-        Ok(())
+        Ok(duplicates)
     });
 
     let mut files = Vec::new();
@@ -345,10 +282,10 @@ async fn write_parts(
     let produced = producer
         .await
         .map_err(|e| Error::storage(format!("part writer failed: {e}")));
-    let failure = failure.or(match produced {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) | Err(e) => Some(e),
-    });
+    let (duplicates, failure) = match produced {
+        Ok(Ok(d)) => (d, failure),
+        Ok(Err(e)) | Err(e) => (0, failure.or(Some(e))),
+    };
     if let Some(e) = failure {
         if let Some((_, up)) = current.take() {
             let _ = up.abort().await;
@@ -356,7 +293,7 @@ async fn write_parts(
         remove_parts(app, folder, &files).await;
         return Err(e);
     }
-    Ok(files)
+    Ok((files, duplicates))
 }
 
 fn content_type(name: &str) -> &'static str {

@@ -33,13 +33,25 @@ async fn ten_adversarial_days_replicate_exactly_into_a_local_folder() {
     assert_eq!(report.slices, 11, "ten days of data and today");
     assert_eq!(report.failed, 0);
     assert_exact(&app, project.simulator(), first, today, None).await;
-    assert_eq!(app.store.bookmark(Table::Export).await.unwrap(), Some(today));
+    assert_eq!(
+        app.store.bookmark(Table::Export).await.unwrap(),
+        Some(today)
+    );
     // The folder has the documented layout and a schema next to the data.
     let schema: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("export/_schema.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.path().join("export/_schema.json")).unwrap())
+            .unwrap();
     let cols = schema["columns"].as_array().unwrap();
-    assert!(cols.iter().any(|c| c["name"] == "mp_reserved_insert_id" && c["type"] == "string"), "{schema}");
-    assert!(dir.path().join(format!("export/date={first}/_manifest.json")).exists());
+    assert!(
+        cols.iter()
+            .any(|c| c["name"] == "mp_reserved_insert_id" && c["type"] == "string"),
+        "{schema}"
+    );
+    assert!(
+        dir.path()
+            .join(format!("export/date={first}/_manifest.json"))
+            .exists()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,8 +61,11 @@ async fn ten_adversarial_days_replicate_exactly_into_s3_with_dynamodb_state_and_
     let secret = json!({"api_secret": cfg.api_secret}).to_string();
     let project = Project::start(cfg).await;
     let aws = Aws::start().await;
-    aws.provision("out-bucket", "state", "mixpanel/creds", &secret).await;
-    let app = aws.app(&project, "out-bucket", "state", "mixpanel/creds", &[]).await;
+    aws.provision("out-bucket", "state", "mixpanel/creds", &secret)
+        .await;
+    let app = aws
+        .app(&project, "out-bucket", "state", "mixpanel/creds", &[])
+        .await;
 
     let report = sync(&app, &[Table::Export]).await.unwrap();
     assert_eq!((report.slices, report.failed), (11, 0));
@@ -58,8 +73,18 @@ async fn ten_adversarial_days_replicate_exactly_into_s3_with_dynamodb_state_and_
     assert_exact(&app, project.simulator(), first, today_in("UTC"), None).await;
     let slices = app.store.slices(Table::Export).await.unwrap();
     assert_eq!(slices.len(), 11);
-    assert!(slices.iter().all(|s| s.status == SliceStatus::Committed && s.attempts == 1));
-    assert!(app.sink.get("mixpanel/export/_schema.json").await.unwrap().is_some());
+    assert!(
+        slices
+            .iter()
+            .all(|s| s.status == SliceStatus::Committed && s.attempts == 1)
+    );
+    assert!(
+        app.sink
+            .get("mixpanel/export/_schema.json")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,27 +93,39 @@ async fn late_events_replace_their_days_and_leave_older_days_untouched() {
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = [("MIXPANEL_REFRESH_MINUTES", "0"), ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "5")];
+    let extra = [
+        ("MIXPANEL_REFRESH_MINUTES", "0"),
+        ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "5"),
+    ];
     let app = project.local_app(dir.path(), &extra).await;
     sync(&app, &[Table::Export]).await.unwrap();
 
     let today = today_in("UTC");
     let old_day = minus(today, 8);
     let late_day = minus(today, 3);
-    let (old_manifest, _) = read_partition(&app.sink, "", "export", old_day).await.unwrap();
+    let (old_manifest, _) = read_partition(&app.sink, "", "export", old_day)
+        .await
+        .unwrap();
     let before = truth(project.simulator(), late_day, None);
     project.simulator().add_late_events(late_day, 25);
     let after = truth(project.simulator(), late_day, None);
     assert_eq!(after.len(), before.len() + 25);
 
     let report = sync(&app, &[Table::Export]).await.unwrap();
-    assert_eq!(report.slices, 6, "the attribution window: today and the five days before");
+    assert_eq!(
+        report.slices, 6,
+        "the attribution window: today and the five days before"
+    );
     assert_exact(&app, project.simulator(), first, today, None).await;
-    let (late_manifest, rows) = read_partition(&app.sink, "", "export", late_day).await.unwrap();
+    let (late_manifest, rows) = read_partition(&app.sink, "", "export", late_day)
+        .await
+        .unwrap();
     assert_eq!(rows, after);
     assert_eq!(late_manifest.records, after.len() as u64);
     // Outside the window nothing was touched.
-    let (old_again, _) = read_partition(&app.sink, "", "export", old_day).await.unwrap();
+    let (old_again, _) = read_partition(&app.sink, "", "export", old_day)
+        .await
+        .unwrap();
     assert_eq!(old_again, old_manifest);
 }
 
@@ -124,7 +161,11 @@ async fn terminated_early_and_cut_bodies_are_fetched_again_and_end_exact() {
     assert_eq!(report.failed, 0);
     assert_exact(&app, sim, first, today_in("UTC"), None).await;
     let faulted: Vec<_> = sim.requests().into_iter().filter(|r| r.faulted).collect();
-    assert_eq!(faulted.len(), 4, "every injected fault was met once: {faulted:?}");
+    assert_eq!(
+        faulted.len(),
+        4,
+        "every injected fault was met once: {faulted:?}"
+    );
     // The failed attempts left no parts behind.
     for day in [early_day, cut_day] {
         let (m, _) = read_partition(&app.sink, "", "export", day).await.unwrap();
@@ -139,15 +180,29 @@ async fn two_workers_on_one_queue_replicate_each_slice_once() {
     let secret = json!({"api_secret": cfg.api_secret}).to_string();
     let project = Project::start(cfg).await;
     let aws = Aws::start().await;
-    aws.provision("shared-bucket", "shared-state", "creds", &secret).await;
-    let a = aws.app(&project, "shared-bucket", "shared-state", "creds", &[]).await;
-    let b = aws.app(&project, "shared-bucket", "shared-state", "creds", &[]).await;
+    aws.provision("shared-bucket", "shared-state", "creds", &secret)
+        .await;
+    let a = aws
+        .app(&project, "shared-bucket", "shared-state", "creds", &[])
+        .await;
+    let b = aws
+        .app(&project, "shared-bucket", "shared-state", "creds", &[])
+        .await;
     let (ra, rb) = tokio::join!(sync(&a, &[Table::Export]), sync(&b, &[Table::Export]));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(ra.slices + rb.slices, 11, "each slice replicated by exactly one worker: {ra:?} {rb:?}");
+    assert_eq!(
+        ra.slices + rb.slices,
+        11,
+        "each slice replicated by exactly one worker: {ra:?} {rb:?}"
+    );
     assert_exact(&a, project.simulator(), first, today_in("UTC"), None).await;
     let slices = a.store.slices(Table::Export).await.unwrap();
-    assert!(slices.iter().all(|s| s.status == SliceStatus::Committed && s.attempts == 1), "{slices:?}");
+    assert!(
+        slices
+            .iter()
+            .all(|s| s.status == SliceStatus::Committed && s.attempts == 1),
+        "{slices:?}"
+    );
     let exports = project.simulator().requests().len();
     assert_eq!(exports, 11, "one export request per slice");
 }
@@ -163,7 +218,12 @@ async fn a_wrong_secret_fails_clearly_commits_nothing_and_never_shows_the_secret
         .arg(dir.path())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(project.vars.iter().filter(|(k, _)| *k != "MIXPANEL_API_SECRET"))
+        .envs(
+            project
+                .vars
+                .iter()
+                .filter(|(k, _)| *k != "MIXPANEL_API_SECRET"),
+        )
         .env("MIXPANEL_API_SECRET", wrong)
         .env("RUST_LOG", "trace")
         .output()
@@ -171,7 +231,10 @@ async fn a_wrong_secret_fails_clearly_commits_nothing_and_never_shows_the_secret
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
     assert_eq!(errors.len(), 1, "one error line: {stderr}");
     let last = errors[0];
     assert!(
@@ -181,14 +244,23 @@ async fn a_wrong_secret_fails_clearly_commits_nothing_and_never_shows_the_secret
     );
     for text in [&stdout, &stderr] {
         assert!(!text.contains(wrong), "the secret leaked:\n{text}");
-        assert!(!text.contains("d3IwbmctUzNDUkVU"), "the secret leaked base64-encoded:\n{text}");
+        assert!(
+            !text.contains("d3IwbmctUzNDUkVU"),
+            "the secret leaked base64-encoded:\n{text}"
+        );
     }
     // Nothing committed: no manifest anywhere, no committed slice.
     let app = project.local_app(dir.path(), &[]).await;
     let slices = app.store.slices(Table::Export).await.unwrap();
-    assert!(slices.iter().all(|s| s.status == SliceStatus::Pending), "{slices:?}");
+    assert!(
+        slices.iter().all(|s| s.status == SliceStatus::Pending),
+        "{slices:?}"
+    );
     let objects = app.sink.list("").await.unwrap();
-    assert!(objects.iter().all(|o| !o.key.contains("export/")), "{objects:?}");
+    assert!(
+        objects.iter().all(|o| !o.key.contains("export/")),
+        "{objects:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,8 +287,14 @@ async fn local_midnight_and_last_second_land_in_their_los_angeles_days() {
                 z.time().to_string()
             })
             .collect();
-        assert!(local_times.iter().any(|t| t == "00:00:00"), "{day} has an event at local midnight");
-        assert!(local_times.iter().any(|t| t == "23:59:59"), "{day} has an event at 23:59:59 local");
+        assert!(
+            local_times.iter().any(|t| t == "00:00:00"),
+            "{day} has an event at local midnight"
+        );
+        assert!(
+            local_times.iter().any(|t| t == "23:59:59"),
+            "{day} has an event at 23:59:59 local"
+        );
     }
 }
 
@@ -230,7 +308,14 @@ async fn a_legacy_project_local_time_is_converted_to_true_utc() {
     let dir = tempfile::tempdir().unwrap();
     let app = project.local_app(dir.path(), &[]).await;
     sync(&app, &[Table::Export]).await.unwrap();
-    assert_exact(&app, project.simulator(), first, minus(today_in(tz), 1), None).await;
+    assert_exact(
+        &app,
+        project.simulator(),
+        first,
+        minus(today_in(tz), 1),
+        None,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +331,10 @@ async fn a_service_account_sends_project_id_and_an_event_filter_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = project
         .settings(&[
-            ("MIXPANEL_SERVICE_ACCOUNT_USERNAME", "replicator.abc123.mp-service-account"),
+            (
+                "MIXPANEL_SERVICE_ACCOUNT_USERNAME",
+                "replicator.abc123.mp-service-account",
+            ),
             ("MIXPANEL_SERVICE_ACCOUNT_SECRET", "sa-secret-xyz"),
             ("MIXPANEL_PROJECT_ID", "4242"),
             ("MIXPANEL_EXPORT_EVENTS", "Purchase, Signed Up"),
@@ -258,13 +346,25 @@ async fn a_service_account_sends_project_id_and_an_event_filter_is_applied() {
     let app = mixpanel_replicator::app::App::build(s, None).await.unwrap();
     sync(&app, &[Table::Export]).await.unwrap();
     let events = vec!["Purchase".to_string(), "Signed Up".to_string()];
-    assert_exact(&app, project.simulator(), first, today_in("UTC"), Some(&events)).await;
+    assert_exact(
+        &app,
+        project.simulator(),
+        first,
+        today_in("UTC"),
+        Some(&events),
+    )
+    .await;
     let reqs = project.simulator().requests();
     assert!(!reqs.is_empty());
     for r in reqs {
         assert_eq!(r.auth, mixpanel_sim::AuthKind::ServiceAccount);
         assert!(r.query.contains("project_id=4242"), "{}", r.query);
-        assert!(r.query.contains("event=%5B%22Purchase%22%2C%22Signed+Up%22%5D"), "{}", r.query);
+        assert!(
+            r.query
+                .contains("event=%5B%22Purchase%22%2C%22Signed+Up%22%5D"),
+            "{}",
+            r.query
+        );
     }
 }
 
@@ -277,7 +377,9 @@ async fn a_range_event_fans_out_one_event_per_day_and_replanning_queues_nothing_
     let from = minus(today_in("UTC"), 4);
     let to = minus(today_in("UTC"), 2);
     let event = json!({"table": "export", "from": from.to_string(), "to": to.to_string()});
-    let r = handler::handle(&app, event.clone(), deadline()).await.unwrap();
+    let r = handler::handle(&app, event.clone(), deadline())
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::FanOut);
     assert_eq!(r.queued, 3);
     let expected: Vec<_> = days(from, to)
@@ -288,7 +390,13 @@ async fn a_range_event_fans_out_one_event_per_day_and_replanning_queues_nothing_
     let r2 = handler::handle(&app, event, deadline()).await.unwrap();
     assert_eq!((r2.status, r2.queued), (Status::FanOut, 0));
     let slices = app.store.slices(Table::Export).await.unwrap();
-    assert_eq!(slices.iter().map(|s| s.slice).collect::<Vec<_>>(), days(from, to).into_iter().map(SliceId::Day).collect::<Vec<_>>());
+    assert_eq!(
+        slices.iter().map(|s| s.slice).collect::<Vec<_>>(),
+        days(from, to)
+            .into_iter()
+            .map(SliceId::Day)
+            .collect::<Vec<_>>()
+    );
     // Each fanned-out event replicates its day.
     for e in expected {
         let r = handler::handle(&app, e, deadline()).await.unwrap();
@@ -296,9 +404,14 @@ async fn a_range_event_fans_out_one_event_per_day_and_replanning_queues_nothing_
     }
     assert_exact(&app, project.simulator(), from, to, None).await;
     // A scheduled invocation then plans the rest and works the oldest pending day.
-    let r = handler::handle(&app, json!({"table": "export"}), deadline()).await.unwrap();
+    let r = handler::handle(&app, json!({"table": "export"}), deadline())
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::Done);
-    assert_eq!(r.slice.as_deref(), Some(project.simulator().config().first_day.to_string().as_str()));
+    assert_eq!(
+        r.slice.as_deref(),
+        Some(project.simulator().config().first_day.to_string().as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,30 +425,64 @@ async fn bad_events_and_settings_fail_clearly_and_change_nothing() {
             .current_dir(dir.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(project.vars.iter().filter(|(k, _)| Some(k.as_str()) != drop_var))
+            .envs(
+                project
+                    .vars
+                    .iter()
+                    .filter(|(k, _)| Some(k.as_str()) != drop_var),
+            )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(event.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(event.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
     };
     for (event, says) in [
-        (r#"{"table": "exports"}"#, "error: invalid event: unknown table \"exports\""),
-        (r#"{"table": "export", "date": "2026-02-30"}"#, "error: invalid event: `date` must be a date YYYY-MM-DD, got \"2026-02-30\""),
-        (r#"{"table": "export", "from": "2026-11-02", "to": "2026-11-01"}"#, "error: invalid event: `from` (2026-11-02) is after `to` (2026-11-01)"),
-        (r#"{"table": "export", "hour": 3}"#, "error: invalid event: unknown field `hour`"),
-        (r#"{"table": "export""#, "error: invalid event: the event is not JSON"),
+        (
+            r#"{"table": "exports"}"#,
+            "error: invalid event: unknown table \"exports\"",
+        ),
+        (
+            r#"{"table": "export", "date": "2026-02-30"}"#,
+            "error: invalid event: `date` must be a date YYYY-MM-DD, got \"2026-02-30\"",
+        ),
+        (
+            r#"{"table": "export", "from": "2026-11-02", "to": "2026-11-01"}"#,
+            "error: invalid event: `from` (2026-11-02) is after `to` (2026-11-01)",
+        ),
+        (
+            r#"{"table": "export", "hour": 3}"#,
+            "error: invalid event: unknown field `hour`",
+        ),
+        (
+            r#"{"table": "export""#,
+            "error: invalid event: the event is not JSON",
+        ),
     ] {
         let (code, stderr) = run(event, None);
         assert_eq!(code, Some(1), "{event}: {stderr}");
-        assert!(stderr.starts_with(says) && stderr.ends_with("[InvalidEvent]"), "{event}: {stderr}");
+        assert!(
+            stderr.starts_with(says) && stderr.ends_with("[InvalidEvent]"),
+            "{event}: {stderr}"
+        );
     }
     let (code, stderr) = run(r#"{"table": "export"}"#, Some("MIXPANEL_START_DATE"));
     assert_eq!(code, Some(1));
-    assert_eq!(stderr, "error: MIXPANEL_START_DATE: is required: the first day to replicate, as YYYY-MM-DD [InvalidSetting]");
+    assert_eq!(
+        stderr,
+        "error: MIXPANEL_START_DATE: is required: the first day to replicate, as YYYY-MM-DD [InvalidSetting]"
+    );
     // Nothing was created: no state file, no output.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     assert!(project.simulator().requests().is_empty());

@@ -159,7 +159,7 @@ mod tests {
             true
         });
         for i in 0..10 {
-            assert!(w.write(format!("{{\"i\":{i},\"pad\":\"{}\"}}\n", "x".repeat(30)).as_bytes()));
+            assert!(w.write(format!("{{\"i\":{i},\"pad\":\"{}\"}}\n", "x".repeat(45)).as_bytes()));
         }
         assert!(w.finish());
         let mut parts: Vec<(String, Vec<u8>, u64)> = Vec::new();

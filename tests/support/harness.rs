@@ -67,7 +67,10 @@ impl Project {
     }
 
     /// Settings from `vars` plus `extra`.
-    pub fn settings(&self, extra: &[(&str, &str)]) -> Result<Settings, mixpanel_replicator::error::Error> {
+    pub fn settings(
+        &self,
+        extra: &[(&str, &str)],
+    ) -> Result<Settings, mixpanel_replicator::error::Error> {
         let mut vars = self.vars.clone();
         for (k, v) in extra {
             vars.insert(k.to_string(), v.to_string());
@@ -104,11 +107,23 @@ impl Aws {
     pub async fn provision(&self, bucket: &str, table: &str, secret_id: &str, secret_value: &str) {
         super::aws::create_bucket(&aws_sdk_s3::Client::new(&self.sdk), bucket).await;
         super::aws::create_state_table(&aws_sdk_dynamodb::Client::new(&self.sdk), table).await;
-        super::aws::put_secret(&aws_sdk_secretsmanager::Client::new(&self.sdk), secret_id, secret_value).await;
+        super::aws::put_secret(
+            &aws_sdk_secretsmanager::Client::new(&self.sdk),
+            secret_id,
+            secret_value,
+        )
+        .await;
     }
 
     /// An app on S3 + DynamoDB + Secrets Manager (credentials come only from the secret).
-    pub async fn app(&self, project: &Project, bucket: &str, table: &str, secret_id: &str, extra: &[(&str, &str)]) -> App {
+    pub async fn app(
+        &self,
+        project: &Project,
+        bucket: &str,
+        table: &str,
+        secret_id: &str,
+        extra: &[(&str, &str)],
+    ) -> App {
         let mut vars = project.vars.clone();
         vars.remove("MIXPANEL_API_SECRET");
         vars.insert("MIXPANEL_SECRET_ID".into(), secret_id.into());
@@ -123,16 +138,34 @@ impl Aws {
 }
 
 /// Reads a committed date partition: its manifest and its rows (canonical JSON strings, sorted).
-pub async fn read_partition(sink: &Arc<dyn ObjectSink>, prefix: &str, table: &str, day: Date) -> Option<(Manifest, Vec<String>)> {
-    let folder = if prefix.is_empty() { format!("{table}/date={day}") } else { format!("{prefix}/{table}/date={day}") };
-    let body = sink.get(&format!("{folder}/_manifest.json")).await.unwrap()?;
+pub async fn read_partition(
+    sink: &Arc<dyn ObjectSink>,
+    prefix: &str,
+    table: &str,
+    day: Date,
+) -> Option<(Manifest, Vec<String>)> {
+    let folder = if prefix.is_empty() {
+        format!("{table}/date={day}")
+    } else {
+        format!("{prefix}/{table}/date={day}")
+    };
+    let body = sink
+        .get(&format!("{folder}/_manifest.json"))
+        .await
+        .unwrap()?;
     let manifest: Manifest = serde_json::from_slice(&body).unwrap();
     let mut rows = Vec::new();
     for f in &manifest.files {
-        let gz = sink.get(&format!("{folder}/{}", f.name)).await.unwrap().expect("a part the manifest lists is missing");
+        let gz = sink
+            .get(&format!("{folder}/{}", f.name))
+            .await
+            .unwrap()
+            .expect("a part the manifest lists is missing");
         assert_eq!(gz.len() as u64, f.bytes, "manifest bytes of {}", f.name);
         let mut text = String::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_string(&mut text)
+            .unwrap();
         let n = text.lines().count() as u64;
         assert_eq!(n, f.records, "manifest records of {}", f.name);
         for line in text.lines() {
@@ -141,8 +174,18 @@ pub async fn read_partition(sink: &Arc<dyn ObjectSink>, prefix: &str, table: &st
         }
     }
     // Nothing in the partition beyond the manifest and its parts.
-    let listed: Vec<String> = sink.list(&format!("{folder}/")).await.unwrap().into_iter().map(|o| o.key).collect();
-    let mut expected: Vec<String> = manifest.files.iter().map(|f| format!("{folder}/{}", f.name)).collect();
+    let listed: Vec<String> = sink
+        .list(&format!("{folder}/"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    let mut expected: Vec<String> = manifest
+        .files
+        .iter()
+        .map(|f| format!("{folder}/{}", f.name))
+        .collect();
     expected.push(format!("{folder}/_manifest.json"));
     expected.sort();
     assert_eq!(listed, expected, "objects of {folder}");
@@ -152,7 +195,11 @@ pub async fn read_partition(sink: &Arc<dyn ObjectSink>, prefix: &str, table: &st
 
 /// The simulator's ground truth of a day, as sorted canonical JSON strings.
 pub fn truth(sim: &Simulator, day: Date, events: Option<&[String]>) -> Vec<String> {
-    let mut t: Vec<String> = sim.export_ground_truth(day, events).iter().map(|v| v.to_string()).collect();
+    let mut t: Vec<String> = sim
+        .export_ground_truth(day, events)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
     t.sort();
     t
 }
@@ -169,15 +216,29 @@ pub fn days(from: Date, to: Date) -> Vec<Date> {
 }
 
 /// Asserts that every day from `from` to `to` is committed and equals the ground truth.
-pub async fn assert_exact(app: &App, sim: &Simulator, from: Date, to: Date, events: Option<&[String]>) {
+pub async fn assert_exact(
+    app: &App,
+    sim: &Simulator,
+    from: Date,
+    to: Date,
+    events: Option<&[String]>,
+) {
     for day in days(from, to) {
         let (_, rows) = read_partition(&app.sink, &app.prefix, "export", day)
             .await
             .unwrap_or_else(|| panic!("export {day} was not committed"));
         let expected = truth(sim, day, events);
         if rows != expected {
-            let missing: Vec<_> = expected.iter().filter(|r| !rows.contains(r)).take(3).collect();
-            let extra: Vec<_> = rows.iter().filter(|r| !expected.contains(r)).take(3).collect();
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|r| !rows.contains(r))
+                .take(3)
+                .collect();
+            let extra: Vec<_> = rows
+                .iter()
+                .filter(|r| !expected.contains(r))
+                .take(3)
+                .collect();
             panic!(
                 "export {day}: {} rows, ground truth {}\nmissing e.g. {missing:#?}\nextra e.g. {extra:#?}",
                 rows.len(),
