@@ -144,7 +144,9 @@ async fn fetch_into_spill(
     transformer: Transformer,
     deadline: Instant,
 ) -> Result<Pass1> {
-    let resp = app.mixpanel.export(query, deadline).await?;
+    let resp = tokio::time::timeout_at(deadline, app.mixpanel.export(query, deadline))
+        .await
+        .map_err(|_| deadline_error())??;
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let worker = tokio::task::spawn_blocking(move || pass1(rx, transformer));
     let mut body = resp.bytes_stream();
@@ -173,6 +175,13 @@ async fn fetch_into_spill(
         Ok(Err(e)) => Err(e),
         Ok(Ok(())) => joined?,
     }
+}
+
+fn deadline_error() -> Error {
+    Error::new(
+        ErrorKind::Deadline,
+        "the invocation's deadline came before the export body ended; the slice stays pending",
+    )
 }
 
 /// Blocking half of pass 1: lines → records in the spill, bucketed by dedup key.

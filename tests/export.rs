@@ -488,3 +488,198 @@ async fn bad_events_and_settings_fail_clearly_and_change_nothing() {
     assert!(project.simulator().requests().is_empty());
     let _ = ErrorKind::InvalidEvent;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_server_errors_are_retried_honouring_retry_after() {
+    let cfg = sim_config("UTC", 1, 50);
+    let day = cfg.first_day;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    sim.push_fault(FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: Some(day),
+        times: 1,
+        fault: Fault::RateLimited {
+            retry_after_secs: Some(2),
+        },
+    });
+    sim.push_fault(FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: Some(day),
+        times: 1,
+        fault: Fault::ServerError { status: 502 },
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let r = handler::handle(
+        &app,
+        json!({"table": "export", "date": day.to_string()}),
+        deadline(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.records),
+        (Status::Done, truth(sim, day, None).len() as u64)
+    );
+    let reqs: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.query.contains(&format!("from_date={day}")))
+        .collect();
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [429, 502, 200]
+    );
+    assert!(
+        reqs[1].at_ms - reqs[0].at_ms >= 2000,
+        "Retry-After: 2 was honoured: {reqs:?}"
+    );
+    assert_exact(&app, sim, day, day, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_without_export_gives_skipped_and_keeps_the_day_pending() {
+    let cfg = sim_config("UTC", 1, 20);
+    let day = cfg.first_day;
+    let project = Project::start(cfg).await;
+    project.simulator().push_fault(FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: None,
+        times: 1,
+        fault: Fault::Status {
+            status: 402,
+            body: r#"{"error": "Your plan does not allow API calls. Upgrade at mixpanel.com/pricing"}"#.into(),
+        },
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let r = handler::handle(
+        &app,
+        json!({"table": "export", "date": day.to_string()}),
+        deadline(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, Status::Skipped);
+    assert!(
+        r.reason.as_deref().unwrap().contains("plan does not allow"),
+        "{r:?}"
+    );
+    let slices = app.store.slices(Table::Export).await.unwrap();
+    assert_eq!(slices[0].status, SliceStatus::Pending);
+    assert!(read_partition(&app.sink, "", "export", day).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_slower_than_the_budget_answers_partial_and_the_next_invocation_finishes() {
+    let cfg = sim_config("UTC", 1, 50);
+    let day = cfg.first_day;
+    let project = Project::start(cfg).await;
+    project.simulator().push_fault(FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: Some(day),
+        times: 1,
+        fault: Fault::SlowFirstByte {
+            delay: std::time::Duration::from_secs(5),
+        },
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let event = json!({"table": "export", "date": day.to_string()});
+    let short = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let r = handler::handle(&app, event.clone(), short).await.unwrap();
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(
+        app.store.slices(Table::Export).await.unwrap()[0].status,
+        SliceStatus::Pending
+    );
+    assert!(read_partition(&app.sink, "", "export", day).await.is_none());
+    let r = handler::handle(&app, event, deadline()).await.unwrap();
+    assert_eq!(r.status, Status::Done);
+    assert_exact(&app, project.simulator(), day, day, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_is_picked_up_after_mixpanel_rejects_the_old_one() {
+    let cfg = sim_config("UTC", 1, 20);
+    let day = cfg.first_day;
+    let good = cfg.api_secret.clone();
+    let project = Project::start(cfg).await;
+    let aws = Aws::start().await;
+    aws.provision(
+        "rotation-bucket",
+        "rotation-state",
+        "creds",
+        r#"{"api_secret": "stale-secret"}"#,
+    )
+    .await;
+    let app = aws
+        .app(&project, "rotation-bucket", "rotation-state", "creds", &[])
+        .await;
+    let event = json!({"table": "export", "date": day.to_string()});
+    let e = handler::handle(&app, event.clone(), deadline())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unauthorized);
+    assert!(!e.to_string().contains("stale-secret"));
+    aws_sdk_secretsmanager::Client::new(&aws.sdk)
+        .put_secret_value()
+        .secret_id("creds")
+        .secret_string(json!({"api_secret": good}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let r = handler::handle(&app, event, deadline()).await.unwrap();
+    assert_eq!(r.status, Status::Done);
+    assert_exact(&app, project.simulator(), day, day, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_select_properties_off_only_the_first_discovered_columns_are_kept() {
+    let cfg = sim_config("UTC", 2, 100);
+    let first = cfg.first_day;
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = project
+        .local_app(
+            dir.path(),
+            &[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")],
+        )
+        .await;
+    // The table was first discovered with only these properties.
+    let mut known = mixpanel_replicator::state::Schema::default();
+    for c in [
+        "mp_reserved_insert_id",
+        "mp_processing_time_ms",
+        "mp_reserved_city",
+    ] {
+        known.columns.insert(c.to_string(), "string".to_string());
+    }
+    app.store.init_schema(Table::Export, &known).await.unwrap();
+    sync(&app, &[Table::Export]).await.unwrap();
+    let keep = [
+        "event",
+        "distinct_id",
+        "time",
+        "mp_reserved_insert_id",
+        "mp_processing_time_ms",
+        "mp_reserved_city",
+    ];
+    for day in days(first, minus(today_in("UTC"), 1)) {
+        let (_, rows) = read_partition(&app.sink, "", "export", day).await.unwrap();
+        let mut expected: Vec<String> = project
+            .simulator()
+            .export_ground_truth(day, None)
+            .into_iter()
+            .map(|mut v| {
+                v.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| keep.contains(&k.as_str()));
+                v.to_string()
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(rows, expected, "{day}");
+    }
+}

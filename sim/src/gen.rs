@@ -137,9 +137,14 @@ impl DayInfo {
         let s1 = start_of_day(tz, next)?;
         let mut offsets = [None; 24];
         for (h, slot) in offsets.iter_mut().enumerate() {
-            let at = |m: i8, s: i8| tz.to_ambiguous_timestamp(date.at(h as i8, m, s, 0)).offset();
-            if let (AmbiguousOffset::Unambiguous { offset: a }, AmbiguousOffset::Unambiguous { offset: b }) =
-                (at(0, 0), at(59, 59))
+            let at = |m: i8, s: i8| {
+                tz.to_ambiguous_timestamp(date.at(h as i8, m, s, 0))
+                    .offset()
+            };
+            if let (
+                AmbiguousOffset::Unambiguous { offset: a },
+                AmbiguousOffset::Unambiguous { offset: b },
+            ) = (at(0, 0), at(59, 59))
                 && a == b
             {
                 *slot = Some(a.seconds());
@@ -153,7 +158,14 @@ impl DayInfo {
                 .find(|&c| offsets[c as usize].is_some())
                 .unwrap_or(h as u8);
         }
-        Ok(DayInfo { num, wall0: num * SECS_PER_DAY, s0, s1, offsets, clean_hour })
+        Ok(DayInfo {
+            num,
+            wall0: num * SECS_PER_DAY,
+            s0,
+            s1,
+            offsets,
+            clean_hour,
+        })
     }
 }
 
@@ -212,7 +224,12 @@ pub(crate) struct Filter {
 
 impl Filter {
     pub(crate) fn all() -> Filter {
-        Filter { names: u32::MAX, export_lo: i64::MIN, export_hi: i64::MAX, time_in_ms: false }
+        Filter {
+            names: u32::MAX,
+            export_lo: i64::MIN,
+            export_hi: i64::MAX,
+            time_in_ms: false,
+        }
     }
 }
 
@@ -232,7 +249,14 @@ pub(crate) struct Gen {
 }
 
 impl Gen {
-    pub(crate) fn new(seed: u64, mode: TimeMode, tz: TimeZone, n: u64, first: i64, days: u32) -> Gen {
+    pub(crate) fn new(
+        seed: u64,
+        mode: TimeMode,
+        tz: TimeZone,
+        n: u64,
+        first: i64,
+        days: u32,
+    ) -> Gen {
         Gen {
             seed,
             mode,
@@ -314,7 +338,11 @@ impl Gen {
     pub(crate) fn regular(&self, day: &DayInfo, i: u64) -> Core {
         let mut rng = Rng::new(hash4(self.seed, S_EVENT, day.num, i));
         let names = self.t.names.len() as u64;
-        let name = if i < names { i as u8 } else { Self::pick_name(&mut rng) };
+        let name = if i < names {
+            i as u8
+        } else {
+            Self::pick_name(&mut rng)
+        };
         let forced = match i {
             0 => Some(false),
             1 => Some(true),
@@ -335,10 +363,15 @@ impl Gen {
             _ => rng.chance(333),
         };
         // A few events reuse another event's $insert_id: the key is the whole tuple.
-        let iid = if i == 7 || (i > 8 && rng.chance(3)) { i + 1 } else { i };
+        let iid = if i == 7 || (i > 8 && rng.chance(3)) {
+            i + 1
+        } else {
+            i
+        };
         let props = rng.next_u64();
         let proc0 = instant * 1000 + ms as i64 + 1000 + rng.below(6 * 3_600_000) as i64;
-        let forced_weird = (i >= 8 && ((i - 8) as usize) < self.t.weird.len()).then(|| (i - 8) as u8);
+        let forced_weird =
+            (i >= 8 && ((i - 8) as usize) < self.t.weird.len()).then(|| (i - 8) as u8);
         Core {
             name,
             instant,
@@ -437,7 +470,11 @@ impl Gen {
             for k in 0..n + lag {
                 if k < n {
                     let core = self.regular(day, perm(k));
-                    let v = if core.dup && core.swapped { Version::Retry } else { Version::First };
+                    let v = if core.dup && core.swapped {
+                        Version::Retry
+                    } else {
+                        Version::First
+                    };
                     if !emit(&core, v, buf) {
                         return false;
                     }
@@ -446,7 +483,11 @@ impl Gen {
                     let e = perm(k - lag);
                     if self.is_dup(day.num, e) {
                         let core = self.regular(day, e);
-                        let v = if core.swapped { Version::First } else { Version::Retry };
+                        let v = if core.swapped {
+                            Version::First
+                        } else {
+                            Version::Retry
+                        };
                         if !emit(&core, v, buf) {
                             return false;
                         }
@@ -470,7 +511,14 @@ impl Gen {
     }
 
     /// Appends one export line (with its trailing newline).
-    pub(crate) fn write_line(&self, buf: &mut Vec<u8>, day: &DayInfo, c: &Core, v: Version, time_in_ms: bool) {
+    pub(crate) fn write_line(
+        &self,
+        buf: &mut Vec<u8>,
+        day: &DayInfo,
+        c: &Core,
+        v: Version,
+        time_in_ms: bool,
+    ) {
         let t = self.t;
         let mut r = Rng::new(c.props);
         // Rare layouts: time/distinct_id last, or "properties" before "event".
@@ -549,7 +597,9 @@ impl Gen {
                 push_u64(buf, 1_000_000 + u);
                 buf.push(b'"');
             }
-            _ => buf.extend_from_slice(&self.t.special_ids[(mix(h) % self.t.special_ids.len() as u64) as usize]),
+            _ => buf.extend_from_slice(
+                &self.t.special_ids[(mix(h) % self.t.special_ids.len() as u64) as usize],
+            ),
         }
     }
 
@@ -580,12 +630,20 @@ impl Gen {
         }
         buf.push(b'"');
         buf.extend_from_slice(b",\"$mp_api_endpoint\":");
-        buf.extend_from_slice(if r.chance(700) { b"\"api.mixpanel.com\"" } else { b"\"api-js.mixpanel.com\"" });
+        buf.extend_from_slice(if r.chance(700) {
+            b"\"api.mixpanel.com\""
+        } else {
+            b"\"api-js.mixpanel.com\""
+        });
         let name = t.names[c.name as usize];
         let mobile = name == "App Open";
         buf.extend_from_slice(b",\"$os\":");
         if mobile {
-            buf.extend_from_slice(if r.chance(500) { b"\"iOS\"" } else { b"\"Android\"" });
+            buf.extend_from_slice(if r.chance(500) {
+                b"\"iOS\""
+            } else {
+                b"\"Android\""
+            });
         } else {
             buf.extend_from_slice(&t.oses[r.below(t.oses.len() as u64) as usize]);
             buf.extend_from_slice(b",\"$browser\":");
@@ -673,7 +731,11 @@ impl Gen {
                 buf.extend_from_slice(b",\"currency\":");
                 buf.extend_from_slice(&t.currencies[r.below(t.currencies.len() as u64) as usize]);
                 buf.extend_from_slice(b",\"coupon\":");
-                buf.extend_from_slice(if r.chance(700) { b"null" } else { b"\"SAVE10\"" });
+                buf.extend_from_slice(if r.chance(700) {
+                    b"null"
+                } else {
+                    b"\"SAVE10\""
+                });
             }
             "App Open" => {
                 buf.extend_from_slice(b",\"$app_version_string\":\"3.");
@@ -701,7 +763,11 @@ impl Gen {
             }
             "Logged Out" => {
                 buf.extend_from_slice(b",\"reason\":");
-                buf.extend_from_slice(if r.chance(500) { b"\"timeout\"" } else { b"\"user\"" });
+                buf.extend_from_slice(if r.chance(500) {
+                    b"\"timeout\""
+                } else {
+                    b"\"user\""
+                });
             }
             _ => {
                 buf.extend_from_slice(b",\"message\":");
@@ -774,7 +840,11 @@ fn write_insert_id(buf: &mut Vec<u8>, h: u64) {
             let len = 12 + (c % 13) as usize;
             let mut out = [0u8; 24];
             for (i, o) in out.iter_mut().enumerate().take(len) {
-                *o = if i % 6 == 5 { b'-' } else { B62[(((a >> (i % 12 * 5)) ^ (b >> i)) % 62) as usize] };
+                *o = if i % 6 == 5 {
+                    b'-'
+                } else {
+                    B62[(((a >> (i % 12 * 5)) ^ (b >> i)) % 62) as usize]
+                };
             }
             buf.extend_from_slice(&out[..len]);
         }
@@ -811,7 +881,7 @@ fn push_decimal(buf: &mut Vec<u8>, v: u64, scale: u64) {
     let frac = v % scale;
     if scale == 100 && frac >= 10 {
         buf.push(b'0' + (frac / 10) as u8);
-        if frac % 10 != 0 {
+        if !frac.is_multiple_of(10) {
             buf.push(b'0' + (frac % 10) as u8);
         }
     } else if scale == 100 && frac > 0 {
@@ -842,11 +912,23 @@ mod tests {
 
     #[test]
     fn decimals_match_serde_json() {
-        for (v, s) in [(1234u64, 100u64), (1230, 100), (1200, 100), (1205, 100), (7, 100), (0, 100), (45, 10), (40, 10)] {
+        for (v, s) in [
+            (1234u64, 100u64),
+            (1230, 100),
+            (1200, 100),
+            (1205, 100),
+            (7, 100),
+            (0, 100),
+            (45, 10),
+            (40, 10),
+        ] {
             let mut b = Vec::new();
             push_decimal(&mut b, v, s);
             let f: f64 = std::str::from_utf8(&b).unwrap().parse().unwrap();
-            assert_eq!(serde_json::to_string(&f).unwrap(), std::str::from_utf8(&b).unwrap());
+            assert_eq!(
+                serde_json::to_string(&f).unwrap(),
+                std::str::from_utf8(&b).unwrap()
+            );
         }
     }
 
@@ -856,7 +938,11 @@ mod tests {
             let mut b = Vec::new();
             write_insert_id(&mut b, mix(h));
             assert!(!b.is_empty() && b.len() <= 36);
-            assert!(b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-'), "{:?}", String::from_utf8_lossy(&b));
+            assert!(
+                b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-'),
+                "{:?}",
+                String::from_utf8_lossy(&b)
+            );
         }
     }
 

@@ -15,7 +15,7 @@ mod query;
 mod server;
 mod templates;
 
-use r#gen::{DayInfo, Filter, Gen, LateBatch, Sink, day_num, date_of, rfc3339};
+use r#gen::{DayInfo, Filter, Gen, LateBatch, Sink, date_of, day_num, rfc3339};
 
 /// How the project's export `time` and from/to days are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +192,9 @@ struct State {
     window: VecDeque<Instant>,
 }
 
+/// Dedup key (event, distinct_id as JSON, time, $insert_id as JSON) -> (processing ms, properties, event).
+type Latest = HashMap<(String, String, i64, String), (i64, Map<String, Value>, String)>;
+
 /// Clock helpers.
 struct Clock;
 
@@ -208,8 +211,9 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 impl Simulator {
     /// Creates a simulator; panics on an unknown timezone (a test setup error).
     pub fn new(config: SimConfig) -> Simulator {
-        let tz = TimeZone::get(&config.timezone)
-            .unwrap_or_else(|e| panic!("mixpanel-sim: unknown timezone {:?}: {e}", config.timezone));
+        let tz = TimeZone::get(&config.timezone).unwrap_or_else(|e| {
+            panic!("mixpanel-sim: unknown timezone {:?}: {e}", config.timezone)
+        });
         r#gen::warm();
         let generator = Gen::new(
             config.seed,
@@ -280,27 +284,47 @@ impl Simulator {
         filter.names = g.name_mask(events);
         let late = self.inner.late_snapshot(d - 1, d + 1);
         // Key -> (mp_processing_time_ms, delivery); the latest processed delivery wins.
-        let mut best: HashMap<(String, String, i64, String), (i64, Map<String, Value>, String)> = HashMap::new();
+        let mut best = Latest::new();
         let mut buf = Vec::new();
         for n in (d - 1).max(g.first)..=(d + 1).min(g.last) {
             let info = DayInfo::new(&g.tz, n).unwrap_or_else(|e| panic!("mixpanel-sim: {e}"));
             let mut sink = |buf: &mut Vec<u8>, start: usize| {
-                let line: Value = serde_json::from_slice(&buf[start..])
-                    .unwrap_or_else(|e| panic!("mixpanel-sim generated invalid JSON ({e}): {:?}", String::from_utf8_lossy(&buf[start..])));
+                let line: Value = serde_json::from_slice(&buf[start..]).unwrap_or_else(|e| {
+                    panic!(
+                        "mixpanel-sim generated invalid JSON ({e}): {:?}",
+                        String::from_utf8_lossy(&buf[start..])
+                    )
+                });
                 buf.clear();
-                let Value::Object(mut line) = line else { panic!("mixpanel-sim: line is not an object") };
-                let event = line.get("event").and_then(Value::as_str).unwrap_or_default().to_string();
+                let Value::Object(mut line) = line else {
+                    panic!("mixpanel-sim: line is not an object")
+                };
+                let event = line
+                    .get("event")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
                 let Some(Value::Object(props)) = line.remove("properties") else {
                     panic!("mixpanel-sim: line without properties")
                 };
-                let time = props.get("time").and_then(Value::as_i64).unwrap_or_default();
+                let time = props
+                    .get("time")
+                    .and_then(Value::as_i64)
+                    .unwrap_or_default();
                 let instant = self.inner.true_instant(time);
                 if instant < target.s0 || instant >= target.s1 {
                     return true;
                 }
-                let did = props.get("distinct_id").map_or("null".to_string(), Value::to_string);
-                let iid = props.get("$insert_id").map_or("null".to_string(), Value::to_string);
-                let proc = props.get("mp_processing_time_ms").and_then(Value::as_i64).unwrap_or_default();
+                let did = props
+                    .get("distinct_id")
+                    .map_or("null".to_string(), Value::to_string);
+                let iid = props
+                    .get("$insert_id")
+                    .map_or("null".to_string(), Value::to_string);
+                let proc = props
+                    .get("mp_processing_time_ms")
+                    .and_then(Value::as_i64)
+                    .unwrap_or_default();
                 let key = (event.clone(), did, time, iid);
                 match best.get(&key) {
                     Some((p, _, _)) if *p >= proc => {}
@@ -310,15 +334,31 @@ impl Simulator {
                 }
                 true
             };
-            g.emit_day(&info, late.get(&n).map_or(&[], Vec::as_slice), &filter, None, &mut buf, &mut sink);
+            g.emit_day(
+                &info,
+                late.get(&n).map_or(&[], Vec::as_slice),
+                &filter,
+                None,
+                &mut buf,
+                &mut sink,
+            );
         }
         best.into_values()
             .map(|(_, props, event)| {
                 let mut row = Map::new();
-                let time = props.get("time").and_then(Value::as_i64).unwrap_or_default();
+                let time = props
+                    .get("time")
+                    .and_then(Value::as_i64)
+                    .unwrap_or_default();
                 row.insert("event".into(), Value::String(event));
-                row.insert("distinct_id".into(), props.get("distinct_id").cloned().unwrap_or(Value::Null));
-                row.insert("time".into(), Value::String(rfc3339(self.inner.true_instant(time))));
+                row.insert(
+                    "distinct_id".into(),
+                    props.get("distinct_id").cloned().unwrap_or(Value::Null),
+                );
+                row.insert(
+                    "time".into(),
+                    Value::String(rfc3339(self.inner.true_instant(time))),
+                );
                 for (k, v) in props {
                     if k == "time" || k == "distinct_id" {
                         continue;
@@ -345,7 +385,8 @@ impl Simulator {
         out: &mut dyn std::io::Write,
     ) -> std::io::Result<u64> {
         let (lo, hi) = match where_clause {
-            Some(w) => query::parse_where(w).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            Some(w) => query::parse_where(w)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
             None => (i64::MIN, i64::MAX),
         };
         let filter = Filter {
@@ -388,11 +429,18 @@ impl Simulator {
             let shutdown = async {
                 let _ = rx.await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 eprintln!("mixpanel-sim: server stopped: {e}");
             }
         });
-        Ok(RunningSim { sim: self.clone(), addr, shutdown: Some(tx) })
+        Ok(RunningSim {
+            sim: self.clone(),
+            addr,
+            shutdown: Some(tx),
+        })
     }
 }
 
@@ -410,7 +458,9 @@ impl Inner {
     fn today(&self) -> i64 {
         match self.config.time_mode {
             TimeMode::Utc => Clock::now_day(),
-            TimeMode::ProjectLocal => day_num(self.generator.tz.to_datetime(jiff::Timestamp::now()).date()),
+            TimeMode::ProjectLocal => {
+                day_num(self.generator.tz.to_datetime(jiff::Timestamp::now()).date())
+            }
         }
     }
 
@@ -420,7 +470,12 @@ impl Inner {
             TimeMode::Utc => time,
             TimeMode::ProjectLocal => jiff::Timestamp::from_second(time)
                 .ok()
-                .and_then(|ts| self.generator.tz.to_timestamp(TimeZone::UTC.to_datetime(ts)).ok())
+                .and_then(|ts| {
+                    self.generator
+                        .tz
+                        .to_timestamp(TimeZone::UTC.to_datetime(ts))
+                        .ok()
+                })
                 .map_or(time, |ts| ts.as_second()),
         }
     }
@@ -435,7 +490,14 @@ impl Inner {
     }
 
     /// Emits the body for API days `from..=to` (UTC days or local days, per the time mode).
-    fn emit_range(&self, from: i64, to: i64, f: &Filter, buf: &mut Vec<u8>, sink: &mut Sink<'_>) -> Result<(), String> {
+    fn emit_range(
+        &self,
+        from: i64,
+        to: i64,
+        f: &Filter,
+        buf: &mut Vec<u8>,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), String> {
         let g = &self.generator;
         let late = self.late_snapshot(from - 1, to + 1);
         let batches = |n: i64| late.get(&n).map_or(&[][..], Vec::as_slice);

@@ -46,25 +46,43 @@ fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
     let mut it = s.rsplitn(2, ':');
     let project = it.next().unwrap_or("");
     let user_secret = it.next().ok_or("expected USERNAME:SECRET:PROJECT_ID")?;
-    let (username, secret) = user_secret.split_once(':').ok_or("expected USERNAME:SECRET:PROJECT_ID")?;
-    let project_id = project.parse().map_err(|_| format!("bad project id {project:?}"))?;
-    Ok(ServiceAccount { username: username.into(), secret: secret.into(), project_id })
+    let (username, secret) = user_secret
+        .split_once(':')
+        .ok_or("expected USERNAME:SECRET:PROJECT_ID")?;
+    let project_id = project
+        .parse()
+        .map_err(|_| format!("bad project id {project:?}"))?;
+    Ok(ServiceAccount {
+        username: username.into(),
+        secret: secret.into(),
+        project_id,
+    })
 }
 
 fn parse_rate_limit(s: &str) -> Result<RateLimit, String> {
     let (n, secs) = s.split_once('/').ok_or("expected REQUESTS/SECONDS")?;
     Ok(RateLimit {
-        requests: n.trim().parse().map_err(|_| format!("bad request count {n:?}"))?,
-        window: Duration::from_secs(secs.trim().parse().map_err(|_| format!("bad window {secs:?}"))?),
+        requests: n
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad request count {n:?}"))?,
+        window: Duration::from_secs(
+            secs.trim()
+                .parse()
+                .map_err(|_| format!("bad window {secs:?}"))?,
+        ),
     })
 }
 
 fn config(args: Args) -> Result<SimConfig, String> {
-    jiff::tz::TimeZone::get(&args.timezone).map_err(|e| format!("--timezone {:?}: {e}", args.timezone))?;
+    jiff::tz::TimeZone::get(&args.timezone)
+        .map_err(|e| format!("--timezone {:?}: {e}", args.timezone))?;
     let first_day = match args.first_day {
         Some(d) => d,
         None => {
-            let today = jiff::Timestamp::now().to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+            let today = jiff::Timestamp::now()
+                .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+                .date();
             today
                 .checked_sub(jiff::Span::new().days(i64::from(args.days.max(1)) - 1))
                 .map_err(|e| e.to_string())?
@@ -73,13 +91,25 @@ fn config(args: Args) -> Result<SimConfig, String> {
     Ok(SimConfig {
         seed: args.seed,
         timezone: args.timezone,
-        time_mode: if args.time_mode == "utc" { TimeMode::Utc } else { TimeMode::ProjectLocal },
+        time_mode: if args.time_mode == "utc" {
+            TimeMode::Utc
+        } else {
+            TimeMode::ProjectLocal
+        },
         first_day,
         days: args.days,
         events_per_day: args.events_per_day,
         api_secret: args.api_secret,
-        service_account: args.service_account.as_deref().map(parse_service_account).transpose()?,
-        rate_limit: args.rate_limit.as_deref().map(parse_rate_limit).transpose()?,
+        service_account: args
+            .service_account
+            .as_deref()
+            .map(parse_service_account)
+            .transpose()?,
+        rate_limit: args
+            .rate_limit
+            .as_deref()
+            .map(parse_rate_limit)
+            .transpose()?,
     })
 }
 

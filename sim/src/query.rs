@@ -20,14 +20,23 @@ pub(crate) struct ExportParams {
 
 /// Looks up a parameter (the first occurrence wins).
 pub(crate) fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Parses a strict `YYYY-MM-DD`.
 pub(crate) fn parse_date(s: &str) -> Option<Date> {
     let b = s.as_bytes();
     let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' || !digits(0..4) || !digits(5..7) || !digits(8..10) {
+    if b.len() != 10
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !digits(0..4)
+        || !digits(5..7)
+        || !digits(8..10)
+    {
         return None;
     }
     let y = s[0..4].parse().ok()?;
@@ -38,7 +47,8 @@ pub(crate) fn parse_date(s: &str) -> Option<Date> {
 
 fn required_date(params: &[(String, String)], name: &str) -> Result<Date, String> {
     let v = param(params, name).ok_or_else(|| format!("'{name}' is a required parameter"))?;
-    parse_date(v).ok_or_else(|| format!("'{name}' is not a valid date (expected YYYY-MM-DD): {v:?}"))
+    parse_date(v)
+        .ok_or_else(|| format!("'{name}' is not a valid date (expected YYYY-MM-DD): {v:?}"))
 }
 
 /// Validates everything but the "later than today" rule, which needs the clock.
@@ -66,7 +76,7 @@ pub(crate) fn parse_export(params: &[(String, String)]) -> Result<ExportParams, 
     let limit = match param(params, "limit") {
         None => None,
         Some(v) => match v.trim().parse::<u64>() {
-            Ok(n) if n >= 1 && n <= MAX_LIMIT => Some(n),
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Some(n),
             Ok(n) if n > MAX_LIMIT => return Err(format!("'limit' cannot be over {MAX_LIMIT}")),
             _ => return Err(format!("'limit' must be a positive integer, got {v:?}")),
         },
@@ -77,7 +87,15 @@ pub(crate) fn parse_export(params: &[(String, String)]) -> Result<ExportParams, 
         Some(v) if v == "false" || v == "0" || v.is_empty() => false,
         Some(v) => return Err(format!("'time_in_ms' must be true or false, got {v:?}")),
     };
-    Ok(ExportParams { from, to, events, time_lo, time_hi, limit, time_in_ms })
+    Ok(ExportParams {
+        from,
+        to,
+        events,
+        time_lo,
+        time_hi,
+        limit,
+        time_in_ms,
+    })
 }
 
 /// Parses `properties["$time"] OP datetime(N)` (or a bare N) terms joined by `and`
@@ -119,14 +137,17 @@ pub(crate) fn parse_where(s: &str) -> Result<(i64, i64), String> {
         p.ws();
         let n = if p.eat("datetime(") {
             p.ws();
-            let n = p.int().ok_or_else(|| unsupported("expected epoch seconds in datetime()"))?;
+            let n = p
+                .int()
+                .ok_or_else(|| unsupported("expected epoch seconds in datetime()"))?;
             p.ws();
             if !p.eat(")") {
                 return Err(unsupported("expected ')'"));
             }
             n
         } else {
-            p.int().ok_or_else(|| unsupported("expected datetime(N) or an integer"))?
+            p.int()
+                .ok_or_else(|| unsupported("expected datetime(N) or an integer"))?
         };
         match op {
             ">=" => lo = lo.max(n),
@@ -174,7 +195,10 @@ impl Cursor<'_> {
         ok
     }
     fn eat_ci(&mut self, t: &str) -> bool {
-        let ok = self.rest().get(..t.len()).is_some_and(|h| h.eq_ignore_ascii_case(t));
+        let ok = self
+            .rest()
+            .get(..t.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(t));
         if ok {
             self.i += t.len();
         }
@@ -198,16 +222,30 @@ mod tests {
 
     #[test]
     fn where_forms() {
-        assert_eq!(parse_where(r#"properties["$time"]>=datetime(100)"#), Ok((100, i64::MAX)));
         assert_eq!(
-            parse_where(r#"properties["$time"] >= datetime(100) and properties["$time"] < datetime(200)"#),
+            parse_where(r#"properties["$time"]>=datetime(100)"#),
+            Ok((100, i64::MAX))
+        );
+        assert_eq!(
+            parse_where(
+                r#"properties["$time"] >= datetime(100) and properties["$time"] < datetime(200)"#
+            ),
             Ok((100, 199))
         );
-        assert_eq!(parse_where(r#"properties['$time'] > 5 AND properties["$time"] <= 9"#), Ok((6, 9)));
+        assert_eq!(
+            parse_where(r#"properties['$time'] > 5 AND properties["$time"] <= 9"#),
+            Ok((6, 9))
+        );
         assert_eq!(parse_where("  "), Ok((i64::MIN, i64::MAX)));
         assert!(parse_where(r#"properties["$city"] == "x""#).is_err());
-        assert!(parse_where(r#"properties["$time"] >= datetime(1) or properties["$time"] < 3"#).is_err());
-        assert!(parse_where(r#"properties["$time"] >= datetime(1)and properties["$time"] < 3"#).is_err());
+        assert!(
+            parse_where(r#"properties["$time"] >= datetime(1) or properties["$time"] < 3"#)
+                .is_err()
+        );
+        assert!(
+            parse_where(r#"properties["$time"] >= datetime(1)and properties["$time"] < 3"#)
+                .is_err()
+        );
         assert!(parse_where(r#"properties["$time"] >= datetime("2024-01-01")"#).is_err());
     }
 

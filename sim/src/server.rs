@@ -33,7 +33,9 @@ async fn handle(State(sim): State<Simulator>, req: Request) -> Response {
         return (StatusCode::OK, "ok").into_response();
     }
     let mut query = parts.uri.query().unwrap_or("").to_string();
-    let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
     if parts.method == Method::POST {
         match axum::body::to_bytes(body, 1 << 20).await {
             Ok(form) if !form.is_empty() => {
@@ -46,14 +48,34 @@ async fn handle(State(sim): State<Simulator>, req: Request) -> Response {
             Ok(_) => {}
             Err(_) => {
                 let mut rec = record(&parts.method, &path, &query, AuthKind::Missing, at_ms);
-                return finish(&sim, &mut rec, json_error(StatusCode::PAYLOAD_TOO_LARGE, None, "request body too large"));
+                return finish(
+                    &sim,
+                    &mut rec,
+                    json_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        None,
+                        "request body too large",
+                    ),
+                );
             }
         }
     }
-    let request = if query.is_empty() { path.clone() } else { format!("{path}?{query}") };
+    let request = if query.is_empty() {
+        path.clone()
+    } else {
+        format!("{path}?{query}")
+    };
     let auth = auth_kind(&parts.headers, &sim.inner.config);
     let mut rec = record(&parts.method, &path, &query, auth, at_ms);
-    let resp = respond(&sim, &mut rec, &parts.method, &parts.headers, &params, &request).await;
+    let resp = respond(
+        &sim,
+        &mut rec,
+        &parts.method,
+        &parts.headers,
+        &params,
+        &request,
+    )
+    .await;
     finish(&sim, &mut rec, resp)
 }
 
@@ -86,15 +108,29 @@ async fn respond(
     let cfg = &sim.inner.config;
     // The export host serves nothing but the export endpoint.
     if rec.path != EXPORT_PATH {
-        return json_error(StatusCode::NOT_FOUND, Some(request), "Not found: the simulator serves only /api/2.0/export");
+        return json_error(
+            StatusCode::NOT_FOUND,
+            Some(request),
+            "Not found: the simulator serves only /api/2.0/export",
+        );
     }
     if method != Method::GET && method != Method::POST {
-        return json_error(StatusCode::METHOD_NOT_ALLOWED, Some(request), "Method not allowed: use GET or POST");
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Some(request),
+            "Method not allowed: use GET or POST",
+        );
     }
     match rec.auth {
         AuthKind::Missing | AuthKind::Invalid => {
-            let mut r = json_body(StatusCode::UNAUTHORIZED, r#"{"error": "Invalid credentials"}"#.to_string());
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Mixpanel\""));
+            let mut r = json_body(
+                StatusCode::UNAUTHORIZED,
+                r#"{"error": "Invalid credentials"}"#.to_string(),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"Mixpanel\""),
+            );
             return r;
         }
         AuthKind::ServiceAccount => {
@@ -111,7 +147,9 @@ async fn respond(
                     return json_error(
                         StatusCode::FORBIDDEN,
                         Some(request),
-                        &format!("Permission denied: this service account has no access to project_id {p}"),
+                        &format!(
+                            "Permission denied: this service account has no access to project_id {p}"
+                        ),
                     );
                 }
                 Some(_) => {}
@@ -122,7 +160,11 @@ async fn respond(
     if let Some(limit) = cfg.rate_limit {
         let now = Instant::now();
         let mut st = sim.inner.lock();
-        while st.window.front().is_some_and(|t| now.duration_since(*t) >= limit.window) {
+        while st
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= limit.window)
+        {
             st.window.pop_front();
         }
         if st.window.len() >= limit.requests as usize {
@@ -137,7 +179,9 @@ async fn respond(
     let mut stream_fault = None;
     match fault {
         None => {}
-        Some(Fault::RateLimited { retry_after_secs }) => return rate_limited(sim, request, 0, retry_after_secs),
+        Some(Fault::RateLimited { retry_after_secs }) => {
+            return rate_limited(sim, request, 0, retry_after_secs);
+        }
         Some(Fault::ServerError { status }) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return if matches!(status.as_u16(), 502..=504) {
@@ -147,7 +191,9 @@ async fn respond(
                     "<html>\r\n<head><title>{s} {reason}</title></head>\r\n<body>\r\n<center><h1>{s} {reason}</h1></center>\r\n</body>\r\n</html>\r\n",
                     s = status.as_u16()
                 );
-                ([(header::CONTENT_TYPE, "text/html")], html).into_response().with_status(status)
+                ([(header::CONTENT_TYPE, "text/html")], html)
+                    .into_response()
+                    .with_status(status)
             } else {
                 json_error(status, Some(request), "Internal server error")
             };
@@ -159,7 +205,9 @@ async fn respond(
                 Some(b'<') => "text/html; charset=utf-8",
                 _ => "text/plain; charset=utf-8",
             };
-            return ([(header::CONTENT_TYPE, ct)], body).into_response().with_status(status);
+            return ([(header::CONTENT_TYPE, ct)], body)
+                .into_response()
+                .with_status(status);
         }
         Some(Fault::SlowFirstByte { delay }) => tokio::time::sleep(delay).await,
         Some(f @ (Fault::TerminatedEarly { .. } | Fault::CutBody { .. })) => stream_fault = Some(f),
@@ -169,7 +217,11 @@ async fn respond(
         Err(e) => return json_error(StatusCode::BAD_REQUEST, Some(request), &e),
     };
     if day_num(p.to) > sim.inner.today() {
-        return json_error(StatusCode::BAD_REQUEST, Some(request), "to_date cannot be later than today");
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            Some(request),
+            "to_date cannot be later than today",
+        );
     }
     stream_export(sim, p, wants_gzip(headers), stream_fault)
 }
@@ -209,13 +261,16 @@ fn rate_limited(sim: &Simulator, request: &str, used: usize, retry_after: Option
     );
     let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, Some(request), &msg);
     if let Some(secs) = retry_after {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }
 
 fn json_body(status: StatusCode, body: String) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response().with_status(status)
+    ([(header::CONTENT_TYPE, "application/json")], body)
+        .into_response()
+        .with_status(status)
 }
 
 /// Mixpanel's error shape: `{"request": "...", "error": "..."}`.
@@ -287,7 +342,10 @@ fn stream_export(sim: &Simulator, p: ExportParams, gzip: bool, fault: Option<Fau
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if gzip {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
@@ -304,7 +362,13 @@ impl Out {
     /// False once the client is gone (or compression failed).
     fn send(&mut self, data: &[u8]) -> bool {
         match &mut self.gz {
-            None => data.is_empty() || self.tx.blocking_send(Ok(Bytes::copy_from_slice(data))).is_ok(),
+            None => {
+                data.is_empty()
+                    || self
+                        .tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(data)))
+                        .is_ok()
+            }
             Some(gz) => {
                 if gz.write_all(data).is_err() {
                     return false;
@@ -345,8 +409,17 @@ impl Out {
 }
 
 /// Generates the body on a blocking thread, a chunk at a time.
-fn produce(sim: &Simulator, p: &ExportParams, gzip: bool, fault: Option<Fault>, tx: mpsc::Sender<Chunk>) {
-    let mut out = Out { tx: tx.clone(), gz: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())) };
+fn produce(
+    sim: &Simulator,
+    p: &ExportParams,
+    gzip: bool,
+    fault: Option<Fault>,
+    tx: mpsc::Sender<Chunk>,
+) {
+    let mut out = Out {
+        tx: tx.clone(),
+        gz: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
+    };
     let (early, cut) = match fault {
         Some(Fault::TerminatedEarly { after_lines }) => (Some(after_lines), None),
         Some(Fault::CutBody { after_lines }) => (None, Some(after_lines)),
@@ -385,7 +458,9 @@ fn produce(sim: &Simulator, p: &ExportParams, gzip: bool, fault: Option<Fault>, 
         }
         p.limit.is_none_or(|l| (lines as u64) < l)
     };
-    let result = sim.inner.emit_range(day_num(p.from), day_num(p.to), &filter, &mut buf, &mut sink);
+    let result = sim
+        .inner
+        .emit_range(day_num(p.from), day_num(p.to), &filter, &mut buf, &mut sink);
     if client_gone {
         return;
     }
@@ -401,7 +476,17 @@ fn produce(sim: &Simulator, p: &ExportParams, gzip: bool, fault: Option<Fault>, 
     }
     if cut.is_some() {
         if out.flush() {
-            let _ = tx.blocking_send(Err(io::Error::other("mixpanel-sim: connection cut mid-body (injected fault)")));
+            // hyper discards its unflushed buffer when the body errors: let the partial data
+            // reach the socket first, so the client sees some lines and then a broken body.
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while tx.capacity() < tx.max_capacity() && !tx.is_closed() && Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let _ = tx.blocking_send(Err(io::Error::other(
+                "mixpanel-sim: connection cut mid-body (injected fault)",
+            )));
         }
         return;
     }
@@ -416,9 +501,15 @@ mod tests {
     fn gzip_negotiation() {
         let mut h = HeaderMap::new();
         assert!(!wants_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("br, gzip;q=0.5"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("br, gzip;q=0.5"),
+        );
         assert!(wants_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip;q=0, identity"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip;q=0, identity"),
+        );
         assert!(!wants_gzip(&h));
     }
 }

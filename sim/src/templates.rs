@@ -40,7 +40,14 @@ const LIBS: [(&str, &str); 6] = [
 ];
 
 const OSES: [&str; 5] = ["Mac OS X", "Windows", "Linux", "Chrome OS", "iOS"];
-const BROWSERS: [&str; 6] = ["Chrome", "Safari", "Firefox", "Mobile Safari", "Microsoft Edge", "Samsung Internet"];
+const BROWSERS: [&str; 6] = [
+    "Chrome",
+    "Safari",
+    "Firefox",
+    "Mobile Safari",
+    "Microsoft Edge",
+    "Samsung Internet",
+];
 const PATHS: [&str; 8] = [
     "/",
     "/pricing",
@@ -155,7 +162,13 @@ fn all(list: &[&str]) -> Vec<Vec<u8>> {
 pub(crate) static TEMPLATES: LazyLock<Templates> = LazyLock::new(|| {
     let mut weird: Vec<Vec<u8>> = WEIRD.iter().map(|s| s.as_bytes().to_vec()).collect();
     // One long value: parsers with small line buffers must cope.
-    weird.push(format!("\"long_text\":\"{}\"", "lorem ipsum ünïcode 🎉 ".repeat(120)).into_bytes());
+    weird.push(
+        format!(
+            "\"long_text\":\"{}\"",
+            "lorem ipsum ünïcode 🎉 ".repeat(120)
+        )
+        .into_bytes(),
+    );
     Templates {
         names: NAMES.to_vec(),
         names_json: all(&NAMES),
@@ -165,7 +178,10 @@ pub(crate) static TEMPLATES: LazyLock<Templates> = LazyLock::new(|| {
         lib_versions: LIBS.iter().map(|(_, v)| v.as_bytes()).collect(),
         oses: all(&OSES),
         browsers: all(&BROWSERS),
-        paths: PATHS.iter().map(|p| q(p)[1..q(p).len() - 1].to_vec()).collect(),
+        paths: PATHS
+            .iter()
+            .map(|p| q(p)[1..q(p).len() - 1].to_vec())
+            .collect(),
         titles: all(&TITLES),
         messages: all(&MESSAGES),
         plans: all(&PLANS),
@@ -183,7 +199,8 @@ mod tests {
     fn weird_fragments_are_valid_json() {
         for w in &TEMPLATES.weird {
             let obj = format!("{{{}}}", String::from_utf8_lossy(w));
-            serde_json::from_str::<serde_json::Value>(&obj).unwrap_or_else(|e| panic!("{obj}: {e}"));
+            serde_json::from_str::<serde_json::Value>(&obj)
+                .unwrap_or_else(|e| panic!("{obj}: {e}"));
         }
     }
 }

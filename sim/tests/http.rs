@@ -6,7 +6,9 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use common::*;
-use mixpanel_sim::{AuthKind, Fault, FaultRule, RateLimit, ServiceAccount, SimConfig, Simulator, TimeMode};
+use mixpanel_sim::{
+    AuthKind, Fault, FaultRule, RateLimit, ServiceAccount, SimConfig, Simulator, TimeMode,
+};
 use serde_json::Value;
 
 fn day_params(day: mixpanel_sim::Date) -> Vec<(&'static str, String)> {
@@ -14,7 +16,12 @@ fn day_params(day: mixpanel_sim::Date) -> Vec<(&'static str, String)> {
 }
 
 fn rule(fault: Fault) -> FaultRule {
-    FaultRule { path: "/api/2.0/export".into(), from_date: None, times: 1, fault }
+    FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: None,
+        times: 1,
+        fault,
+    }
 }
 
 async fn json(resp: reqwest::Response) -> Value {
@@ -23,8 +30,15 @@ async fn json(resp: reqwest::Response) -> Value {
 
 #[tokio::test]
 async fn auth_forms() {
-    let sa = ServiceAccount { username: "bot.abc123.mp-service-account".into(), secret: "sa-secret".into(), project_id: 42 };
-    let sim = Simulator::new(SimConfig { service_account: Some(sa), ..recent(1, 20) });
+    let sa = ServiceAccount {
+        username: "bot.abc123.mp-service-account".into(),
+        secret: "sa-secret".into(),
+        project_id: 42,
+    };
+    let sim = Simulator::new(SimConfig {
+        service_account: Some(sa),
+        ..recent(1, 20)
+    });
     let srv = sim.serve(0).await.unwrap();
     let url = format!("{}/api/2.0/export", srv.url());
     let c = raw_client();
@@ -46,11 +60,19 @@ async fn auth_forms() {
     let r = send(Some(basic(SECRET)), None).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), expected);
-    let r = send(Some(basic(&format!("{SECRET}:"))), None).await.unwrap();
+    let r = send(Some(basic(&format!("{SECRET}:"))), None)
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), expected);
     // reqwest's own basic auth is the with-colon form.
-    let r = c.get(&url).query(&day_params(day)).basic_auth(SECRET, None::<&str>).send().await.unwrap();
+    let r = c
+        .get(&url)
+        .query(&day_params(day))
+        .basic_auth(SECRET, None::<&str>)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     let sa_auth = basic("bot.abc123.mp-service-account:sa-secret");
@@ -59,15 +81,29 @@ async fn auth_forms() {
     assert_eq!(r.bytes().await.unwrap(), expected);
     let r = send(Some(sa_auth.clone()), None).await.unwrap();
     assert_eq!(r.status(), 400);
-    assert!(json(r).await["error"].as_str().unwrap().contains("project_id"));
+    assert!(
+        json(r).await["error"]
+            .as_str()
+            .unwrap()
+            .contains("project_id")
+    );
     let r = send(Some(sa_auth), Some("43")).await.unwrap();
     assert_eq!(r.status(), 403);
     assert!(json(r).await["error"].as_str().unwrap().contains("43"));
 
-    for bad in [Some(basic("wrong")), Some(basic("wrong:")), Some(basic(&format!("{SECRET}:pw"))), Some("Bearer x".into()), None] {
+    for bad in [
+        Some(basic("wrong")),
+        Some(basic("wrong:")),
+        Some(basic(&format!("{SECRET}:pw"))),
+        Some("Bearer x".into()),
+        None,
+    ] {
         let r = send(bad, None).await.unwrap();
         assert_eq!(r.status(), 401);
-        assert_eq!(json(r).await, serde_json::json!({"error": "Invalid credentials"}));
+        assert_eq!(
+            json(r).await,
+            serde_json::json!({"error": "Invalid credentials"})
+        );
     }
 
     let kinds: Vec<(AuthKind, u16)> = sim.requests().iter().map(|r| (r.auth, r.status)).collect();
@@ -87,7 +123,11 @@ async fn auth_forms() {
             (AuthKind::Missing, 401),
         ]
     );
-    assert!(sim.requests().iter().all(|r| r.path == "/api/2.0/export" && r.method == "GET" && !r.faulted));
+    assert!(
+        sim.requests()
+            .iter()
+            .all(|r| r.path == "/api/2.0/export" && r.method == "GET" && !r.faulted)
+    );
     assert!(sim.requests()[0].query.contains("from_date="));
 }
 
@@ -121,7 +161,9 @@ async fn gzip_and_plain_bodies_match_the_library() {
     let gz = r.bytes().await.unwrap();
     assert!(gz.len() < expected.len() / 3);
     let mut plain = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut plain).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut plain)
+        .unwrap();
     assert_eq!(plain, expected);
 
     // A client that decompresses transparently sees the same.
@@ -139,9 +181,20 @@ async fn parameters() {
     let all = lines(&body(&sim, day, day, None, None));
 
     // where: one hour.
-    let start = day.to_zoned_datetime(jiff::tz::TimeZone::UTC).unwrap().timestamp().as_second() + 5 * 3600;
+    let start = day
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .unwrap()
+        .timestamp()
+        .as_second()
+        + 5 * 3600;
     let mut q = day_params(day);
-    q.push(("where", format!(r#"properties["$time"]>=datetime({start}) and properties["$time"]<datetime({})"#, start + 3600)));
+    q.push((
+        "where",
+        format!(
+            r#"properties["$time"]>=datetime({start}) and properties["$time"]<datetime({})"#,
+            start + 3600
+        ),
+    ));
     let got = lines(&export(&c, &srv.url(), &q).await.bytes().await.unwrap());
     let want: Vec<Value> = all
         .iter()
@@ -153,10 +206,17 @@ async fn parameters() {
 
     // event: URL-encoded JSON array.
     let mut q = day_params(day);
-    q.push(("event", r#"["Purchase","Ünïcode Évent 🎉","Button \"Clicked\""]"#.into()));
+    q.push((
+        "event",
+        r#"["Purchase","Ünïcode Évent 🎉","Button \"Clicked\""]"#.into(),
+    ));
     let got = lines(&export(&c, &srv.url(), &q).await.bytes().await.unwrap());
     let names = ["Purchase", "Ünïcode Évent 🎉", "Button \"Clicked\""];
-    let want: Vec<Value> = all.iter().filter(|l| names.contains(&l["event"].as_str().unwrap())).cloned().collect();
+    let want: Vec<Value> = all
+        .iter()
+        .filter(|l| names.contains(&l["event"].as_str().unwrap()))
+        .cloned()
+        .collect();
     assert!(!want.is_empty());
     assert_eq!(got, want);
 
@@ -167,7 +227,10 @@ async fn parameters() {
     let got = lines(&export(&c, &srv.url(), &q).await.bytes().await.unwrap());
     assert_eq!(got.len(), 5);
     for (g, a) in got.iter().zip(&all) {
-        assert_eq!(g["properties"]["time"].as_i64().unwrap() / 1000, a["properties"]["time"].as_i64().unwrap());
+        assert_eq!(
+            g["properties"]["time"].as_i64().unwrap() / 1000,
+            a["properties"]["time"].as_i64().unwrap()
+        );
     }
 
     // POST with a form body answers like GET.
@@ -191,9 +254,19 @@ async fn parameters() {
     // Bad parameters: 400 with Mixpanel's error shape.
     let bad: Vec<Vec<(&str, String)>> = vec![
         vec![("to_date", day.to_string())],
-        vec![("from_date", "2024-13-01".into()), ("to_date", day.to_string())],
-        vec![("from_date", day.to_string()), ("to_date", add_days(day, -1).to_string())],
-        [day_params(day), vec![("where", r#"properties["$city"] == "x""#.into())]].concat(),
+        vec![
+            ("from_date", "2024-13-01".into()),
+            ("to_date", day.to_string()),
+        ],
+        vec![
+            ("from_date", day.to_string()),
+            ("to_date", add_days(day, -1).to_string()),
+        ],
+        [
+            day_params(day),
+            vec![("where", r#"properties["$city"] == "x""#.into())],
+        ]
+        .concat(),
         [day_params(day), vec![("event", "Purchase".into())]].concat(),
         [day_params(day), vec![("limit", "0".into())]].concat(),
         [day_params(day), vec![("limit", "100001".into())]].concat(),
@@ -202,15 +275,29 @@ async fn parameters() {
         let r = export(&c, &srv.url(), &q).await;
         assert_eq!(r.status(), 400, "{q:?}");
         let v = json(r).await;
-        assert!(v["request"].as_str().unwrap().starts_with("/api/2.0/export?"), "{v}");
+        assert!(
+            v["request"]
+                .as_str()
+                .unwrap()
+                .starts_with("/api/2.0/export?"),
+            "{v}"
+        );
         assert!(!v["error"].as_str().unwrap().is_empty());
     }
 }
 
 #[tokio::test]
 async fn to_date_later_than_today() {
-    for (tz, mode) in [("UTC", TimeMode::Utc), ("Pacific/Kiritimati", TimeMode::ProjectLocal), ("Pacific/Pago_Pago", TimeMode::ProjectLocal)] {
-        let sim = Simulator::new(SimConfig { timezone: tz.into(), time_mode: mode, ..recent(4, 10) });
+    for (tz, mode) in [
+        ("UTC", TimeMode::Utc),
+        ("Pacific/Kiritimati", TimeMode::ProjectLocal),
+        ("Pacific/Pago_Pago", TimeMode::ProjectLocal),
+    ] {
+        let sim = Simulator::new(SimConfig {
+            timezone: tz.into(),
+            time_mode: mode,
+            ..recent(4, 10)
+        });
         let srv = sim.serve(0).await.unwrap();
         let c = raw_client();
         let today = match mode {
@@ -237,14 +324,28 @@ async fn faults() {
     let full = body(&sim, day, day, None, None);
     let full_lines: Vec<&[u8]> = full.split_inclusive(|b| *b == b'\n').collect();
 
-    sim.push_fault(rule(Fault::RateLimited { retry_after_secs: Some(7) }));
+    sim.push_fault(rule(Fault::RateLimited {
+        retry_after_secs: Some(7),
+    }));
     let r = export(&c, &srv.url(), &q).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
     let v = json(r).await;
-    assert!(v["error"].as_str().unwrap().starts_with("Query rate limit exceeded for project_id: 1."));
-    assert!(v["request"].as_str().unwrap().starts_with("/api/2.0/export?from_date="));
-    sim.push_fault(rule(Fault::RateLimited { retry_after_secs: None }));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Query rate limit exceeded for project_id: 1.")
+    );
+    assert!(
+        v["request"]
+            .as_str()
+            .unwrap()
+            .starts_with("/api/2.0/export?from_date=")
+    );
+    sim.push_fault(rule(Fault::RateLimited {
+        retry_after_secs: None,
+    }));
     let r = export(&c, &srv.url(), &q).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().get("retry-after").is_none());
@@ -263,17 +364,26 @@ async fn faults() {
     let r = export(&c, &srv.url(), &q).await;
     assert_eq!(r.status(), 200);
     let b = r.bytes().await.unwrap();
-    assert_eq!(b, [full_lines[..3].concat(), b"terminated early\n".to_vec()].concat());
+    assert_eq!(
+        b,
+        [full_lines[..3].concat(), b"terminated early\n".to_vec()].concat()
+    );
 
     for gzip in [false, true] {
         sim.push_fault(rule(Fault::CutBody { after_lines: 3 }));
-        let mut req = c.get(format!("{}/api/2.0/export", srv.url())).query(&q).header("Authorization", basic(SECRET));
+        let mut req = c
+            .get(format!("{}/api/2.0/export", srv.url()))
+            .query(&q)
+            .header("Authorization", basic(SECRET));
         if gzip {
             req = req.header("Accept-Encoding", "gzip");
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 200);
-        assert!(r.bytes().await.is_err(), "a cut body is an error, not a clean end (gzip: {gzip})");
+        assert!(
+            r.bytes().await.is_err(),
+            "a cut body is an error, not a clean end (gzip: {gzip})"
+        );
     }
     // The client sees the partial lines before the break.
     sim.push_fault(rule(Fault::CutBody { after_lines: 2 }));
@@ -288,19 +398,33 @@ async fn faults() {
     };
     assert!(err);
     let two = full_lines[..2].concat();
-    assert!(got.starts_with(&two) && got.len() > two.len() && !got.ends_with(b"\n"), "{}", got.len());
+    assert!(
+        got.starts_with(&two) && got.len() > two.len() && !got.ends_with(b"\n"),
+        "{}",
+        got.len()
+    );
 
-    sim.push_fault(rule(Fault::SlowFirstByte { delay: Duration::from_millis(300) }));
+    sim.push_fault(rule(Fault::SlowFirstByte {
+        delay: Duration::from_millis(300),
+    }));
     let t = Instant::now();
     let r = export(&c, &srv.url(), &q).await;
     assert!(t.elapsed() >= Duration::from_millis(300));
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), full);
 
-    sim.push_fault(rule(Fault::Status { status: 200, body: "<html>maintenance</html>".into() }));
+    sim.push_fault(rule(Fault::Status {
+        status: 200,
+        body: "<html>maintenance</html>".into(),
+    }));
     let r = export(&c, &srv.url(), &q).await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     assert_eq!(r.text().await.unwrap(), "<html>maintenance</html>");
 
     // from_date narrows a rule; times counts uses.
@@ -308,18 +432,34 @@ async fn faults() {
     sim.push_fault(FaultRule {
         from_date: Some(other),
         times: 2,
-        ..rule(Fault::Status { status: 400, body: r#"{"error": "Timeout Error."}"#.into() })
+        ..rule(Fault::Status {
+            status: 400,
+            body: r#"{"error": "Timeout Error."}"#.into(),
+        })
     });
     assert_eq!(export(&c, &srv.url(), &q).await.status(), 200);
-    assert_eq!(export(&c, &srv.url(), &day_params(other)).await.status(), 400);
-    assert_eq!(export(&c, &srv.url(), &day_params(other)).await.status(), 400);
-    assert_eq!(export(&c, &srv.url(), &day_params(other)).await.status(), 200);
+    assert_eq!(
+        export(&c, &srv.url(), &day_params(other)).await.status(),
+        400
+    );
+    assert_eq!(
+        export(&c, &srv.url(), &day_params(other)).await.status(),
+        400
+    );
+    assert_eq!(
+        export(&c, &srv.url(), &day_params(other)).await.status(),
+        200
+    );
 
     sim.push_fault(rule(Fault::ServerError { status: 500 }));
     sim.clear_faults();
     assert_eq!(export(&c, &srv.url(), &q).await.status(), 200);
 
-    let log: Vec<(u16, bool)> = sim.requests().iter().map(|r| (r.status, r.faulted)).collect();
+    let log: Vec<(u16, bool)> = sim
+        .requests()
+        .iter()
+        .map(|r| (r.status, r.faulted))
+        .collect();
     assert_eq!(log.iter().filter(|(_, f)| *f).count(), 13);
     assert_eq!(log[0], (429, true));
     assert_eq!(log[2], (200, false));
@@ -328,8 +468,14 @@ async fn faults() {
 
 #[tokio::test]
 async fn rate_limit_sliding_window() {
-    let limit = RateLimit { requests: 3, window: Duration::from_millis(600) };
-    let sim = Simulator::new(SimConfig { rate_limit: Some(limit), ..recent(6, 10) });
+    let limit = RateLimit {
+        requests: 3,
+        window: Duration::from_millis(600),
+    };
+    let sim = Simulator::new(SimConfig {
+        rate_limit: Some(limit),
+        ..recent(6, 10)
+    });
     let srv = sim.serve(0).await.unwrap();
     let c = raw_client();
     let q = day_params(add_days(today_utc(), -1));
@@ -339,7 +485,12 @@ async fn rate_limit_sliding_window() {
     let r = export(&c, &srv.url(), &q).await;
     assert_eq!(r.status(), 429);
     let v = json(r).await;
-    assert!(v["error"].as_str().unwrap().starts_with("Query rate limit exceeded for project_id: 1."));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Query rate limit exceeded for project_id: 1.")
+    );
     tokio::time::sleep(Duration::from_millis(650)).await;
     assert_eq!(export(&c, &srv.url(), &q).await.status(), 200);
     let statuses: Vec<u16> = sim.requests().iter().map(|r| r.status).collect();
@@ -352,13 +503,24 @@ async fn late_events_over_http() {
     let srv = sim.serve(0).await.unwrap();
     let c = raw_client();
     let day = add_days(today_utc(), -5);
-    let before = export(&c, &srv.url(), &day_params(day)).await.bytes().await.unwrap();
+    let before = export(&c, &srv.url(), &day_params(day))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     sim.add_late_events(day, 4);
-    let after = export(&c, &srv.url(), &day_params(day)).await.bytes().await.unwrap();
+    let after = export(&c, &srv.url(), &day_params(day))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     assert!(after.starts_with(&before));
     assert_eq!(lines(&after).len(), lines(&before).len() + 5);
     let truth = sim.export_ground_truth(day, None);
-    assert_eq!(canon(&truth), canon(&reference_rows(sim.config(), &lines(&after), day)));
+    assert_eq!(
+        canon(&truth),
+        canon(&reference_rows(sim.config(), &lines(&after), day))
+    );
 }
 
 #[tokio::test]
@@ -366,10 +528,19 @@ async fn other_paths() {
     let sim = Simulator::new(recent(8, 10));
     let srv = sim.serve(0).await.unwrap();
     let c = raw_client();
-    let r = c.get(format!("{}/_sim/health", srv.url())).send().await.unwrap();
+    let r = c
+        .get(format!("{}/_sim/health", srv.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "ok");
-    let r = c.get(format!("{}/api/2.0/nope", srv.url())).header("Authorization", basic(SECRET)).send().await.unwrap();
+    let r = c
+        .get(format!("{}/api/2.0/nope", srv.url()))
+        .header("Authorization", basic(SECRET))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert!(json(r).await["error"].is_string());
     assert_eq!(sim.requests().len(), 1, "health checks are not logged");
@@ -378,25 +549,53 @@ async fn other_paths() {
     let url = srv.url();
     drop(srv);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(reqwest::Client::new().get(format!("{url}/_sim/health")).send().await.is_err());
+    assert!(
+        reqwest::Client::new()
+            .get(format!("{url}/_sim/health"))
+            .send()
+            .await
+            .is_err()
+    );
 }
 
 #[test]
 fn binary_prints_its_url_and_serves() {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mixpanel-sim"))
-        .args(["--port", "0", "--seed", "9", "--timezone", "Europe/Paris", "--time-mode", "project-local", "--days", "3"])
+        .args([
+            "--port",
+            "0",
+            "--seed",
+            "9",
+            "--timezone",
+            "Europe/Paris",
+            "--time-mode",
+            "project-local",
+            "--days",
+            "3",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line:?}")).to_string();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_string();
     assert!(url.starts_with("http://127.0.0.1:"));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let status = rt.block_on(async {
         let day = jiff::Timestamp::now().in_tz("Europe/Paris").unwrap().date();
-        export(&raw_client(), &url, &day_params(add_days(day, -1))).await.status()
+        export(&raw_client(), &url, &day_params(add_days(day, -1)))
+            .await
+            .status()
     });
     let _ = child.kill();
     let _ = child.wait();

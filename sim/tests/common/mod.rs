@@ -12,7 +12,9 @@ pub const SECRET: &str = "sim-secret";
 
 /// Today in UTC.
 pub fn today_utc() -> Date {
-    jiff::Timestamp::now().to_zoned_datetime(TimeZone::UTC).date()
+    jiff::Timestamp::now()
+        .to_zoned_datetime(TimeZone::UTC)
+        .date()
 }
 
 /// `d` plus `n` days.
@@ -22,12 +24,19 @@ pub fn add_days(d: Date, n: i64) -> Date {
 
 /// A small config whose days end today (so HTTP requests pass the to_date check).
 pub fn recent(seed: u64, events_per_day: u32) -> SimConfig {
-    SimConfig { seed, events_per_day, ..SimConfig::default() }
+    SimConfig {
+        seed,
+        events_per_day,
+        ..SimConfig::default()
+    }
 }
 
 /// `Authorization` value for HTTP Basic of a raw credential string.
 pub fn basic(raw: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 /// A client that never decompresses, so tests see exactly what was sent.
@@ -36,7 +45,11 @@ pub fn raw_client() -> reqwest::Client {
 }
 
 /// GET the export with the secret (no colon) and the given extra params.
-pub async fn export(client: &reqwest::Client, url: &str, params: &[(&str, String)]) -> reqwest::Response {
+pub async fn export(
+    client: &reqwest::Client,
+    url: &str,
+    params: &[(&str, String)],
+) -> reqwest::Response {
     client
         .get(format!("{url}/api/2.0/export"))
         .query(params)
@@ -49,16 +62,26 @@ pub async fn export(client: &reqwest::Client, url: &str, params: &[(&str, String
 /// Parses an NDJSON body (every line must be valid JSON).
 pub fn lines(body: &[u8]) -> Vec<Value> {
     let text = std::str::from_utf8(body).expect("body is UTF-8");
-    assert!(text.is_empty() || text.ends_with('\n'), "body ends with a newline");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "body ends with a newline"
+    );
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line ({e}): {l}")))
         .collect()
 }
 
 /// The whole body of an export (uncompressed) written by the library.
-pub fn body(sim: &Simulator, from: Date, to: Date, events: Option<&[String]>, where_clause: Option<&str>) -> Vec<u8> {
+pub fn body(
+    sim: &Simulator,
+    from: Date,
+    to: Date,
+    events: Option<&[String]>,
+    where_clause: Option<&str>,
+) -> Vec<u8> {
     let mut out = Vec::new();
-    sim.write_export_body(from, to, events, where_clause, &mut out).unwrap();
+    sim.write_export_body(from, to, events, where_clause, &mut out)
+        .unwrap();
     out
 }
 
@@ -69,7 +92,11 @@ pub fn instant(cfg: &SimConfig, time: i64) -> jiff::Timestamp {
         TimeMode::Utc => ts,
         TimeMode::ProjectLocal => {
             let tz = TimeZone::get(&cfg.timezone).unwrap();
-            TimeZone::UTC.to_datetime(ts).to_zoned_datetime(tz).unwrap().timestamp()
+            TimeZone::UTC
+                .to_datetime(ts)
+                .to_zoned_datetime(tz)
+                .unwrap()
+                .timestamp()
         }
     }
 }
@@ -103,14 +130,22 @@ pub fn reference_rows(cfg: &SimConfig, raw: &[Value], day: Date) -> Vec<Value> {
             let time = props["time"].as_i64().unwrap();
             let mut row = Map::new();
             row.insert("event".into(), event.into());
-            row.insert("distinct_id".into(), props.get("distinct_id").cloned().unwrap_or(Value::Null));
+            row.insert(
+                "distinct_id".into(),
+                props.get("distinct_id").cloned().unwrap_or(Value::Null),
+            );
             row.insert(
                 "time".into(),
-                instant(cfg, time).strftime("%Y-%m-%dT%H:%M:%SZ").to_string().into(),
+                instant(cfg, time)
+                    .strftime("%Y-%m-%dT%H:%M:%SZ")
+                    .to_string()
+                    .into(),
             );
             for (k, v) in props {
                 if k != "time" && k != "distinct_id" {
-                    let k = k.strip_prefix('$').map_or(k.clone(), |r| format!("mp_reserved_{r}"));
+                    let k = k
+                        .strip_prefix('$')
+                        .map_or(k.clone(), |r| format!("mp_reserved_{r}"));
                     row.insert(k, v);
                 }
             }
@@ -121,7 +156,10 @@ pub fn reference_rows(cfg: &SimConfig, raw: &[Value], day: Date) -> Vec<Value> {
 
 /// Rows as sorted canonical strings, for order-insensitive comparison.
 pub fn canon(rows: &[Value]) -> Vec<String> {
-    let mut v: Vec<String> = rows.iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+    let mut v: Vec<String> = rows
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
     v.sort();
     v
 }
