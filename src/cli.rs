@@ -251,7 +251,7 @@ async fn invoke_command(event: &str) -> Result<ExitCode> {
     let settings = local_settings(None, None)?;
     let app = App::build(settings, None).await?;
     let deadline = handler::effective_deadline(None, app.settings.time_budget);
-    match handler::handle(&app, value, deadline).await {
+    match handler::handle_reported(&app, value, deadline, false).await {
         Ok(resp) => {
             println!("{}", serde_json::to_string(&resp).unwrap_or_default());
             Ok(ExitCode::SUCCESS)

@@ -197,6 +197,32 @@ pub fn new_attempt_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
+/// Handles one invocation event and reports it: a summary log line, and EMF metrics when `emf`.
+pub async fn handle_reported(
+    app: &App,
+    event: Value,
+    deadline: Instant,
+    emf: bool,
+) -> Result<Response> {
+    let started = Instant::now();
+    let before = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
+    // Only a valid table name becomes a metric dimension.
+    let table = parse_event(&event)
+        .map(|i| i.table().as_str())
+        .unwrap_or("invalid");
+    let result = handle(app, event, deadline).await;
+    let after = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
+    crate::metrics::report(
+        table,
+        result.as_ref(),
+        started.elapsed().as_millis() as u64,
+        before,
+        after,
+        emf,
+    );
+    result
+}
+
 /// Handles one invocation event.
 pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Response> {
     let inv = parse_event(&event)?;

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod handler;
 pub mod logging;
+pub mod metrics;
 pub mod mixpanel;
 pub mod plan;
 pub mod replicate;

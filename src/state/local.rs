@@ -111,14 +111,7 @@ impl LocalStore {
                 path.display()
             )));
         }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(|e| {
-                Error::state(format!(
-                    "state file {}: cannot create its folder: {e}",
-                    path.display()
-                ))
-            })?;
-        }
+        // The folder is created by the first write, so that reading (`plan`) changes nothing.
         Ok(LocalStore { path })
     }
 
@@ -134,6 +127,10 @@ impl LocalStore {
         F: FnOnce(&StateFile) -> Result<T> + Send + 'static,
     {
         self.blocking(move |path| {
+            // No state yet: nothing to lock, and nothing is created by looking.
+            if !path.exists() {
+                return f(&StateFile::default());
+            }
             let _lock = lock(path, false)?;
             f(&load(path)?)
         })
@@ -148,6 +145,10 @@ impl LocalStore {
         F: FnOnce(&mut StateFile) -> Result<(T, bool)> + Send + 'static,
     {
         self.blocking(move |path| {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                fs::create_dir_all(dir)
+                    .map_err(|e| state_io(path, "cannot create its folder", e))?;
+            }
             let _lock = lock(path, true)?;
             let mut state = load(path)?;
             let (answer, changed) = f(&mut state)?;

@@ -11,25 +11,24 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts `$MOTO_SERVER` (installed by `scripts/test`) and waits until it answers.
+    /// Starts moto (installed by `scripts/test` into `.tools/venv`) through
+    /// `scripts/moto_atomic.py`, which serializes requests so that conditional writes are atomic
+    /// as in DynamoDB, and waits until it answers.
     pub fn start() -> Moto {
-        let bin = std::env::var("MOTO_SERVER").unwrap_or_else(|_| {
-            let local = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/moto_server");
-            if std::path::Path::new(local).exists() {
-                local.to_string()
-            } else {
-                panic!(
-                    "moto_server not found: run scripts/test (it installs the pinned moto[server])"
-                )
-            }
-        });
+        let root = env!("CARGO_MANIFEST_DIR");
+        let python = std::env::var("MOTO_PYTHON")
+            .unwrap_or_else(|_| format!("{root}/.tools/venv/bin/python"));
+        if !std::path::Path::new(&python).exists() {
+            panic!("{python} not found: run scripts/test (it installs the pinned moto[server])");
+        }
         let port = free_port();
-        let child = Command::new(&bin)
+        let child = Command::new(&python)
+            .arg(format!("{root}/scripts/moto_atomic.py"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start moto with {python}: {e}"));
         let moto = Moto { child, port };
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -1,0 +1,137 @@
+//! The local command as a user runs it: `plan`, `sync`, `invoke` and `demo` on the real binary.
+
+mod support;
+
+use std::process::Command;
+
+use support::harness::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mixpanel-replicator");
+
+fn command(project: &Project, dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(&project.vars);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_lists_pending_days_without_changing_anything_then_sync_commits_them() {
+    let cfg = sim_config("UTC", 3, 30);
+    let first = cfg.first_day;
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = command(&project, dir.path())
+        .args(["plan", "--table", "export"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: String = days(first, today_in("UTC"))
+        .iter()
+        .map(|d| format!("export\t{d}\tnew\n"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    assert!(
+        !dir.path().join("mixpanel-data").exists(),
+        "plan wrote nothing"
+    );
+    assert!(
+        project.simulator().requests().is_empty(),
+        "plan asked Mixpanel nothing"
+    );
+
+    let out = command(&project, dir.path())
+        .args(["sync"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One JSON summary line per slice on stdout (not a terminal).
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["status"] == "done" && l["table"] == "export")
+    );
+    assert!(
+        dir.path()
+            .join(format!("mixpanel-data/export/date={first}/_manifest.json"))
+            .exists()
+    );
+    assert!(dir.path().join("mixpanel-data/.state.json").exists());
+
+    let out = command(&project, dir.path())
+        .args(["plan"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "export: nothing pending\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoke_prints_the_handler_response_on_stdout() {
+    let cfg = sim_config("UTC", 1, 40);
+    let day = cfg.first_day;
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let event = dir.path().join("day.json");
+    std::fs::write(&event, format!(r#"{{"table": "export", "date": "{day}"}}"#)).unwrap();
+    let out = command(&project, dir.path())
+        .args(["invoke", "--event"])
+        .arg(&event)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resp: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = truth(project.simulator(), day, None).len() as u64;
+    assert_eq!(resp["status"], "done");
+    assert_eq!(resp["slice"], day.to_string());
+    assert_eq!(resp["records"], rows);
+    assert_eq!(resp["files"], 1);
+}
+
+#[test]
+fn demo_replicates_the_bundled_simulator_and_checks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["demo"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("every day matches the simulator's ground truth"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("DIFFERS"), "{stdout}");
+    assert!(
+        dir.path()
+            .join("mixpanel-data/export/_schema.json")
+            .exists()
+    );
+}
