@@ -126,27 +126,101 @@ impl MixpanelClient {
     /// retried with backoff (honouring `Retry-After`) as long as `deadline` allows.
     pub async fn export(&self, q: &ExportQuery, deadline: Instant) -> Result<reqwest::Response> {
         let url = self.export_url();
+        self.send(&url, "/api/2.0/export", deadline, |project_id| {
+            self.export_params(q, project_id)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+        })
+        .await
+    }
+
+    /// Calls a query API endpoint (`path` like `engage` or `cohorts/list`) and returns its
+    /// whole body, with the same retries as [`Self::export`].
+    pub async fn query(
+        &self,
+        path: &str,
+        params: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<bytes::Bytes> {
+        let url = self.query_url(path);
+        let shown = format!("/api/2.0/{}", path.trim_start_matches('/'));
+        self.query_at(&url, &shown, params, deadline).await
+    }
+
+    /// Calls the App API (`/api/app/projects/{id}/...`) on the query host.
+    pub async fn app_api(
+        &self,
+        path: &str,
+        params: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<bytes::Bytes> {
+        let url = format!("{}/api/app/{}", self.api_url, path.trim_start_matches('/'));
+        let shown = format!("/api/app/{}", path.trim_start_matches('/'));
+        self.query_at(&url, &shown, params, deadline).await
+    }
+
+    async fn query_at(
+        &self,
+        url: &str,
+        shown: &str,
+        params: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<bytes::Bytes> {
+        let resp = self
+            .send(url, shown, deadline, |project_id| {
+                let mut p: Vec<(String, String)> = params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect();
+                if let Some(id) = project_id {
+                    p.push(("project_id".to_string(), id.to_string()));
+                }
+                p
+            })
+            .await?;
+        resp.bytes().await.map_err(|e| {
+            Error::transient(format!(
+                "the answer of {shown} broke off: {}",
+                without_url(&e)
+            ))
+        })
+    }
+
+    /// Current credentials (for callers that need the service account's project id).
+    pub async fn credentials(&self) -> Result<crate::secrets::Credentials> {
+        self.credentials.get().await
+    }
+
+    /// Sends a GET until it answers 200, retrying 429, 5xx and network failures with backoff.
+    async fn send(
+        &self,
+        url: &str,
+        shown: &str,
+        deadline: Instant,
+        params: impl Fn(Option<u64>) -> Vec<(String, String)>,
+    ) -> Result<reqwest::Response> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let creds = self.credentials.get().await?;
-            let params = self.export_params(q, creds.project_id());
+            let query = params(creds.project_id());
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let sent = self
                 .http
-                .get(&url)
+                .get(url)
                 .header(reqwest::header::AUTHORIZATION, creds.authorization())
                 .header(reqwest::header::ACCEPT_ENCODING, "gzip")
-                .query(&params)
+                .query(&query)
                 .send()
                 .await;
-            let failure = match sent {
+            let (err, retry_after) = match sent {
                 Ok(resp) if resp.status() == StatusCode::OK => return Ok(resp),
                 Ok(resp) => {
                     let status = resp.status();
                     let retry_after = retry_after(&resp);
                     let body = read_error_body(resp).await;
-                    let err = classify(status, &body, "/api/2.0/export");
+                    let err = classify(status, &body, shown);
                     if err.kind() == ErrorKind::Unauthorized {
                         // A rotated secret is picked up by the next invocation.
                         self.credentials.invalidate().await;
@@ -157,11 +231,10 @@ impl MixpanelClient {
                     (err, retry_after)
                 }
                 Err(e) => (
-                    Error::transient(format!("export request failed: {}", without_url(&e))),
+                    Error::transient(format!("request to {shown} failed: {}", without_url(&e))),
                     None,
                 ),
             };
-            let (err, retry_after) = failure;
             if !matches!(err.kind(), ErrorKind::RateLimited | ErrorKind::Transient)
                 || attempt >= MAX_ATTEMPTS
             {
@@ -172,7 +245,7 @@ impl MixpanelClient {
                 return Err(err);
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying Mixpanel export request");
+            tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying a Mixpanel request");
             tokio::time::sleep(wait).await;
         }
     }
