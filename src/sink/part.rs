@@ -43,10 +43,10 @@ impl Encoder {
     }
 }
 
-/// Splits a stream of records into compressed parts `part-{attempt}-{NNNNN}.{ext}`.
+/// Splits a stream of records into compressed parts `{stem}-{NNNNN}.{ext}`.
 pub struct PartWriter<F: FnMut(PartEvent) -> bool> {
     emit: F,
-    attempt: String,
+    stem: String,
     compression: Compression,
     max_raw_bytes: u64,
     index: u32,
@@ -56,14 +56,32 @@ pub struct PartWriter<F: FnMut(PartEvent) -> bool> {
 }
 
 impl<F: FnMut(PartEvent) -> bool> PartWriter<F> {
-    /// A writer that hands its events to `emit` (which returns false when the uploader is gone).
+    /// A writer of parts `part-{attempt}-{NNNNN}` (date partitions, where several attempts may
+    /// leave parts) that hands its events to `emit` (false when the uploader is gone).
     pub fn new(attempt: &str, compression: Compression, max_raw_bytes: u64, emit: F) -> Self {
-        PartWriter {
-            emit,
-            attempt: attempt.to_string(),
+        Self::with_stem(
+            format!("part-{attempt}"),
+            0,
             compression,
             max_raw_bytes,
-            index: 0,
+            emit,
+        )
+    }
+
+    /// A writer of parts `{stem}-{NNNNN}` numbered from `first_index` (snapshots: `part`).
+    pub fn with_stem(
+        stem: String,
+        first_index: u32,
+        compression: Compression,
+        max_raw_bytes: u64,
+        emit: F,
+    ) -> Self {
+        PartWriter {
+            emit,
+            stem,
+            compression,
+            max_raw_bytes,
+            index: first_index,
             current: None,
             closed: false,
         }
@@ -76,8 +94,8 @@ impl<F: FnMut(PartEvent) -> bool> PartWriter<F> {
         }
         if self.current.is_none() {
             let name = format!(
-                "part-{}-{:05}.{}",
-                self.attempt,
+                "{}-{:05}.{}",
+                self.stem,
                 self.index,
                 self.compression.extension()
             );
@@ -143,6 +161,17 @@ impl<F: FnMut(PartEvent) -> bool> PartWriter<F> {
     /// Completes the last part. Returns false if the uploader went away.
     pub fn finish(mut self) -> bool {
         !self.closed && self.end_part()
+    }
+
+    /// Completes the current part, if any, so that everything written so far is in finished
+    /// parts (a checkpoint). Returns false if the uploader went away.
+    pub fn flush_part(&mut self) -> bool {
+        !self.closed && self.end_part()
+    }
+
+    /// The index the next part will get.
+    pub fn next_index(&self) -> u32 {
+        self.index
     }
 }
 

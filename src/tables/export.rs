@@ -6,21 +6,21 @@
 //! copied as raw JSON text, so numbers beyond 2^53, floats and nested values are kept exactly.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
+use serde::Deserializer;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::config::ExportTimeMode;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::ExportQuery;
 use crate::state::{Schema, SliceId};
+use crate::tables::json::{Columns, Key};
 
 /// What one slice asks the export API for, and which true-UTC instants belong to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,25 +137,14 @@ pub enum LineOutcome {
     Blank,
 }
 
-/// JSON types seen in a column, as bits.
-const T_STRING: u8 = 1;
-const T_INTEGER: u8 = 2;
-const T_NUMBER: u8 = 4;
-const T_BOOLEAN: u8 = 8;
-const T_OBJECT: u8 = 16;
-const T_ARRAY: u8 = 32;
-const T_NULL: u8 = 64;
-
 /// Turns export lines into output records.
 pub struct Transformer {
     tz: TimeZone,
     mode: ExportTimeMode,
     start: i64,
     end: i64,
-    /// With `MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`: the only property keys kept (as sent).
-    allowed: Option<HashSet<String>>,
-    /// Property keys seen (as sent) and their JSON types.
-    seen: HashMap<String, u8>,
+    /// Column filter (`MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`) and discovery.
+    columns: Columns,
     hasher: (std::hash::RandomState, std::hash::RandomState),
     props: Vec<u8>,
 }
@@ -168,14 +157,12 @@ impl Transformer {
         window: &ExportWindow,
         allowed: Option<&Schema>,
     ) -> Self {
-        let allowed = allowed.map(|s| s.columns.keys().map(|c| source_key(c)).collect());
         Transformer {
             tz,
             mode,
             start: window.start,
             end: window.end,
-            allowed,
-            seen: HashMap::new(),
+            columns: Columns::new(allowed),
             hasher: (std::hash::RandomState::new(), std::hash::RandomState::new()),
             props: Vec::with_capacity(4096),
         }
@@ -194,8 +181,7 @@ impl Transformer {
         EventSeed {
             props: &mut self.props,
             found: &mut found,
-            allowed: self.allowed.as_ref(),
-            seen: &mut self.seen,
+            columns: &mut self.columns,
         }
         .deserialize(&mut de)
         .and_then(|()| de.end())
@@ -273,56 +259,11 @@ impl Transformer {
 
     /// The columns seen so far (output names, JSON types), `event`, `distinct_id` and `time` included.
     pub fn schema(&self) -> Schema {
-        let mut columns = std::collections::BTreeMap::new();
-        columns.insert("event".to_string(), "string".to_string());
-        columns.insert("distinct_id".to_string(), "string".to_string());
-        columns.insert("time".to_string(), "timestamp".to_string());
-        for (k, bits) in &self.seen {
-            columns.insert(output_key(k).into_owned(), type_name(*bits).to_string());
-        }
-        Schema { columns }
-    }
-}
-
-/// The output column name of a property key: a leading `$` becomes `mp_reserved_`.
-pub fn output_key(k: &str) -> Cow<'_, str> {
-    match k.strip_prefix('$') {
-        Some(rest) => Cow::Owned(format!("mp_reserved_{rest}")),
-        None => Cow::Borrowed(k),
-    }
-}
-
-/// The property key as sent for an output column name (inverse of [`output_key`]).
-pub fn source_key(c: &str) -> String {
-    match c.strip_prefix("mp_reserved_") {
-        Some(rest) => format!("${rest}"),
-        None => c.to_string(),
-    }
-}
-
-fn type_name(bits: u8) -> &'static str {
-    let b = if bits == T_NULL { bits } else { bits & !T_NULL };
-    match b {
-        T_STRING => "string",
-        T_INTEGER => "integer",
-        T_NUMBER | 6 => "number",
-        T_BOOLEAN => "boolean",
-        T_OBJECT => "object",
-        T_ARRAY => "array",
-        T_NULL => "null",
-        _ => "json",
-    }
-}
-
-fn type_bits(raw: &str) -> u8 {
-    match raw.as_bytes().first() {
-        Some(b'"') => T_STRING,
-        Some(b'{') => T_OBJECT,
-        Some(b'[') => T_ARRAY,
-        Some(b't' | b'f') => T_BOOLEAN,
-        Some(b'n') => T_NULL,
-        _ if raw.bytes().any(|c| matches!(c, b'.' | b'e' | b'E')) => T_NUMBER,
-        _ => T_INTEGER,
+        self.columns.schema(&[
+            ("event", "string"),
+            ("distinct_id", "string"),
+            ("time", "timestamp"),
+        ])
     }
 }
 
@@ -400,36 +341,10 @@ struct Found<'de> {
     processing: Option<&'de RawValue>,
 }
 
-/// A map key, borrowed from the line unless it had escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E: de::Error>(
-                self,
-                v: &'de str,
-            ) -> std::result::Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
 struct EventSeed<'s, 'de> {
     props: &'s mut Vec<u8>,
     found: &'s mut Found<'de>,
-    allowed: Option<&'s HashSet<String>>,
-    seen: &'s mut HashMap<String, u8>,
+    columns: &'s mut Columns,
 }
 
 impl<'de> DeserializeSeed<'de> for EventSeed<'_, 'de> {
@@ -454,8 +369,7 @@ impl<'de> Visitor<'de> for EventSeed<'_, 'de> {
                     map.next_value_seed(PropsSeed {
                         props: &mut *self.props,
                         found: &mut *self.found,
-                        allowed: self.allowed,
-                        seen: &mut *self.seen,
+                        columns: &mut *self.columns,
                     })?;
                 }
                 _ => {
@@ -473,8 +387,7 @@ impl<'de> Visitor<'de> for EventSeed<'_, 'de> {
 struct PropsSeed<'s, 'de> {
     props: &'s mut Vec<u8>,
     found: &'s mut Found<'de>,
-    allowed: Option<&'s HashSet<String>>,
-    seen: &'s mut HashMap<String, u8>,
+    columns: &'s mut Columns,
 }
 
 impl<'de> DeserializeSeed<'de> for PropsSeed<'_, 'de> {
@@ -505,43 +418,9 @@ impl<'de> Visitor<'de> for PropsSeed<'_, 'de> {
                 "mp_processing_time_ms" => self.found.processing = Some(v),
                 _ => {}
             }
-            if let Some(allowed) = self.allowed
-                && !allowed.contains(&*k)
-            {
-                continue;
-            }
-            let bits = type_bits(v.get());
-            match self.seen.get_mut(&*k) {
-                Some(b) => *b |= bits,
-                None => {
-                    self.seen.insert(k.to_string(), bits);
-                }
-            }
-            self.props.extend_from_slice(b",\"");
-            if k.starts_with('$') {
-                self.props.extend_from_slice(b"mp_reserved_");
-            }
-            let name = k.strip_prefix('$').unwrap_or(&k);
-            write_escaped(self.props, name);
-            self.props.extend_from_slice(b"\":");
-            self.props.extend_from_slice(v.get().as_bytes());
+            self.columns.push(self.props, &k, v);
         }
         Ok(())
-    }
-}
-
-/// Writes the inside of a JSON string.
-fn write_escaped(out: &mut Vec<u8>, s: &str) {
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
-            _ => out.push(b),
-        }
     }
 }
 

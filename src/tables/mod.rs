@@ -1,6 +1,7 @@
 //! The seven tables: one file per table that knows its requests, slices and record transform.
 
 pub mod export;
+pub mod json;
 
 use std::fmt;
 use std::str::FromStr;

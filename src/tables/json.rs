@@ -1,0 +1,184 @@
+//! JSON pieces shared by the table transforms: borrowed keys, property flattening with the
+//! `$` → `mp_reserved_` rule, column discovery. Values are copied as raw JSON text, so their
+//! type and exact value (big integers, float spelling, nesting) are kept.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::state::Schema;
+
+/// JSON types seen in a column, as bits.
+const T_STRING: u8 = 1;
+const T_INTEGER: u8 = 2;
+const T_NUMBER: u8 = 4;
+const T_BOOLEAN: u8 = 8;
+const T_OBJECT: u8 = 16;
+const T_ARRAY: u8 = 32;
+const T_NULL: u8 = 64;
+
+/// The output column name of a property key: a leading `$` becomes `mp_reserved_`.
+pub fn output_key(k: &str) -> Cow<'_, str> {
+    match k.strip_prefix('$') {
+        Some(rest) => Cow::Owned(format!("mp_reserved_{rest}")),
+        None => Cow::Borrowed(k),
+    }
+}
+
+/// The property key as sent for an output column name (inverse of [`output_key`]).
+pub fn source_key(c: &str) -> String {
+    match c.strip_prefix("mp_reserved_") {
+        Some(rest) => format!("${rest}"),
+        None => c.to_string(),
+    }
+}
+
+fn type_name(bits: u8) -> &'static str {
+    let b = if bits == T_NULL { bits } else { bits & !T_NULL };
+    match b {
+        T_STRING => "string",
+        T_INTEGER => "integer",
+        T_NUMBER | 6 => "number",
+        T_BOOLEAN => "boolean",
+        T_OBJECT => "object",
+        T_ARRAY => "array",
+        T_NULL => "null",
+        _ => "json",
+    }
+}
+
+fn type_bits(raw: &str) -> u8 {
+    match raw.as_bytes().first() {
+        Some(b'"') => T_STRING,
+        Some(b'{') => T_OBJECT,
+        Some(b'[') => T_ARRAY,
+        Some(b't' | b'f') => T_BOOLEAN,
+        Some(b'n') => T_NULL,
+        _ if raw.bytes().any(|c| matches!(c, b'.' | b'e' | b'E')) => T_NUMBER,
+        _ => T_INTEGER,
+    }
+}
+
+/// The properties a table writes: which are allowed (a known schema) and which were seen.
+#[derive(Debug, Default)]
+pub struct Columns {
+    /// Only these property keys (as sent) are kept, when set.
+    allowed: Option<HashSet<String>>,
+    /// Property keys seen (as sent) and their JSON types.
+    seen: HashMap<String, u8>,
+}
+
+impl Columns {
+    /// Columns limited to `known` (output names) when given.
+    pub fn new(known: Option<&Schema>) -> Self {
+        Columns {
+            allowed: known.map(|s| s.columns.keys().map(|c| source_key(c)).collect()),
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Writes `,"name":value` for one property unless the schema excludes it.
+    pub fn push(&mut self, out: &mut Vec<u8>, key: &str, value: &RawValue) {
+        if let Some(allowed) = &self.allowed
+            && !allowed.contains(key)
+        {
+            return;
+        }
+        let bits = type_bits(value.get());
+        match self.seen.get_mut(key) {
+            Some(b) => *b |= bits,
+            None => {
+                self.seen.insert(key.to_string(), bits);
+            }
+        }
+        out.extend_from_slice(b",\"");
+        if key.starts_with('$') {
+            out.extend_from_slice(b"mp_reserved_");
+        }
+        write_escaped(out, key.strip_prefix('$').unwrap_or(key));
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(value.get().as_bytes());
+    }
+
+    /// The columns seen (output names and JSON types) plus `fixed` ones.
+    pub fn schema(&self, fixed: &[(&str, &str)]) -> Schema {
+        let mut columns = BTreeMap::new();
+        for (name, ty) in fixed {
+            columns.insert(name.to_string(), ty.to_string());
+        }
+        for (k, bits) in &self.seen {
+            columns.insert(output_key(k).into_owned(), type_name(*bits).to_string());
+        }
+        Schema { columns }
+    }
+}
+
+/// A map key, borrowed from the input unless it had escapes.
+pub struct Key<'de>(pub Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Flattens a JSON object's entries into `out` as `,"name":value` (see [`Columns::push`]).
+pub struct FlattenSeed<'s> {
+    /// Where the entries go.
+    pub out: &'s mut Vec<u8>,
+    /// Column filter and discovery.
+    pub columns: &'s mut Columns,
+}
+
+impl<'de> DeserializeSeed<'de> for FlattenSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FlattenSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object of properties")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            let v: &'de RawValue = map.next_value()?;
+            self.columns.push(self.out, &k, v);
+        }
+        Ok(())
+    }
+}
+
+/// Writes the inside of a JSON string.
+pub fn write_escaped(out: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+}
