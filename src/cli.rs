@@ -128,35 +128,17 @@ pub struct SyncReport {
 /// Plans and replicates the tables (all supported ones when empty) until nothing is pending.
 pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
     let chosen: Vec<Table> = if tables.is_empty() {
-        let unsupported: Vec<&str> = Table::ALL
-            .iter()
-            .filter(|t| !t.is_implemented())
-            .map(|t| t.as_str())
-            .collect();
-        if !unsupported.is_empty() {
-            tracing::warn!(
-                "not supported by this version yet, left out: {}",
-                unsupported.join(", ")
-            );
-        }
-        Table::ALL
-            .into_iter()
-            .filter(|t| t.is_implemented())
-            .collect()
+        Table::ALL.to_vec()
     } else {
         tables.to_vec()
     };
     let mut report = SyncReport::default();
     let json_lines = !std::io::stdout().is_terminal();
     for table in chosen {
-        if !table.is_implemented() {
-            return Err(Error::event(format!(
-                "the {table} table is not supported by this version yet"
-            )));
-        }
-        let now = Timestamp::now();
-        let days = plan::planned_days(app.store.as_ref(), &app.settings, table, now).await?;
-        plan::queue_days(app.store.as_ref(), &app.settings, table, &days, now).await?;
+        plan::queue_table(app.store.as_ref(), &app.settings, table, Timestamp::now()).await?;
+        // A snapshot answers partial after every budget's worth of pages: that is progress. A
+        // day that answers partial three times in a row does not fit the budget.
+        let partial_limit = if table.is_date_sliced() { 3 } else { 100_000 };
         let mut partial_in_a_row = 0;
         loop {
             let deadline = Instant::now() + app.settings.time_budget;
@@ -185,7 +167,7 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
                         }
                         _ => {
                             partial_in_a_row += 1;
-                            if partial_in_a_row >= 3 {
+                            if partial_in_a_row >= partial_limit {
                                 return Err(Error::new(
                                     ErrorKind::Deadline,
                                     format!(
@@ -269,20 +251,12 @@ async fn invoke_command(event: &str) -> Result<ExitCode> {
 async fn plan_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode> {
     let app = App::build(settings, None).await?;
     let chosen: Vec<Table> = if tables.is_empty() {
-        Table::ALL
-            .into_iter()
-            .filter(|t| t.is_implemented())
-            .collect()
+        Table::ALL.to_vec()
     } else {
         tables
     };
     let now = Timestamp::now();
     for table in chosen {
-        if !table.is_implemented() {
-            return Err(Error::event(format!(
-                "the {table} table is not supported by this version yet"
-            )));
-        }
         let pending = plan::preview(app.store.as_ref(), &app.settings, table, now).await?;
         if pending.is_empty() {
             println!("{table}: nothing pending");

@@ -126,6 +126,8 @@ pub struct Settings {
     pub time_budget: Duration,
     /// Complete snapshots kept per full table.
     pub snapshot_retention: u32,
+    /// Days read with one query by the date-sliced query tables (funnels, revenue).
+    pub date_window_days: u32,
     /// Local output folder (local mode).
     pub output_dir: Option<PathBuf>,
     /// Local state file (local mode).
@@ -159,6 +161,7 @@ pub const VARIABLES: &[&str] = &[
     "MIXPANEL_RATE_WINDOW_SECONDS",
     "INVOCATION_TIME_BUDGET_SECONDS",
     "SNAPSHOT_RETENTION",
+    "MIXPANEL_DATE_WINDOW_DAYS",
 ];
 
 impl Settings {
@@ -324,6 +327,7 @@ impl Settings {
             86_400,
         )?);
         let snapshot_retention = number(&get, "SNAPSHOT_RETENTION", 7, 1, 10_000)? as u32;
+        let date_window_days = number(&get, "MIXPANEL_DATE_WINDOW_DAYS", 30, 1, 366)? as u32;
 
         Ok(Settings {
             credentials,
@@ -349,6 +353,7 @@ impl Settings {
             rate_window,
             time_budget,
             snapshot_retention,
+            date_window_days,
             output_dir: None,
             state_file: None,
         })

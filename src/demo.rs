@@ -14,6 +14,23 @@ use crate::config::{RunMode, Settings};
 use crate::error::{Error, Result};
 use crate::tables::Table;
 
+/// The rows of a committed partition or snapshot, as canonical JSON strings.
+async fn read_rows(app: &App, folder: &str, m: &Manifest) -> Result<Vec<String>> {
+    let mut rows = Vec::new();
+    for f in &m.files {
+        let Some(gz) = app.sink.get(&format!("{folder}/{}", f.name)).await? else {
+            continue;
+        };
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text)?;
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).map_err(Error::storage)?;
+            rows.push(v.to_string());
+        }
+    }
+    Ok(rows)
+}
+
 /// Runs the demo into `out`.
 pub async fn run(out: PathBuf) -> Result<ExitCode> {
     let config = SimConfig {
@@ -45,72 +62,68 @@ pub async fn run(out: PathBuf) -> Result<ExitCode> {
     settings.output_dir = Some(out.clone());
     settings.state_file = Some(out.join(".state.json"));
     let app = App::build(settings, None).await?;
-    let report = crate::cli::sync(&app, &[Table::Export]).await?;
+    let report = crate::cli::sync(&app, &[]).await?;
 
     println!();
     println!("Replicated into {}:", out.display());
     println!(
-        "{:<8} {:<12} {:>8} {:>6} {:>10}  check",
-        "table", "date", "rows", "files", "bytes"
+        "{:<15} {:<26} {:>8} {:>6} {:>10}  check",
+        "table", "partition", "rows", "files", "bytes"
     );
     let mut all_exact = true;
-    let manifests: Vec<String> = app
-        .sink
-        .list("export/")
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .filter(|k| k.ends_with("/_manifest.json"))
-        .collect();
-    for key in manifests {
-        let Some(body) = app.sink.get(&key).await? else {
-            continue;
-        };
-        let m: Manifest = serde_json::from_slice(&body).map_err(Error::storage)?;
-        let day: jiff::civil::Date = m
-            .partition
-            .trim_start_matches("date=")
-            .parse()
-            .map_err(|e| Error::storage(format!("bad partition {}: {e}", m.partition)))?;
-        let folder = key.trim_end_matches("/_manifest.json");
-        let mut rows = Vec::new();
-        for f in &m.files {
-            let Some(gz) = app.sink.get(&format!("{folder}/{}", f.name)).await? else {
+    for table in Table::ALL {
+        let manifests: Vec<String> = app
+            .sink
+            .list(&format!("{table}/"))
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| k.ends_with("/_manifest.json"))
+            .collect();
+        for key in manifests {
+            let Some(body) = app.sink.get(&key).await? else {
                 continue;
             };
-            let mut text = String::new();
-            flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text)?;
-            for line in text.lines() {
-                let v: serde_json::Value = serde_json::from_str(line).map_err(Error::storage)?;
-                rows.push(v.to_string());
-            }
+            let m: Manifest = serde_json::from_slice(&body).map_err(Error::storage)?;
+            let folder = key.trim_end_matches("/_manifest.json");
+            let mut rows = read_rows(&app, folder, &m).await?;
+            let day = m
+                .partition
+                .strip_prefix("date=")
+                .and_then(|d| d.parse::<jiff::civil::Date>().ok());
+            let truth = match (table, day) {
+                (Table::Export, Some(d)) => sim.export_ground_truth(d, None),
+                (Table::Funnels, Some(d)) => sim.funnels_ground_truth(d),
+                (Table::Revenue, Some(d)) => sim.revenue_ground_truth(d),
+                (Table::Engage, None) => sim.engage_ground_truth(),
+                (Table::Cohorts, None) => sim.cohorts_ground_truth(),
+                (Table::CohortMembers, None) => sim.cohort_members_ground_truth(),
+                (Table::Annotations, None) => sim.annotations_ground_truth(),
+                _ => Vec::new(),
+            };
+            let mut truth: Vec<String> = truth.iter().map(|v| v.to_string()).collect();
+            rows.sort();
+            truth.sort();
+            let exact = rows == truth;
+            all_exact &= exact;
+            let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+            println!(
+                "{:<15} {:<26} {:>8} {:>6} {:>10}  {}",
+                table.as_str(),
+                m.partition,
+                m.records,
+                m.files.len(),
+                bytes,
+                if exact {
+                    "exact"
+                } else {
+                    "DIFFERS from ground truth"
+                }
+            );
         }
-        let mut truth: Vec<String> = sim
-            .export_ground_truth(day, None)
-            .iter()
-            .map(|v| v.to_string())
-            .collect();
-        rows.sort();
-        truth.sort();
-        let exact = rows == truth;
-        all_exact &= exact;
-        let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
-        println!(
-            "{:<8} {:<12} {:>8} {:>6} {:>10}  {}",
-            "export",
-            day,
-            m.records,
-            m.files.len(),
-            bytes,
-            if exact {
-                "exact"
-            } else {
-                "DIFFERS from ground truth"
-            }
-        );
     }
     println!(
-        "{} slices, {} rows, {} files, {} bytes; every day {} the simulator's ground truth.",
+        "{} slices, {} rows, {} files, {} bytes; every partition and snapshot {} the simulator's ground truth.",
         report.slices,
         report.records,
         report.files,

@@ -226,19 +226,12 @@ pub async fn handle_reported(
 /// Handles one invocation event.
 pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Response> {
     let inv = parse_event(&event)?;
-    let table = inv.table();
-    if !table.is_implemented() {
-        return Err(Error::event(format!(
-            "the {table} table is not supported by this version yet"
-        )));
-    }
     let now = Timestamp::now();
     let today = project_today(&app.settings.timezone, now);
     let store = app.store.as_ref();
     match inv {
         Invocation::Scheduled(t) => {
-            let days = plan::planned_days(store, &app.settings, t, now).await?;
-            let queued = plan::queue_days(store, &app.settings, t, &days, now).await?;
+            let queued = plan::queue_table(store, &app.settings, t, now).await?;
             let owner = new_attempt_id();
             let (now_ms, until) = lease_times(deadline);
             let mut resp = match plan::claim_next(store, t, &owner, now_ms, until).await? {
@@ -249,7 +242,7 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
                 }
                 Some(lease) => run_slice(app, &lease, deadline).await?,
             };
-            resp.queued = queued.len() as u64;
+            resp.queued = queued;
             Ok(resp)
         }
         Invocation::Day(t, d) => {
@@ -310,34 +303,67 @@ fn lease_times(deadline: Instant) -> (u64, u64) {
     (now_ms, now_ms + left.as_millis() as u64 + 60_000)
 }
 
+/// What a table's runner did.
+enum Ran {
+    /// Committed (with the slice label when it covered several days).
+    Done(SliceResult, Option<String>),
+    /// Progress saved before the deadline.
+    Partial(String),
+}
+
 /// Replicates a claimed slice; on failure the slice goes back to the queue.
 pub async fn run_slice(app: &App, lease: &Lease, deadline: Instant) -> Result<Response> {
     let started = Instant::now();
     let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
     let result = match lease.table {
-        Table::Export => replicate::export_slice(app, lease, work_deadline).await,
-        other => Err(Error::event(format!(
-            "the {other} table is not supported by this version yet"
-        ))),
+        Table::Export => replicate::export_slice(app, lease, work_deadline)
+            .await
+            .map(|r| Ran::Done(r, None)),
+        Table::Funnels | Table::Revenue => crate::dated::run(app, lease, work_deadline)
+            .await
+            .map(|(r, label)| Ran::Done(r, Some(label))),
+        Table::Engage | Table::CohortMembers | Table::Cohorts | Table::Annotations => {
+            crate::snapshot::run(app, lease, work_deadline)
+                .await
+                .map(|o| match o {
+                    crate::snapshot::Outcome::Done(r) => Ran::Done(r, None),
+                    crate::snapshot::Outcome::Partial(why) => Ran::Partial(why),
+                })
+        }
     };
     let mut resp = Response::new(Status::Done, lease.table);
     resp.slice = Some(lease.slice.to_string());
     match result {
-        Ok(SliceResult {
-            records,
-            bytes,
-            files,
-            duplicates,
-            raw_bytes,
-        }) => {
+        Ok(Ran::Done(
+            SliceResult {
+                records,
+                bytes,
+                files,
+                duplicates,
+                raw_bytes,
+            },
+            label,
+        )) => {
+            if let Some(label) = label {
+                resp.slice = Some(label);
+            }
             resp.records = records;
             resp.bytes = bytes;
             resp.files = files;
             resp.duplicates = duplicates;
             tracing::info!(
-                table = %lease.table, slice = %lease.slice, status = "done", records, bytes, files, duplicates, raw_bytes,
+                table = %lease.table, slice = resp.slice.as_deref().unwrap_or_default(), status = "done", records, bytes, files, duplicates, raw_bytes,
                 duration_ms = started.elapsed().as_millis() as u64, "slice committed"
             );
+            Ok(resp)
+        }
+        Ok(Ran::Partial(why)) => {
+            if let Err(re) = app.store.release(lease).await {
+                tracing::warn!(error = %re, "could not give the slice back; its lease will expire");
+            }
+            resp.status = Status::Partial;
+            resp.reason = Some(why);
+            tracing::info!(table = %lease.table, slice = %lease.slice, status = "partial", "progress saved");
             Ok(resp)
         }
         Err(e) => {

@@ -34,6 +34,29 @@ pub async fn planned_days(
     Ok(days)
 }
 
+/// Plans a table: its days (date-sliced) or its snapshot (full tables). Returns how many slices
+/// this call queued.
+pub async fn queue_table(
+    store: &dyn StateStore,
+    settings: &Settings,
+    table: Table,
+    now: Timestamp,
+) -> Result<u64> {
+    if table.is_date_sliced() {
+        let days = planned_days(store, settings, table, now).await?;
+        Ok(queue_days(store, settings, table, &days, now).await?.len() as u64)
+    } else {
+        let stale_before = stale_before_ms(settings, now);
+        let existing = store.slices(table).await?;
+        let rec = existing.iter().find(|r| r.slice == SliceId::Full);
+        let queued = needs_queue(rec, stale_before)
+            && store
+                .enqueue(table, SliceId::Full, Some(stale_before))
+                .await?;
+        Ok(u64::from(queued))
+    }
+}
+
 /// Whether planning would (re-)queue this day given its current record.
 fn needs_queue(existing: Option<&SliceRecord>, stale_before_ms: u64) -> bool {
     match existing {
@@ -84,12 +107,21 @@ pub async fn preview(
         .filter(|r| claimable(r, now_ms))
         .cloned()
         .collect();
-    for d in planned_days(store, settings, table, now).await? {
-        let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
-        if needs_queue(rec, stale_before) && !out.iter().any(|r| r.slice == SliceId::Day(d)) {
+    let wanted: Vec<SliceId> = if table.is_date_sliced() {
+        planned_days(store, settings, table, now)
+            .await?
+            .into_iter()
+            .map(SliceId::Day)
+            .collect()
+    } else {
+        vec![SliceId::Full]
+    };
+    for slice in wanted {
+        let rec = existing.iter().find(|r| r.slice == slice);
+        if needs_queue(rec, stale_before) && !out.iter().any(|r| r.slice == slice) {
             out.push(SliceRecord {
                 table,
-                slice: SliceId::Day(d),
+                slice,
                 status: SliceStatus::Pending,
                 lease_owner: None,
                 lease_expires_ms: None,

@@ -61,11 +61,18 @@ async fn plan_lists_pending_days_without_changing_anything_then_sync_commits_the
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4);
-    assert!(
-        lines
-            .iter()
-            .all(|l| l["status"] == "done" && l["table"] == "export")
+    assert!(lines.iter().all(|l| l["status"] == "done"), "{lines:?}");
+    assert_eq!(
+        lines.iter().filter(|l| l["table"] == "export").count(),
+        4,
+        "{lines:#?}"
+    );
+    let tables: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l["table"].as_str().unwrap()).collect();
+    assert_eq!(
+        tables.len(),
+        7,
+        "sync without --table replicates every table: {tables:?}"
     );
     assert!(
         dir.path()
@@ -78,10 +85,11 @@ async fn plan_lists_pending_days_without_changing_anything_then_sync_commits_the
         .args(["plan"])
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "export: nothing pending\n"
-    );
+    let expected: String = mixpanel_replicator::tables::Table::ALL
+        .iter()
+        .map(|t| format!("{t}: nothing pending\n"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +133,7 @@ fn demo_replicates_the_bundled_simulator_and_checks_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("every day matches the simulator's ground truth"),
+        stdout.contains("every partition and snapshot matches the simulator's ground truth"),
         "{stdout}"
     );
     assert!(!stdout.contains("DIFFERS"), "{stdout}");

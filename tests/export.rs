@@ -214,7 +214,7 @@ async fn a_wrong_secret_fails_clearly_commits_nothing_and_never_shows_the_secret
     let dir = tempfile::tempdir().unwrap();
     let wrong = "wr0ng-S3CRET-value-123";
     let out = Command::new(BIN)
-        .args(["sync", "--out"])
+        .args(["sync", "--table", "export", "--out"])
         .arg(dir.path())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

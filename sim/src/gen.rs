@@ -32,7 +32,7 @@ pub(crate) fn mix(mut z: u64) -> u64 {
 }
 
 #[inline]
-fn hash4(seed: u64, stream: u64, day: i64, index: u64) -> u64 {
+pub(crate) fn hash4(seed: u64, stream: u64, day: i64, index: u64) -> u64 {
     mix(mix(mix(seed ^ stream) ^ day as u64) ^ index)
 }
 
@@ -806,7 +806,7 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 static HEX: &[u8; 16] = b"0123456789abcdef";
 static B62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-fn write_uuid(buf: &mut Vec<u8>, a: u64, b: u64) {
+pub(crate) fn write_uuid(buf: &mut Vec<u8>, a: u64, b: u64) {
     let mut out = [0u8; 36];
     let mut j = 0;
     for i in 0..32 {
@@ -875,7 +875,7 @@ pub(crate) fn push_i64(buf: &mut Vec<u8>, n: i64) {
 }
 
 /// Writes v/scale (scale 10 or 100) in the shortest form serde_json would print.
-fn push_decimal(buf: &mut Vec<u8>, v: u64, scale: u64) {
+pub(crate) fn push_decimal(buf: &mut Vec<u8>, v: u64, scale: u64) {
     push_u64(buf, v / scale);
     buf.push(b'.');
     let frac = v % scale;

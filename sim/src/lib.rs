@@ -1,21 +1,26 @@
-//! A seeded, deterministic simulator of Mixpanel's Raw Event Export API, with fault
-//! injection, a request log and the exact ground truth the replicator must produce.
+//! A seeded, deterministic simulator of Mixpanel's Raw Event Export API and Query API, with
+//! fault injection, a request log and the exact ground truth the replicator must produce.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde_json::{Map, Value};
 
+mod api;
 mod r#gen;
+mod profiles;
 mod query;
+mod reports;
 mod server;
 mod templates;
 
 use r#gen::{DayInfo, Filter, Gen, LateBatch, Sink, date_of, day_num, rfc3339};
+use profiles::Profiles;
+use reports::{Reports, ymd};
 
 /// How the project's export `time` and from/to days are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +52,22 @@ pub struct SimConfig {
     pub service_account: Option<ServiceAccount>,
     /// Request budget; beyond it requests get 429.
     pub rate_limit: Option<RateLimit>,
+    /// Number of user profiles (`engage`).
+    pub profiles: u32,
+    /// Number of cohorts (`cohorts/list`); the last of two or more is empty.
+    pub cohorts: u32,
+    /// Number of funnels (`funnels/list`).
+    pub funnels: u32,
+    /// Number of annotations, spread over the data days.
+    pub annotations: u32,
+    /// How long an engage `session_id` stays valid after the page-0 request that created it.
+    pub engage_session_ttl: Duration,
+    /// `engage/revenue` answers 400 `Timeout Error.`, as EU projects do.
+    pub eu_revenue_400: bool,
+    /// Endpoints the plan does not allow (402), by name: "export", "engage", "cohorts/list",
+    /// "funnels/list", "funnels", "annotations", "engage/revenue", "engage/properties",
+    /// "events/properties/top", "app/annotations".
+    pub plan_excludes: Vec<String>,
 }
 
 impl Default for SimConfig {
@@ -62,6 +83,13 @@ impl Default for SimConfig {
             api_secret: "sim-secret".into(),
             service_account: None,
             rate_limit: None,
+            profiles: 300,
+            cohorts: 4,
+            funnels: 3,
+            annotations: 5,
+            engage_session_ttl: Duration::from_secs(600),
+            eu_revenue_400: false,
+            plan_excludes: Vec::new(),
         }
     }
 }
@@ -99,12 +127,14 @@ pub enum Fault {
         /// The HTTP status.
         status: u16,
     },
-    /// 200; after `after_lines` valid lines the body ends with `terminated early\n`.
+    /// 200; after `after_lines` valid lines the body ends with `terminated early\n`. On a
+    /// Query API endpoint: 200 with the first half of the JSON body and a clean end.
     TerminatedEarly {
         /// Valid lines sent first.
         after_lines: usize,
     },
     /// 200; after `after_lines` valid lines and half of the next one the connection breaks.
+    /// On a Query API endpoint: the first half of the JSON body, then the break.
     CutBody {
         /// Valid lines sent first.
         after_lines: usize,
@@ -126,9 +156,10 @@ pub enum Fault {
 /// Which requests a fault applies to, and how many times.
 #[derive(Clone, Debug)]
 pub struct FaultRule {
-    /// Request path, e.g. "/api/2.0/export".
+    /// Request path, e.g. "/api/2.0/export" or "/api/2.0/engage" (which also matches
+    /// "/api/query/engage").
     pub path: String,
-    /// Only requests whose `from_date` is this day.
+    /// Only requests whose `from_date` is this day (requests without one never match).
     pub from_date: Option<Date>,
     /// How many matching requests get the fault.
     pub times: u32,
@@ -143,7 +174,8 @@ pub struct RequestRecord {
     pub method: String,
     /// URL path.
     pub path: String,
-    /// Raw query string (for POST, followed by the form body).
+    /// Raw query string (for POST, followed by the form body; a JSON body is logged
+    /// form-encoded, values that are not strings as JSON text).
     pub query: String,
     /// How the request authenticated.
     pub auth: AuthKind,
@@ -179,6 +211,10 @@ pub struct Simulator {
 struct Inner {
     config: SimConfig,
     generator: Gen,
+    profiles: Profiles,
+    reports: Reports,
+    /// `engage/properties`, computed on first use (a scan of every profile).
+    profile_stats: OnceLock<Vec<(String, u64, &'static str)>>,
     started: Instant,
     started_epoch_ms: u64,
     state: Mutex<State>,
@@ -190,6 +226,9 @@ struct State {
     faults: Vec<FaultRule>,
     requests: Vec<RequestRecord>,
     window: VecDeque<Instant>,
+    /// Engage session id -> expiry.
+    sessions: HashMap<String, Instant>,
+    session_counter: u64,
 }
 
 /// Dedup key (event, distinct_id as JSON, time, $insert_id as JSON) -> (processing ms, properties, event).
@@ -226,10 +265,30 @@ impl Simulator {
         let started_epoch_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let first = day_num(config.first_day);
+        let profiles = Profiles::new(
+            config.seed,
+            config.profiles as u64,
+            first,
+            first + config.days as i64 - 1,
+        );
+        let reports = Reports::new(
+            config.seed,
+            config.service_account.as_ref().map_or(1, |s| s.project_id),
+            first,
+            config.days,
+            config.profiles as u64,
+            config.cohorts as u64,
+            config.funnels as u64,
+            config.annotations as u64,
+        );
         Simulator {
             inner: Arc::new(Inner {
                 config,
                 generator,
+                profiles,
+                reports,
+                profile_stats: OnceLock::new(),
                 started: Instant::now(),
                 started_epoch_ms,
                 state: Mutex::new(State::default()),
@@ -419,6 +478,108 @@ impl Simulator {
         Ok(total + buf.len() as u64)
     }
 
+    /// Makes every engage `session_id` handed out so far expired: the next request using one
+    /// gets 400 `Invalid session_id: session expired`.
+    pub fn expire_engage_sessions(&self) {
+        let now = Instant::now();
+        for expires in self.inner.lock().sessions.values_mut() {
+            *expires = now;
+        }
+    }
+
+    /// The engage table: one row per profile, in listing order, `{"distinct_id": ..,
+    /// ..every $properties entry with a leading `$` replaced by `mp_reserved_`}`.
+    pub fn engage_ground_truth(&self) -> Vec<Value> {
+        let p = &self.inner.profiles;
+        (0..p.n).map(|i| p.get(i).row()).collect()
+    }
+
+    /// The cohorts table: the objects exactly as `cohorts/list` returns them.
+    pub fn cohorts_ground_truth(&self) -> Vec<Value> {
+        self.inner
+            .reports
+            .cohorts()
+            .into_iter()
+            .map(as_read)
+            .collect()
+    }
+
+    /// The cohort_members table: `{"cohort_id": N, "distinct_id": ".."}` per membership.
+    pub fn cohort_members_ground_truth(&self) -> Vec<Value> {
+        let (p, r) = (&self.inner.profiles, &self.inner.reports);
+        let mut rows = Vec::new();
+        for (k, id) in r.cohort_ids().into_iter().enumerate() {
+            let rule = r.cohort_rule(k as u64);
+            for j in 0..rule.count(p.n) {
+                rows.push(serde_json::json!({
+                    "cohort_id": id,
+                    "distinct_id": p.get(rule.nth(j)).distinct_id,
+                }));
+            }
+        }
+        rows
+    }
+
+    /// The funnels table rows of one day: `{"funnel_id", "name", "date", "steps", "analysis"}`
+    /// per funnel; empty for a day outside the data range (the API leaves such days out).
+    pub fn funnels_ground_truth(&self, day: Date) -> Vec<Value> {
+        let r = &self.inner.reports;
+        let d = day_num(day);
+        if !r.has_day(d) {
+            return Vec::new();
+        }
+        r.funnel_ids()
+            .into_iter()
+            .enumerate()
+            .map(|(k, id)| {
+                let mut row = Map::new();
+                row.insert("funnel_id".into(), id.into());
+                row.insert("name".into(), r.funnel_name(k as u64).into());
+                row.insert("date".into(), ymd(d).into());
+                if let Value::Object(entry) = r.funnel_day(k as u64, d) {
+                    row.extend(entry);
+                }
+                as_read(Value::Object(row))
+            })
+            .collect()
+    }
+
+    /// The revenue table row of one day (`date`, `amount`, `count`, `paid_count`); empty for a
+    /// day without an entry. `$overall` is never a row.
+    pub fn revenue_ground_truth(&self, day: Date) -> Vec<Value> {
+        let r = &self.inner.reports;
+        let d = day_num(day);
+        if !r.has_day(d) {
+            return Vec::new();
+        }
+        let mut row = Map::new();
+        row.insert("date".into(), ymd(d).into());
+        if let Value::Object(entry) = r.revenue_entry(d) {
+            row.extend(entry);
+        }
+        vec![as_read(Value::Object(row))]
+    }
+
+    /// The annotations table: the objects of `annotations` over the whole data range.
+    pub fn annotations_ground_truth(&self) -> Vec<Value> {
+        self.inner
+            .reports
+            .annotations(i64::MIN, i64::MAX)
+            .into_iter()
+            .map(as_read)
+            .collect()
+    }
+
+    /// The funnel ids `funnels/list` returns, in order.
+    pub fn funnel_ids(&self) -> Vec<u64> {
+        self.inner.reports.funnel_ids()
+    }
+
+    /// The cohort ids `cohorts/list` returns, in order.
+    pub fn cohort_ids(&self) -> Vec<u64> {
+        self.inner.reports.cohort_ids()
+    }
+
     /// Binds 127.0.0.1:port (0 = any free port) and serves in a tokio task.
     pub async fn serve(&self, port: u16) -> std::io::Result<RunningSim> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
@@ -442,6 +603,16 @@ impl Simulator {
             shutdown: Some(tx),
         })
     }
+}
+
+/// A value as a client reads it from the wire: serialized, then parsed. serde_json's default
+/// float parsing may differ from the generated f64 in the last bit; ground truth is what a
+/// parser reads (as for the export), so comparisons with parsed output hold.
+fn as_read(v: Value) -> Value {
+    serde_json::to_vec(&v)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(v)
 }
 
 impl Inner {
@@ -478,6 +649,51 @@ impl Inner {
                 })
                 .map_or(time, |ts| ts.as_second()),
         }
+    }
+
+    /// Profile property keys with counts and types, most common first.
+    fn profile_stats(&self) -> &[(String, u64, &'static str)] {
+        self.profile_stats
+            .get_or_init(|| self.profiles.property_stats())
+    }
+
+    /// Property keys of the export and how many deliveries have them: a sample of the first
+    /// 5,000 deliveries of the last data day (all events, or the one named).
+    fn export_property_counts(&self, event: Option<&str>) -> HashMap<String, u64> {
+        let g = &self.generator;
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let Ok(info) = DayInfo::new(&g.tz, g.last) else {
+            return counts;
+        };
+        if g.last < g.first {
+            return counts;
+        }
+        let mut filter = Filter::all();
+        filter.names = g.name_mask(event.map(|e| vec![e.to_string()]).as_deref());
+        let mut seen = 0;
+        let mut buf = Vec::new();
+        let mut sink = |buf: &mut Vec<u8>, start: usize| {
+            if let Ok(Value::Object(line)) = serde_json::from_slice::<Value>(&buf[start..])
+                && let Some(Value::Object(props)) = line.get("properties")
+            {
+                for k in props.keys() {
+                    *counts.entry(k.clone()).or_default() += 1;
+                }
+            }
+            buf.clear();
+            seen += 1;
+            seen < 5000
+        };
+        let late = self.late_snapshot(g.last, g.last);
+        g.emit_day(
+            &info,
+            late.get(&g.last).map_or(&[], Vec::as_slice),
+            &filter,
+            None,
+            &mut buf,
+            &mut sink,
+        );
+        counts
     }
 
     fn late_snapshot(&self, from: i64, to: i64) -> HashMap<i64, Vec<LateBatch>> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use mixpanel_sim::{Date, RateLimit, ServiceAccount, SimConfig, Simulator, TimeMode};
 
-/// Serves a seeded, deterministic Mixpanel Raw Event Export API on 127.0.0.1.
+/// Serves a seeded, deterministic Mixpanel Raw Event Export and Query API on 127.0.0.1.
 #[derive(Parser, Debug)]
 #[command(name = "mixpanel-sim", version)]
 struct Args {
@@ -40,6 +40,27 @@ struct Args {
     /// Rate limit as REQUESTS/SECONDS (sliding window), e.g. 60/3600.
     #[arg(long)]
     rate_limit: Option<String>,
+    /// Number of user profiles (engage).
+    #[arg(long, default_value_t = 300)]
+    profiles: u32,
+    /// Number of cohorts (the last of two or more is empty).
+    #[arg(long, default_value_t = 4)]
+    cohorts: u32,
+    /// Number of funnels.
+    #[arg(long, default_value_t = 3)]
+    funnels: u32,
+    /// Number of annotations.
+    #[arg(long, default_value_t = 5)]
+    annotations: u32,
+    /// Seconds an engage session_id stays valid.
+    #[arg(long, default_value_t = 600)]
+    engage_session_ttl_secs: u64,
+    /// engage/revenue answers 400 "Timeout Error." as EU projects do.
+    #[arg(long)]
+    eu_revenue_400: bool,
+    /// Comma-separated endpoints the plan does not allow (402), e.g. engage,export.
+    #[arg(long, value_delimiter = ',')]
+    plan_excludes: Vec<String>,
 }
 
 fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
@@ -110,6 +131,18 @@ fn config(args: Args) -> Result<SimConfig, String> {
             .as_deref()
             .map(parse_rate_limit)
             .transpose()?,
+        profiles: args.profiles,
+        cohorts: args.cohorts,
+        funnels: args.funnels,
+        annotations: args.annotations,
+        engage_session_ttl: Duration::from_secs(args.engage_session_ttl_secs),
+        eu_revenue_400: args.eu_revenue_400,
+        plan_excludes: args
+            .plan_excludes
+            .into_iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
     })
 }
 

@@ -14,11 +14,10 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use tokio::sync::mpsc;
 
+use crate::api::{self, Endpoint};
 use crate::r#gen::{Filter, day_num};
 use crate::query::{ExportParams, param, parse_date, parse_export};
 use crate::{AuthKind, CHUNK, Fault, RequestRecord, SimConfig, Simulator};
-
-const EXPORT_PATH: &str = "/api/2.0/export";
 
 /// The router: one handler so every request is logged the same way.
 pub(crate) fn router(sim: Simulator) -> Router {
@@ -36,18 +35,36 @@ async fn handle(State(sim): State<Simulator>, req: Request) -> Response {
     let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
+    let auth = auth_kind(&parts.headers, &sim.inner.config);
+    let mut body_error = None;
     if parts.method == Method::POST {
         match axum::body::to_bytes(body, 1 << 20).await {
             Ok(form) if !form.is_empty() => {
-                params.extend(form_urlencoded::parse(&form).into_owned());
-                if !query.is_empty() {
-                    query.push('&');
-                }
-                query.push_str(&String::from_utf8_lossy(&form));
+                // The log keeps one parseable form: a JSON body is logged form-encoded.
+                let (extra, logged) = if is_json(&parts.headers) {
+                    match json_params(&form) {
+                        Ok(p) => {
+                            let encoded = form_urlencoded::Serializer::new(String::new())
+                                .extend_pairs(&p)
+                                .finish();
+                            (p, encoded)
+                        }
+                        Err(e) => {
+                            // Reported where parameters are checked (after auth and faults).
+                            body_error = Some(e);
+                            (Vec::new(), String::from_utf8_lossy(&form).into_owned())
+                        }
+                    }
+                } else {
+                    let p = form_urlencoded::parse(&form).into_owned().collect();
+                    (p, String::from_utf8_lossy(&form).into_owned())
+                };
+                append(&mut query, &logged);
+                params.extend(extra);
             }
             Ok(_) => {}
             Err(_) => {
-                let mut rec = record(&parts.method, &path, &query, AuthKind::Missing, at_ms);
+                let mut rec = record(&parts.method, &path, &query, auth, at_ms);
                 return finish(
                     &sim,
                     &mut rec,
@@ -65,7 +82,6 @@ async fn handle(State(sim): State<Simulator>, req: Request) -> Response {
     } else {
         format!("{path}?{query}")
     };
-    let auth = auth_kind(&parts.headers, &sim.inner.config);
     let mut rec = record(&parts.method, &path, &query, auth, at_ms);
     let resp = respond(
         &sim,
@@ -74,9 +90,18 @@ async fn handle(State(sim): State<Simulator>, req: Request) -> Response {
         &parts.headers,
         &params,
         &request,
+        body_error.as_deref(),
     )
     .await;
     finish(&sim, &mut rec, resp)
+}
+
+/// Appends `more` to a query string with a `&` between.
+fn append(query: &mut String, more: &str) {
+    if !query.is_empty() && !more.is_empty() {
+        query.push('&');
+    }
+    query.push_str(more);
 }
 
 fn record(method: &Method, path: &str, query: &str, auth: AuthKind, at_ms: u64) -> RequestRecord {
@@ -104,14 +129,23 @@ async fn respond(
     headers: &HeaderMap,
     params: &[(String, String)],
     request: &str,
+    body_error: Option<&str>,
 ) -> Response {
     let cfg = &sim.inner.config;
-    // The export host serves nothing but the export endpoint.
-    if rec.path != EXPORT_PATH {
+    let Some(ep) = Endpoint::parse(&rec.path) else {
         return json_error(
             StatusCode::NOT_FOUND,
             Some(request),
-            "Not found: the simulator serves only /api/2.0/export",
+            "Not found: the simulator serves /api/2.0/export, the Query API under /api/2.0/ and \
+             /api/query/, and /api/app/projects/{id}/annotations",
+        );
+    };
+    let app = matches!(ep, Endpoint::AppAnnotations(_));
+    if app && method != Method::GET {
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Some(request),
+            "Method not allowed: use GET",
         );
     }
     if method != Method::GET && method != Method::POST {
@@ -132,6 +166,27 @@ async fn respond(
                 HeaderValue::from_static("Basic realm=\"Mixpanel\""),
             );
             return r;
+        }
+        AuthKind::SecretNoColon | AuthKind::SecretWithColon if app => {
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "The App API requires a service account (HTTP Basic username:secret)",
+            );
+        }
+        AuthKind::ServiceAccount if app => {
+            let want = cfg.service_account.as_ref().map_or(0, |s| s.project_id);
+            if let Endpoint::AppAnnotations(id) = &ep
+                && id.parse::<u64>().ok() != Some(want)
+            {
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    Some(request),
+                    &format!(
+                        "Permission denied: this service account has no access to project {id}"
+                    ),
+                );
+            }
         }
         AuthKind::ServiceAccount => {
             let want = cfg.service_account.as_ref().map_or(0, |s| s.project_id);
@@ -156,6 +211,13 @@ async fn respond(
             }
         }
         AuthKind::SecretNoColon | AuthKind::SecretWithColon => {}
+    }
+    if cfg.plan_excludes.iter().any(|n| n == ep.name()) {
+        let r = api::status_error(
+            402,
+            "Your plan does not allow API calls. Upgrade at mixpanel.com/pricing",
+        );
+        return json_reply(r, false);
     }
     if let Some(limit) = cfg.rate_limit {
         let now = Instant::now();
@@ -212,6 +274,17 @@ async fn respond(
         Some(Fault::SlowFirstByte { delay }) => tokio::time::sleep(delay).await,
         Some(f @ (Fault::TerminatedEarly { .. } | Fault::CutBody { .. })) => stream_fault = Some(f),
     }
+    if let Some(e) = body_error {
+        return json_error(StatusCode::BAD_REQUEST, Some(request), e);
+    }
+    if ep != Endpoint::Export {
+        let reply = api::answer(sim, &ep, params, request);
+        let gzip = wants_gzip(headers);
+        return match stream_fault {
+            Some(f) if reply.status == 200 => broken_json(reply.body, gzip, &f),
+            _ => json_reply(reply, gzip),
+        };
+    }
     let p = match parse_export(params) {
         Ok(p) => p,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, Some(request), &e),
@@ -237,14 +310,17 @@ impl WithStatus for Response {
     }
 }
 
-/// Applies the first matching rule that has uses left.
+/// Applies the first matching rule that has uses left (a rule for `/api/2.0/X` also matches
+/// `/api/query/X`).
 fn take_fault(sim: &Simulator, path: &str, params: &[(String, String)]) -> Option<Fault> {
     let from = param(params, "from_date").and_then(parse_date);
+    let canonical = Endpoint::canonical_path(path);
     let mut st = sim.inner.lock();
-    let rule = st
-        .faults
-        .iter_mut()
-        .find(|r| r.times > 0 && r.path == path && r.from_date.is_none_or(|d| Some(d) == from))?;
+    let rule = st.faults.iter_mut().find(|r| {
+        r.times > 0
+            && (r.path == path || r.path == canonical)
+            && r.from_date.is_none_or(|d| Some(d) == from)
+    })?;
     rule.times -= 1;
     Some(rule.fault.clone())
 }
@@ -265,6 +341,93 @@ fn rate_limited(sim: &Simulator, request: &str, used: usize, retry_after: Option
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
+}
+
+/// A JSON answer of a query endpoint, gzip-compressed when the client accepts it.
+fn json_reply(reply: api::Reply, gzip: bool) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = if gzip {
+        let mut resp = Response::new(Body::from(gzip_all(&reply.body)));
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        resp
+    } else {
+        Response::new(Body::from(reply.body))
+    };
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.with_status(status)
+}
+
+fn gzip_all(data: &[u8]) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+    // Writing into a Vec cannot fail.
+    let _ = gz.write_all(data);
+    gz.finish().unwrap_or_default()
+}
+
+/// A JSON answer broken by a stream fault: half of the (possibly compressed) body, then a
+/// clean end (`TerminatedEarly`) or a broken connection (`CutBody`).
+fn broken_json(body: Vec<u8>, gzip: bool, fault: &Fault) -> Response {
+    let mut data = if gzip { gzip_all(&body) } else { body };
+    data.truncate(data.len() / 2);
+    let cut = matches!(fault, Fault::CutBody { .. });
+    let (tx, mut rx) = mpsc::channel::<Chunk>(4);
+    tokio::spawn(async move {
+        if tx.send(Ok(Bytes::from(data))).await.is_err() || !cut {
+            return;
+        }
+        // As for the export: let the partial data reach the socket before the error.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while tx.capacity() < tx.max_capacity() && !tx.is_closed() && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let _ = tx
+            .send(Err(io::Error::other(
+                "mixpanel-sim: connection cut mid-body (injected fault)",
+            )))
+            .await;
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    resp
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let v = v.split(';').next().unwrap_or("").trim();
+            v.eq_ignore_ascii_case("application/json") || v.to_ascii_lowercase().ends_with("+json")
+        })
+}
+
+/// The parameters of a JSON body: strings as they are, other values as JSON text.
+fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(o)) => Ok(o
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect()),
+        Ok(_) => Err("a JSON body must be an object of parameters".into()),
+        Err(e) => Err(format!("the JSON body is not valid JSON: {e}")),
+    }
 }
 
 fn json_body(status: StatusCode, body: String) -> Response {

@@ -5,6 +5,7 @@
 pub mod local;
 pub mod part;
 pub mod s3;
+pub mod streaming;
 
 use async_trait::async_trait;
 use bytes::Bytes;

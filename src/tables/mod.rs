@@ -1,7 +1,13 @@
 //! The seven tables: one file per table that knows its requests, slices and record transform.
 
+pub mod annotations;
+pub mod cohort_members;
+pub mod cohorts;
+pub mod engage;
 pub mod export;
+pub mod funnels;
 pub mod json;
+pub mod revenue;
 
 use std::fmt;
 use std::str::FromStr;
@@ -53,11 +59,6 @@ impl Table {
     /// Whether the table is replicated in day slices (else as whole snapshots).
     pub fn is_date_sliced(self) -> bool {
         matches!(self, Table::Export | Table::Funnels | Table::Revenue)
-    }
-
-    /// Whether this build can replicate the table yet.
-    pub fn is_implemented(self) -> bool {
-        matches!(self, Table::Export)
     }
 }
 

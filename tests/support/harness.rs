@@ -247,3 +247,89 @@ pub async fn assert_exact(
         }
     }
 }
+
+/// Reads rows of the objects listed by a manifest, as sorted canonical JSON strings.
+pub async fn read_manifest_rows(
+    sink: &Arc<dyn ObjectSink>,
+    folder: &str,
+) -> Option<(Manifest, Vec<String>)> {
+    let body = sink
+        .get(&format!("{folder}/_manifest.json"))
+        .await
+        .unwrap()?;
+    let manifest: Manifest = serde_json::from_slice(&body).unwrap();
+    let mut rows = Vec::new();
+    for f in &manifest.files {
+        let gz = sink
+            .get(&format!("{folder}/{}", f.name))
+            .await
+            .unwrap()
+            .expect("a listed part is missing");
+        assert_eq!(gz.len() as u64, f.bytes, "manifest bytes of {}", f.name);
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(
+            text.lines().count() as u64,
+            f.records,
+            "manifest records of {}",
+            f.name
+        );
+        for line in text.lines() {
+            rows.push(
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+    }
+    let listed: Vec<String> = sink
+        .list(&format!("{folder}/"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    let mut expected: Vec<String> = manifest
+        .files
+        .iter()
+        .map(|f| format!("{folder}/{}", f.name))
+        .collect();
+    expected.push(format!("{folder}/_manifest.json"));
+    expected.sort();
+    assert_eq!(listed, expected, "objects of {folder}");
+    rows.sort();
+    Some((manifest, rows))
+}
+
+/// The newest complete snapshot of a full table through `_latest.json`: its rows, sorted.
+pub async fn read_latest_snapshot(app: &App, table: &str) -> Option<(String, Vec<String>)> {
+    let base = if app.prefix.is_empty() {
+        table.to_string()
+    } else {
+        format!("{}/{table}", app.prefix)
+    };
+    let latest = app
+        .sink
+        .get(&format!("{base}/_latest.json"))
+        .await
+        .unwrap()?;
+    let latest: serde_json::Value = serde_json::from_slice(&latest).unwrap();
+    let snapshot = latest["snapshot"].as_str().unwrap().to_string();
+    assert_eq!(
+        latest["manifest"],
+        format!("{base}/{snapshot}/_manifest.json")
+    );
+    let (_, rows) = read_manifest_rows(&app.sink, &format!("{base}/{snapshot}"))
+        .await
+        .expect("_latest.json points to a committed snapshot");
+    Some((snapshot, rows))
+}
+
+/// Values as sorted canonical JSON strings.
+pub fn canonical(values: Vec<serde_json::Value>) -> Vec<String> {
+    let mut v: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,444 @@
+//! Full-table snapshots (`engage`, `cohort_members`, `cohorts`, `annotations`): written part by
+//! part into `snapshot=YYYYMMDDTHHMMSSZ/`, resumable across invocations, and made visible only
+//! when complete (manifest, then `_latest.json`). Older snapshots beyond the retention go.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::commit::{self, FileEntry, key};
+use crate::error::{Error, ErrorKind, Result};
+use crate::replicate::SliceResult;
+use crate::sink::streaming::StreamingParts;
+use crate::state::{Lease, Schema, SliceId};
+use crate::tables::json::Columns;
+use crate::tables::{Table, annotations, cohort_members, cohorts, engage};
+
+/// Where a snapshot stands, saved with the slice so that the next invocation resumes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The snapshot folder name, `snapshot=YYYYMMDDTHHMMSSZ`.
+    pub snapshot: String,
+    /// Parts finished so far.
+    pub files: Vec<FileEntry>,
+    /// The next part's index.
+    pub next_part: u32,
+    /// Where the listing continues.
+    pub cursor: Cursor,
+    /// Columns seen so far (engage).
+    #[serde(default)]
+    pub columns: Schema,
+}
+
+/// The position in a paged listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// `cohort_members`: the cohorts to list, fixed when the snapshot starts.
+    pub cohorts: Option<Vec<u64>>,
+    /// `cohort_members`: the cohort being listed.
+    pub cohort_pos: usize,
+    /// `cohort_members`: parts finished before this cohort started (kept when it restarts).
+    pub files_at_cohort_start: usize,
+    /// The listing's session.
+    pub session_id: Option<String>,
+    /// The next page.
+    pub page: u64,
+}
+
+/// What an invocation did to a snapshot.
+pub enum Outcome {
+    /// Committed.
+    Done(SliceResult),
+    /// Progress saved; invoke again.
+    Partial(String),
+}
+
+/// Pages between durable checkpoints, so a crash loses little.
+const CHECKPOINT_PAGES: u64 = 25;
+
+/// Replicates (or resumes) the snapshot of a full table held by `lease`.
+pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome> {
+    let table = lease.table;
+    let record = app
+        .store
+        .slices(table)
+        .await?
+        .into_iter()
+        .find(|r| r.slice == SliceId::Full);
+    let resumed = record.and_then(|r| r.progress);
+    let mut progress: Progress = match &resumed {
+        Some(p) => serde_json::from_str(p)
+            .map_err(|e| Error::state(format!("unreadable {table} snapshot progress: {e}")))?,
+        None => Progress {
+            snapshot: new_snapshot_name(app, table).await?,
+            ..Progress::default()
+        },
+    };
+    let folder = key(&app.prefix, &format!("{table}/{}", progress.snapshot));
+    // A crash after the manifest was written: the snapshot is complete, finish the commit.
+    if resumed.is_some()
+        && let Some(body) = app.sink.get(&format!("{folder}/_manifest.json")).await?
+    {
+        let m: commit::Manifest = serde_json::from_slice(&body).map_err(Error::storage)?;
+        return finish(
+            app,
+            lease,
+            &folder,
+            &progress.snapshot,
+            m.files,
+            &progress.columns,
+        )
+        .await;
+    }
+    let s = &app.settings;
+    let mut parts = StreamingParts::new(
+        app.sink.clone(),
+        folder.clone(),
+        "part",
+        progress.next_part,
+        std::mem::take(&mut progress.files),
+        s.compression,
+        s.max_file_bytes,
+    );
+    let result = fill(app, lease, deadline, &mut progress, &mut parts).await;
+    match result {
+        Ok(true) => {
+            parts.checkpoint().await?;
+            let files = std::mem::take(&mut parts.files);
+            finish(
+                app,
+                lease,
+                &folder,
+                &progress.snapshot,
+                files,
+                &progress.columns,
+            )
+            .await
+        }
+        Ok(false) => {
+            parts.checkpoint().await?;
+            progress.files = std::mem::take(&mut parts.files);
+            progress.next_part = parts.next_index();
+            save(app, lease, &progress).await?;
+            let records: u64 = progress.files.iter().map(|f| f.records).sum();
+            Ok(Outcome::Partial(format!(
+                "deadline reached after {records} records in {} parts; progress saved, invoke again to resume",
+                progress.files.len()
+            )))
+        }
+        Err(e) => {
+            parts.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// `snapshot=YYYYMMDDTHHMMSSZ` of now, or of the next free second when a snapshot of this
+/// second exists already (two snapshots within one second).
+async fn new_snapshot_name(app: &App, table: Table) -> Result<String> {
+    let mut ts = Timestamp::now();
+    loop {
+        let name = format!("snapshot={}", ts.strftime("%Y%m%dT%H%M%SZ"));
+        if app
+            .sink
+            .list(&format!(
+                "{}/",
+                key(&app.prefix, &format!("{table}/{name}"))
+            ))
+            .await?
+            .is_empty()
+        {
+            return Ok(name);
+        }
+        ts += jiff::SignedDuration::from_secs(1);
+    }
+}
+
+async fn save(app: &App, lease: &Lease, progress: &Progress) -> Result<()> {
+    let text = serde_json::to_string(progress).map_err(Error::state)?;
+    if !app.store.save_progress(lease, Some(&text)).await? {
+        return Err(Error::new(
+            ErrorKind::State,
+            format!(
+                "lost the lease on {} while saving progress; another invocation continues",
+                lease.table
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the table into `parts`. Returns true when complete, false when the deadline came.
+async fn fill(
+    app: &App,
+    lease: &Lease,
+    deadline: Instant,
+    progress: &mut Progress,
+    parts: &mut StreamingParts,
+) -> Result<bool> {
+    let table = lease.table;
+    let mc = &app.mixpanel;
+    match table {
+        Table::Cohorts => {
+            let body = mc.query(cohorts::PATH, &[], deadline).await?;
+            cohorts::rows(&body, |line| parts.write(line))?;
+            parts.pump().await?;
+            Ok(true)
+        }
+        Table::Annotations => {
+            let today =
+                crate::tables::export::project_today(&app.settings.timezone, Timestamp::now());
+            let params = annotations::params(app.settings.start_date, today);
+            let creds = mc.credentials().await?;
+            let body = match creds.project_id() {
+                Some(id) => {
+                    mc.app_api(
+                        &format!("projects/{id}/annotations"),
+                        &owned(&params),
+                        deadline,
+                    )
+                    .await?
+                }
+                None => mc.query("annotations", &owned(&params), deadline).await?,
+            };
+            annotations::rows(&body, |line| parts.write(line))?;
+            parts.pump().await?;
+            Ok(true)
+        }
+        Table::Engage => {
+            let known = if app.settings.select_properties_by_default {
+                None
+            } else {
+                app.store.schema(table).await?
+            };
+            let mut columns = Columns::new(known.as_ref());
+            let done =
+                page_through(app, lease, deadline, progress, parts, None, &mut columns).await?;
+            merge(
+                &mut progress.columns,
+                columns.schema(&[("distinct_id", "string")]),
+            );
+            Ok(done)
+        }
+        Table::CohortMembers => {
+            if progress.cursor.cohorts.is_none() {
+                let body = mc.query(cohorts::PATH, &[], deadline).await?;
+                progress.cursor.cohorts = Some(cohorts::rows(&body, |_| {})?);
+            }
+            let ids = progress.cursor.cohorts.clone().unwrap_or_default();
+            let mut columns = Columns::new(None);
+            while progress.cursor.cohort_pos < ids.len() {
+                let id = ids[progress.cursor.cohort_pos];
+                if !page_through(
+                    app,
+                    lease,
+                    deadline,
+                    progress,
+                    parts,
+                    Some(id),
+                    &mut columns,
+                )
+                .await?
+                {
+                    return Ok(false);
+                }
+                // Each cohort ends a part, so a restarted cohort drops only its own parts.
+                parts.checkpoint().await?;
+                progress.cursor.cohort_pos += 1;
+                progress.cursor.page = 0;
+                progress.cursor.session_id = None;
+                progress.cursor.files_at_cohort_start = parts.files.len();
+            }
+            Ok(true)
+        }
+        other => Err(Error::event(format!("{other} is not a full table"))),
+    }
+}
+
+fn owned(p: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    p.to_vec()
+}
+
+fn merge(into: &mut Schema, more: Schema) {
+    for (k, v) in more.columns {
+        into.columns.entry(k).or_insert(v);
+    }
+}
+
+/// Pages through `engage` (one cohort's members when `cohort`), writing rows. Returns false
+/// when the deadline came first (the cursor then says where to resume).
+async fn page_through(
+    app: &App,
+    lease: &Lease,
+    deadline: Instant,
+    progress: &mut Progress,
+    parts: &mut StreamingParts,
+    cohort: Option<u64>,
+    columns: &mut Columns,
+) -> Result<bool> {
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut props = Vec::with_capacity(4096);
+    let mut pages = 0u64;
+    loop {
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        let params = engage::page_params(
+            progress.cursor.session_id.as_deref(),
+            progress.cursor.page,
+            cohort,
+        );
+        let body = match app.mixpanel.query("engage", &params, deadline).await {
+            Ok(b) => b,
+            Err(e) if engage::is_expired_session(&e) && progress.cursor.session_id.is_some() => {
+                tracing::warn!(table = %lease.table, cohort, error = %e, "the engage session expired; restarting the listing");
+                restart(app, progress, parts).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let page = engage::parse_page(&body)?;
+        for profile in &page.results {
+            out.clear();
+            match cohort {
+                None => engage::profile_row(profile, &mut out, &mut props, columns)?,
+                Some(id) => cohort_members::member_row(id, profile, &mut out)?,
+            }
+            parts.write(&out);
+        }
+        parts.pump().await?;
+        let full = page.results.len() >= engage::PAGE_SIZE;
+        progress.cursor.session_id = page
+            .session_id
+            .clone()
+            .or(progress.cursor.session_id.take());
+        progress.cursor.page += 1;
+        if !full {
+            return Ok(true);
+        }
+        pages += 1;
+        if pages.is_multiple_of(CHECKPOINT_PAGES) {
+            parts.checkpoint().await?;
+            let mut saved = progress.clone();
+            saved.files = parts.files.clone();
+            saved.next_part = parts.next_index();
+            save(app, lease, &saved).await?;
+        }
+    }
+}
+
+/// Drops what the current listing wrote (the whole snapshot, or the current cohort's parts)
+/// and starts it again from page 0 with a new session.
+async fn restart(app: &App, progress: &mut Progress, parts: &mut StreamingParts) -> Result<()> {
+    parts.checkpoint().await?;
+    let keep = if progress.cursor.cohorts.is_some() {
+        progress.cursor.files_at_cohort_start
+    } else {
+        0
+    };
+    let dropped: Vec<FileEntry> = parts.files.split_off(keep.min(parts.files.len()));
+    if !dropped.is_empty() {
+        let keys: Vec<String> = dropped
+            .iter()
+            .map(|f| format!("{}/{}", parts.folder(), f.name))
+            .collect();
+        app.sink.delete(&keys).await?;
+    }
+    progress.cursor.session_id = None;
+    progress.cursor.page = 0;
+    Ok(())
+}
+
+/// Commits a complete snapshot: fencing check, manifest, stray parts removed, `_latest.json`,
+/// old snapshots removed, slice completed, schema.
+async fn finish(
+    app: &App,
+    lease: &Lease,
+    folder: &str,
+    snapshot: &str,
+    files: Vec<FileEntry>,
+    columns: &Schema,
+) -> Result<Outcome> {
+    let table = lease.table;
+    let manifest = commit::commit(
+        app.store.as_ref(),
+        app.sink.as_ref(),
+        lease,
+        folder,
+        snapshot,
+        files,
+    )
+    .await?;
+    let latest = serde_json::json!({
+        "snapshot": snapshot,
+        "manifest": format!("{folder}/_manifest.json"),
+        "committed_at": manifest.committed_at,
+    });
+    app.sink
+        .put(
+            &key(&app.prefix, &format!("{table}/_latest.json")),
+            Bytes::from(serde_json::to_vec_pretty(&latest).map_err(Error::storage)?),
+            "application/json",
+        )
+        .await?;
+    prune(app, table, snapshot).await?;
+    if table == Table::Engage {
+        let schema = if app.settings.select_properties_by_default {
+            app.store.merge_schema(table, columns).await?
+        } else {
+            app.store.init_schema(table, columns).await?
+        };
+        commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
+    }
+    Ok(Outcome::Done(SliceResult {
+        records: manifest.records,
+        bytes: manifest.files.iter().map(|f| f.bytes).sum(),
+        files: manifest.files.len() as u64,
+        ..SliceResult::default()
+    }))
+}
+
+/// Keeps the newest `SNAPSHOT_RETENTION` complete snapshots; removes older ones and abandoned
+/// (never committed) ones.
+async fn prune(app: &App, table: Table, current: &str) -> Result<()> {
+    let base = key(&app.prefix, &format!("{table}/"));
+    let objects = app.sink.list(&base).await?;
+    let mut folders: BTreeMap<String, (bool, Vec<String>)> = BTreeMap::new();
+    for o in objects {
+        let rest = &o.key[base.len()..];
+        let Some((folder, name)) = rest.split_once('/') else {
+            continue;
+        };
+        if !folder.starts_with("snapshot=") {
+            continue;
+        }
+        let entry = folders.entry(folder.to_string()).or_default();
+        entry.0 |= name == "_manifest.json";
+        entry.1.push(o.key.clone());
+    }
+    let mut complete: Vec<&String> = folders
+        .iter()
+        .filter(|(f, (m, _))| *m && f.as_str() != current)
+        .map(|(f, _)| f)
+        .collect();
+    complete.sort();
+    complete.reverse();
+    let keep = app.settings.snapshot_retention.saturating_sub(1) as usize;
+    let mut doomed: Vec<String> = Vec::new();
+    for f in complete.into_iter().skip(keep) {
+        doomed.extend(folders[f].1.iter().cloned());
+    }
+    for (f, (has_manifest, keys)) in &folders {
+        if !has_manifest && f.as_str() != current {
+            doomed.extend(keys.iter().cloned());
+        }
+    }
+    if !doomed.is_empty() {
+        app.sink.delete(&doomed).await?;
+    }
+    Ok(())
+}

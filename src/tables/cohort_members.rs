@@ -1,0 +1,16 @@
+//! The `cohort_members` table: every cohort's members (`engage` with `filter_by_cohort`), one
+//! row per membership.
+
+use serde_json::value::RawValue;
+
+use crate::error::Result;
+use crate::tables::engage;
+
+/// Writes `{"cohort_id": N, "distinct_id": ...}` and a newline.
+pub fn member_row(cohort_id: u64, profile: &RawValue, out: &mut Vec<u8>) -> Result<()> {
+    let distinct = engage::distinct_id(profile)?;
+    out.extend_from_slice(format!("{{\"cohort_id\":{cohort_id},\"distinct_id\":").as_bytes());
+    out.extend_from_slice(distinct.get().as_bytes());
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}

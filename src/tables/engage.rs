@@ -1,0 +1,164 @@
+//! The `engage` table: user profiles, a full snapshot read page by page (also the listing
+//! behind `cohort_members`).
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::tables::json::{Columns, FlattenSeed, Key};
+
+/// Profiles asked for per page (the most Mixpanel serves).
+pub const PAGE_SIZE: usize = 1000;
+
+/// One page of the `engage` listing.
+#[derive(Deserialize)]
+pub struct Page<'a> {
+    /// The profiles, as raw JSON.
+    #[serde(borrow, default)]
+    pub results: Vec<&'a RawValue>,
+    /// The listing's session, needed for the next page.
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Parses a page; a body that is not one is a `BadResponse`.
+pub fn parse_page(body: &[u8]) -> Result<Page<'_>> {
+    serde_json::from_slice(body).map_err(|e| {
+        let excerpt: String = String::from_utf8_lossy(body).chars().take(120).collect();
+        Error::new(
+            ErrorKind::BadResponse,
+            format!("engage answered something that is not a page ({e}): {excerpt:?}"),
+        )
+    })
+}
+
+/// The query parameters of one page (`cohort`: only that cohort's members).
+pub fn page_params(
+    session_id: Option<&str>,
+    page: u64,
+    cohort: Option<u64>,
+) -> Vec<(&'static str, String)> {
+    let mut p = vec![
+        ("page_size", PAGE_SIZE.to_string()),
+        ("page", page.to_string()),
+    ];
+    if let Some(s) = session_id {
+        p.push(("session_id", s.to_string()));
+    }
+    if let Some(id) = cohort {
+        p.push(("filter_by_cohort", format!("{{\"id\":{id}}}")));
+    }
+    p
+}
+
+/// Whether Mixpanel refused a page because the listing's session expired: the listing restarts.
+pub fn is_expired_session(e: &Error) -> bool {
+    e.kind() == ErrorKind::BadResponse && e.message().to_ascii_lowercase().contains("session")
+}
+
+/// Writes a profile as `{"distinct_id": ..., <$properties flattened>}` and a newline.
+pub fn profile_row(
+    profile: &RawValue,
+    out: &mut Vec<u8>,
+    props: &mut Vec<u8>,
+    columns: &mut Columns,
+) -> Result<()> {
+    props.clear();
+    let mut de = serde_json::Deserializer::from_str(profile.get());
+    let distinct = ProfileSeed { props, columns }
+        .deserialize(&mut de)
+        .map_err(|e| bad_profile(profile, &e.to_string()))?;
+    let distinct = distinct.ok_or_else(|| bad_profile(profile, "no $distinct_id"))?;
+    out.extend_from_slice(b"{\"distinct_id\":");
+    out.extend_from_slice(distinct.get().as_bytes());
+    out.extend_from_slice(props);
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// The `$distinct_id` of a profile.
+pub fn distinct_id(profile: &RawValue) -> Result<&RawValue> {
+    #[derive(Deserialize)]
+    struct Only<'a> {
+        #[serde(borrow, rename = "$distinct_id")]
+        distinct_id: Option<&'a RawValue>,
+    }
+    let only: Only =
+        serde_json::from_str(profile.get()).map_err(|e| bad_profile(profile, &e.to_string()))?;
+    only.distinct_id
+        .ok_or_else(|| bad_profile(profile, "no $distinct_id"))
+}
+
+fn bad_profile(profile: &RawValue, why: &str) -> Error {
+    let excerpt: String = profile.get().chars().take(120).collect();
+    Error::new(
+        ErrorKind::BadResponse,
+        format!("unusable engage profile ({why}): {excerpt:?}"),
+    )
+}
+
+struct ProfileSeed<'s> {
+    props: &'s mut Vec<u8>,
+    columns: &'s mut Columns,
+}
+
+impl<'de> DeserializeSeed<'de> for ProfileSeed<'_> {
+    type Value = Option<&'de RawValue>;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ProfileSeed<'_> {
+    type Value = Option<&'de RawValue>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an engage profile object")
+    }
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut distinct = None;
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            match &*k {
+                "$distinct_id" => distinct = Some(map.next_value::<&'de RawValue>()?),
+                "$properties" => map.next_value_seed(FlattenSeed {
+                    out: &mut *self.props,
+                    columns: &mut *self.columns,
+                })?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(distinct)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_is_flattened_with_exact_values() {
+        let page = parse_page(
+            br#"{"page":0,"session_id":"s1","results":[{"$distinct_id":"a/b c","$properties":{"$email":"x@y","n":12345678901234567890,"o":{"k":[1.50]}}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(page.session_id.as_deref(), Some("s1"));
+        let mut out = Vec::new();
+        let mut props = Vec::new();
+        let mut cols = Columns::new(None);
+        profile_row(page.results[0], &mut out, &mut props, &mut cols).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"distinct_id\":\"a/b c\",\"mp_reserved_email\":\"x@y\",\"n\":12345678901234567890,\"o\":{\"k\":[1.50]}}\n"
+        );
+    }
+}

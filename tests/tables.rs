@@ -1,0 +1,250 @@
+//! The six other tables end to end against the simulator, locally and on moto.
+
+mod support;
+
+use mixpanel_replicator::cli::sync;
+use mixpanel_replicator::handler::{self, Status};
+use mixpanel_replicator::tables::Table;
+use serde_json::json;
+use support::harness::*;
+
+fn deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(120)
+}
+
+async fn assert_all_tables_exact(app: &mixpanel_replicator::app::App, project: &Project) {
+    let sim = project.simulator();
+    let first = sim.config().first_day;
+    let today = today_in(&sim.config().timezone);
+    for (table, truth) in [
+        ("engage", sim.engage_ground_truth()),
+        ("cohorts", sim.cohorts_ground_truth()),
+        ("cohort_members", sim.cohort_members_ground_truth()),
+        ("annotations", sim.annotations_ground_truth()),
+    ] {
+        let (_, rows) = read_latest_snapshot(app, table)
+            .await
+            .unwrap_or_else(|| panic!("{table} has no snapshot"));
+        let truth = canonical(truth);
+        assert!(!truth.is_empty(), "{table} ground truth is empty");
+        assert_eq!(rows.len(), truth.len(), "{table} rows");
+        assert_eq!(rows, truth, "{table}");
+    }
+    for day in days(first, today) {
+        for (table, truth) in [
+            ("funnels", sim.funnels_ground_truth(day)),
+            ("revenue", sim.revenue_ground_truth(day)),
+        ] {
+            let base = if app.prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", app.prefix)
+            };
+            let (_, rows) = read_manifest_rows(&app.sink, &format!("{base}{table}/date={day}"))
+                .await
+                .unwrap_or_else(|| panic!("{table} {day} was not committed"));
+            assert_eq!(rows, canonical(truth), "{table} {day}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_without_tables_replicates_all_seven_exactly_into_a_local_folder() {
+    let cfg = sim_config("UTC", 6, 100);
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = project
+        .local_app(dir.path(), &[("MIXPANEL_DATE_WINDOW_DAYS", "3")])
+        .await;
+    let report = sync(&app, &[]).await.unwrap();
+    assert_eq!((report.failed, report.skipped.len()), (0, 0), "{report:?}");
+    assert_all_tables_exact(&app, &project).await;
+    assert_exact(
+        &app,
+        project.simulator(),
+        project.simulator().config().first_day,
+        today_in("UTC"),
+        None,
+    )
+    .await;
+    // Funnels: one query per funnel per window of three days (7 days → 3 windows).
+    let funnel_queries = project
+        .simulator()
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/2.0/funnels")
+        .count();
+    assert_eq!(funnel_queries, project.simulator().funnel_ids().len() * 3);
+    // Every revenue request's $overall stayed out of the rows (checked by the ground truth) and
+    // engage has a schema file.
+    assert!(dir.path().join("engage/_schema.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_seven_tables_replicate_exactly_into_s3() {
+    let cfg = sim_config("UTC", 3, 60);
+    let secret = json!({"api_secret": cfg.api_secret}).to_string();
+    let project = Project::start(cfg).await;
+    let aws = Aws::start().await;
+    aws.provision("all-tables", "all-state", "creds", &secret)
+        .await;
+    let app = aws
+        .app(&project, "all-tables", "all-state", "creds", &[])
+        .await;
+    let report = sync(&app, &[]).await.unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_all_tables_exact(&app, &project).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engage_of_100k_profiles_resumes_across_many_short_invocations_and_survives_an_expired_session()
+ {
+    let mut cfg = sim_config("UTC", 1, 10);
+    cfg.profiles = 100_000;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let mut partials = 0;
+    let mut expired = false;
+    loop {
+        let short = tokio::time::Instant::now() + std::time::Duration::from_millis(400);
+        let r = handler::handle(&app, json!({"table": "engage"}), short)
+            .await
+            .unwrap();
+        match r.status {
+            Status::Partial => {
+                partials += 1;
+                // No half snapshot is ever visible.
+                assert!(read_latest_snapshot(&app, "engage").await.is_none());
+                if partials == 3 && !expired {
+                    sim.expire_engage_sessions();
+                    expired = true;
+                }
+            }
+            Status::Done => break,
+            other => panic!("unexpected {other:?}: {r:?}"),
+        }
+        assert!(partials < 2000, "engage never finished");
+    }
+    assert!(
+        partials >= 3,
+        "the budget was small enough to need several invocations ({partials})"
+    );
+    let (_, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
+    assert_eq!(rows.len(), 100_000);
+    assert_eq!(rows, canonical(sim.engage_ground_truth()));
+    let restarts = sim.requests().iter().filter(|r| r.status == 400).count();
+    assert_eq!(restarts, 1, "one expired session, one clean restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_without_engage_skips_it_and_the_other_tables_replicate() {
+    let mut cfg = sim_config("UTC", 2, 30);
+    cfg.plan_excludes = vec!["engage".into()];
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let r = handler::handle(&app, json!({"table": "engage"}), deadline())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Skipped);
+    assert!(
+        r.reason.as_deref().unwrap().contains("plan does not allow"),
+        "{r:?}"
+    );
+    let report = sync(&app, &[]).await.unwrap();
+    // cohort_members is read through engage, so the plan excludes it too.
+    assert_eq!(report.skipped, ["cohort_members", "engage"]);
+    assert_eq!(report.failed, 0);
+    assert!(read_latest_snapshot(&app, "engage").await.is_none());
+    let (_, rows) = read_latest_snapshot(&app, "cohorts").await.unwrap();
+    assert_eq!(rows, canonical(project.simulator().cohorts_ground_truth()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eu_project_skips_revenue_with_an_explanation() {
+    let mut cfg = sim_config("UTC", 2, 30);
+    cfg.eu_revenue_400 = true;
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = project
+        .local_app(dir.path(), &[("MIXPANEL_REGION", "eu")])
+        .await;
+    let r = handler::handle(&app, json!({"table": "revenue"}), deadline())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Skipped, "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("EU servers do not serve engage/revenue"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn funnels_rerun_their_attribution_window_and_snapshots_keep_the_retention() {
+    let cfg = sim_config("UTC", 8, 30);
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [
+        ("MIXPANEL_REFRESH_MINUTES", "0"),
+        ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "2"),
+        ("SNAPSHOT_RETENTION", "2"),
+    ];
+    let app = project.local_app(dir.path(), &extra).await;
+    sync(&app, &[Table::Funnels, Table::Cohorts]).await.unwrap();
+    let before = project.simulator().requests().len();
+    // A second run re-reads only the window (today and the two days before) and re-snapshots.
+    let report = sync(&app, &[Table::Funnels, Table::Cohorts]).await.unwrap();
+    assert_eq!(report.failed, 0);
+    let second: Vec<_> = project
+        .simulator()
+        .requests()
+        .into_iter()
+        .skip(before)
+        .collect();
+    let today = today_in("UTC");
+    let from = minus(today, 2).to_string();
+    assert!(
+        second
+            .iter()
+            .filter(|r| r.path == "/api/2.0/funnels")
+            .all(|r| r.query.contains(&format!("from_date={from}"))),
+        "{second:?}"
+    );
+    assert_all_funnels_exact(&app, &project).await;
+    // Three snapshots of cohorts were made over three runs; two are kept.
+    sync(&app, &[Table::Cohorts]).await.unwrap();
+    let snapshots: std::collections::BTreeSet<String> = app
+        .sink
+        .list("cohorts/")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| {
+            o.key
+                .split('/')
+                .nth(1)
+                .filter(|f| f.starts_with("snapshot="))
+                .map(String::from)
+        })
+        .collect();
+    assert!(snapshots.len() <= 2, "{snapshots:?}");
+}
+
+async fn assert_all_funnels_exact(app: &mixpanel_replicator::app::App, project: &Project) {
+    let sim = project.simulator();
+    for day in days(sim.config().first_day, today_in("UTC")) {
+        let (_, rows) = read_manifest_rows(&app.sink, &format!("funnels/date={day}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            canonical(sim.funnels_ground_truth(day)),
+            "funnels {day}"
+        );
+    }
+}
