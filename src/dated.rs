@@ -19,6 +19,7 @@ use crate::plan;
 use crate::replicate::SliceResult;
 use crate::sink::part::GZIP_LEVEL;
 use crate::state::{Lease, SliceId};
+use crate::tables::json::fixed_schema;
 use crate::tables::{Table, funnels, revenue};
 
 /// Replicates the window starting at `first` (already claimed); returns the total and the
@@ -169,6 +170,23 @@ async fn replicate(
         total.bytes += m.files.iter().map(|f| f.bytes).sum::<u64>();
     }
     commit::advance_bookmark(app.store.as_ref(), table, app.settings.start_date).await?;
+    let columns = match table {
+        Table::Funnels => fixed_schema(&[
+            ("funnel_id", "integer"),
+            ("name", "string"),
+            ("date", "date"),
+            ("steps", "array"),
+            ("analysis", "object"),
+        ]),
+        _ => fixed_schema(&[
+            ("date", "date"),
+            ("amount", "number"),
+            ("count", "integer"),
+            ("paid_count", "integer"),
+        ]),
+    };
+    let schema = app.store.merge_schema(table, &columns).await?;
+    commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
     Ok((
         total,
         if from == to {

@@ -15,7 +15,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::replicate::SliceResult;
 use crate::sink::streaming::StreamingParts;
 use crate::state::{Lease, Schema, SliceId};
-use crate::tables::json::Columns;
+use crate::tables::json::{Columns, discover_object, fixed_schema};
 use crate::tables::{Table, annotations, cohort_members, cohorts, engage};
 
 /// Where a snapshot stands, saved with the slice so that the next invocation resumes it.
@@ -185,8 +185,13 @@ async fn fill(
     match table {
         Table::Cohorts => {
             let body = mc.query(cohorts::PATH, &[], deadline).await?;
-            cohorts::rows(&body, |line| parts.write(line))?;
+            let mut columns = Columns::new(None);
+            cohorts::rows(&body, |line| {
+                parts.write(line);
+                discover_object(line, &mut columns);
+            })?;
             parts.pump().await?;
+            merge(&mut progress.columns, columns.schema(&[]));
             Ok(true)
         }
         Table::Annotations => {
@@ -205,8 +210,13 @@ async fn fill(
                 }
                 None => mc.query("annotations", &owned(&params), deadline).await?,
             };
-            annotations::rows(&body, |line| parts.write(line))?;
+            let mut columns = Columns::new(None);
+            annotations::rows(&body, |line| {
+                parts.write(line);
+                discover_object(line, &mut columns);
+            })?;
             parts.pump().await?;
+            merge(&mut progress.columns, columns.schema(&[]));
             Ok(true)
         }
         Table::Engage => {
@@ -230,6 +240,7 @@ async fn fill(
                 progress.cursor.cohorts = Some(cohorts::rows(&body, |_| {})?);
             }
             let ids = progress.cursor.cohorts.clone().unwrap_or_default();
+            progress.columns = fixed_schema(&[("cohort_id", "integer"), ("distinct_id", "string")]);
             let mut columns = Columns::new(None);
             while progress.cursor.cohort_pos < ids.len() {
                 let id = ids[progress.cursor.cohort_pos];
@@ -386,14 +397,13 @@ async fn finish(
         )
         .await?;
     prune(app, table, snapshot).await?;
-    if table == Table::Engage {
-        let schema = if app.settings.select_properties_by_default {
-            app.store.merge_schema(table, columns).await?
-        } else {
-            app.store.init_schema(table, columns).await?
-        };
-        commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
-    }
+    // Only engage's columns are subject to MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT.
+    let schema = if table == Table::Engage && !app.settings.select_properties_by_default {
+        app.store.init_schema(table, columns).await?
+    } else {
+        app.store.merge_schema(table, columns).await?
+    };
+    commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
     Ok(Outcome::Done(SliceResult {
         records: manifest.records,
         bytes: manifest.files.iter().map(|f| f.bytes).sum(),

@@ -75,9 +75,29 @@ async fn sync_without_tables_replicates_all_seven_exactly_into_a_local_folder() 
         .filter(|r| r.path == "/api/2.0/funnels")
         .count();
     assert_eq!(funnel_queries, project.simulator().funnel_ids().len() * 3);
-    // Every revenue request's $overall stayed out of the rows (checked by the ground truth) and
-    // engage has a schema file.
-    assert!(dir.path().join("engage/_schema.json").exists());
+    // Every table has a schema file next to its data.
+    for table in Table::ALL {
+        let schema: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join(format!("{table}/_schema.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(schema["table"], table.as_str());
+        assert!(
+            !schema["columns"].as_array().unwrap().is_empty(),
+            "{schema}"
+        );
+    }
+    let cohorts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cohorts/_schema.json")).unwrap())
+            .unwrap();
+    assert!(
+        cohorts["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "id" && c["type"] == "integer"),
+        "{cohorts}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

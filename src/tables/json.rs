@@ -168,6 +168,28 @@ impl<'de> Visitor<'de> for FlattenSeed<'_> {
     }
 }
 
+/// Records the top-level keys and types of a JSON object line (tables written as returned).
+pub fn discover_object(line: &[u8], columns: &mut Columns) {
+    let mut scratch = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(line);
+    // A line that is not an object has no columns to discover; it is written as returned.
+    let _ = FlattenSeed {
+        out: &mut scratch,
+        columns,
+    }
+    .deserialize(&mut de);
+}
+
+/// A schema of fixed columns.
+pub fn fixed_schema(columns: &[(&str, &str)]) -> Schema {
+    Schema {
+        columns: columns
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect(),
+    }
+}
+
 /// Writes the inside of a JSON string.
 pub fn write_escaped(out: &mut Vec<u8>, s: &str) {
     for &b in s.as_bytes() {
