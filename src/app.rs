@@ -1,10 +1,12 @@
 //! Everything an invocation needs, built once per process (warm Lambda invocations reuse it).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::Settings;
 use crate::error::Result;
 use crate::mixpanel::MixpanelClient;
+use crate::ratelimit::{Limits, RequestBudget};
 use crate::secrets::CredentialsProvider;
 use crate::sink::ObjectSink;
 use crate::sink::local::LocalSink;
@@ -78,6 +80,25 @@ impl App {
                     .unwrap_or_else(|| local_root.join(".state.json")),
             )?),
         };
+        let budget = RequestBudget::new(
+            store.clone(),
+            Limits {
+                per_window: settings.export_requests_per_window,
+                window: settings.rate_window,
+                per_second: Some(settings.export_requests_per_second),
+                concurrent: settings.export_concurrency,
+                // An export body may stream for the whole invocation.
+                max_hold: Duration::from_secs(900),
+            },
+            Limits {
+                per_window: settings.query_requests_per_window,
+                window: settings.rate_window,
+                per_second: None,
+                concurrent: settings.query_concurrency,
+                max_hold: Duration::from_secs(120),
+            },
+        );
+        let mixpanel = mixpanel.with_budget(Arc::new(budget));
         Ok(App {
             settings: Arc::new(settings),
             mixpanel,

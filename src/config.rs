@@ -122,6 +122,12 @@ pub struct Settings {
     pub query_requests_per_window: u32,
     /// Length of the rate window.
     pub rate_window: Duration,
+    /// Export requests allowed per second.
+    pub export_requests_per_second: u32,
+    /// Export requests in flight at once.
+    pub export_concurrency: u32,
+    /// Query API requests in flight at once.
+    pub query_concurrency: u32,
     /// Time budget of one invocation when no deadline is known.
     pub time_budget: Duration,
     /// Complete snapshots kept per full table.
@@ -159,6 +165,9 @@ pub const VARIABLES: &[&str] = &[
     "MIXPANEL_EXPORT_REQUESTS_PER_WINDOW",
     "MIXPANEL_QUERY_REQUESTS_PER_WINDOW",
     "MIXPANEL_RATE_WINDOW_SECONDS",
+    "MIXPANEL_EXPORT_REQUESTS_PER_SECOND",
+    "MIXPANEL_EXPORT_CONCURRENCY",
+    "MIXPANEL_QUERY_CONCURRENCY",
     "INVOCATION_TIME_BUDGET_SECONDS",
     "SNAPSHOT_RETENTION",
     "MIXPANEL_DATE_WINDOW_DAYS",
@@ -319,6 +328,11 @@ impl Settings {
             1,
             86_400,
         )?);
+        let export_requests_per_second =
+            number(&get, "MIXPANEL_EXPORT_REQUESTS_PER_SECOND", 3, 1, 10_000)? as u32;
+        let export_concurrency =
+            number(&get, "MIXPANEL_EXPORT_CONCURRENCY", 100, 1, 10_000)? as u32;
+        let query_concurrency = number(&get, "MIXPANEL_QUERY_CONCURRENCY", 5, 1, 10_000)? as u32;
         let time_budget = Duration::from_secs(number(
             &get,
             "INVOCATION_TIME_BUDGET_SECONDS",
@@ -351,6 +365,9 @@ impl Settings {
             export_requests_per_window,
             query_requests_per_window,
             rate_window,
+            export_requests_per_second,
+            export_concurrency,
+            query_concurrency,
             time_budget,
             snapshot_retention,
             date_window_days,

@@ -57,6 +57,10 @@ pub async fn run(out: PathBuf) -> Result<ExitCode> {
         ("MIXPANEL_PROJECT_TIMEZONE", config.timezone.clone()),
         ("MIXPANEL_API_URL", running.url()),
         ("MIXPANEL_DATA_URL", running.url()),
+        // The simulator has no rate limit: the demo need not pace itself like a real project.
+        ("MIXPANEL_EXPORT_REQUESTS_PER_WINDOW", "100000".into()),
+        ("MIXPANEL_QUERY_REQUESTS_PER_WINDOW", "100000".into()),
+        ("MIXPANEL_EXPORT_REQUESTS_PER_SECOND", "1000".into()),
     ]);
     let mut settings = Settings::from_lookup(RunMode::Local, |k| vars.get(k).cloned())?;
     settings.output_dir = Some(out.clone());

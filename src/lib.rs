@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mixpanel;
 pub mod plan;
+pub mod ratelimit;
 pub mod replicate;
 pub mod secrets;
 pub mod sink;

@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::ratelimit::{Family, Permit, RequestBudget};
 use crate::secrets::CredentialsProvider;
 
 /// Counters of what the client did, for the invocation summary.
@@ -47,6 +48,28 @@ pub struct MixpanelClient {
     credentials: Arc<CredentialsProvider>,
     stats: Arc<RequestStats>,
     base_backoff: Duration,
+    budget: Option<Arc<RequestBudget>>,
+}
+
+/// An export response whose body holds a slot of the shared request budget until it is read.
+pub struct ExportResponse {
+    resp: reqwest::Response,
+    permit: Option<Permit>,
+}
+
+impl ExportResponse {
+    /// The body as a stream of chunks (gunzipped); the budget slot is given back when the
+    /// stream is dropped.
+    pub fn bytes_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static {
+        use futures_util::StreamExt;
+        let permit = self.permit;
+        self.resp.bytes_stream().map(move |chunk| {
+            let _held = &permit;
+            chunk
+        })
+    }
 }
 
 impl MixpanelClient {
@@ -76,7 +99,14 @@ impl MixpanelClient {
             credentials,
             stats: Arc::new(RequestStats::default()),
             base_backoff: Duration::from_millis(500),
+            budget: None,
         })
+    }
+
+    /// Takes every request from the shared budget.
+    pub fn with_budget(mut self, budget: Arc<RequestBudget>) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Shortens backoff between retries (tests against the simulator).
@@ -124,15 +154,23 @@ impl MixpanelClient {
 
     /// Starts a raw export and returns the response once its status is 200; 429 and 5xx are
     /// retried with backoff (honouring `Retry-After`) as long as `deadline` allows.
-    pub async fn export(&self, q: &ExportQuery, deadline: Instant) -> Result<reqwest::Response> {
+    pub async fn export(&self, q: &ExportQuery, deadline: Instant) -> Result<ExportResponse> {
         let url = self.export_url();
-        self.send(&url, "/api/2.0/export", deadline, |project_id| {
-            self.export_params(q, project_id)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect()
-        })
-        .await
+        let (resp, permit) = self
+            .send(
+                &url,
+                "/api/2.0/export",
+                Family::Export,
+                deadline,
+                |project_id| {
+                    self.export_params(q, project_id)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect()
+                },
+            )
+            .await?;
+        Ok(ExportResponse { resp, permit })
     }
 
     /// Calls a query API endpoint (`path` like `engage` or `cohorts/list`) and returns its
@@ -167,8 +205,8 @@ impl MixpanelClient {
         params: &[(&str, String)],
         deadline: Instant,
     ) -> Result<bytes::Bytes> {
-        let resp = self
-            .send(url, shown, deadline, |project_id| {
+        let (resp, permit) = self
+            .send(url, shown, Family::Query, deadline, |project_id| {
                 let mut p: Vec<(String, String)> = params
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.clone()))
@@ -179,12 +217,16 @@ impl MixpanelClient {
                 p
             })
             .await?;
-        resp.bytes().await.map_err(|e| {
+        let body = resp.bytes().await.map_err(|e| {
             Error::transient(format!(
                 "the answer of {shown} broke off: {}",
                 without_url(&e)
             ))
-        })
+        });
+        if let Some(p) = permit {
+            p.release().await;
+        }
+        body
     }
 
     /// Current credentials (for callers that need the service account's project id).
@@ -197,13 +239,19 @@ impl MixpanelClient {
         &self,
         url: &str,
         shown: &str,
+        family: Family,
         deadline: Instant,
         params: impl Fn(Option<u64>) -> Vec<(String, String)>,
-    ) -> Result<reqwest::Response> {
+    ) -> Result<(reqwest::Response, Option<Permit>)> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let creds = self.credentials.get().await?;
+            // Every attempt is a request Mixpanel counts: each takes from the shared budget.
+            let permit = match &self.budget {
+                Some(b) => Some(b.acquire(family, deadline).await?),
+                None => None,
+            };
             let query = params(creds.project_id());
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let sent = self
@@ -215,7 +263,7 @@ impl MixpanelClient {
                 .send()
                 .await;
             let (err, retry_after) = match sent {
-                Ok(resp) if resp.status() == StatusCode::OK => return Ok(resp),
+                Ok(resp) if resp.status() == StatusCode::OK => return Ok((resp, permit)),
                 Ok(resp) => {
                     let status = resp.status();
                     let retry_after = retry_after(&resp);

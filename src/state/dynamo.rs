@@ -27,6 +27,8 @@ use crate::tables::Table;
 
 const BOOKMARK_PK: &str = "bookmark";
 const SCHEMA_PK: &str = "schema";
+/// Partition key of small versioned documents (the request ledger).
+const DOCUMENT_PK: &str = "document";
 /// How often a schema merge re-reads after losing a race before giving up.
 const MERGE_ATTEMPTS: usize = 32;
 
@@ -416,6 +418,44 @@ impl StateStore for DynamoStore {
                 "the schema of {table} in DynamoDB table {} exists and vanished at once",
                 self.table_name
             ))),
+        }
+    }
+
+    async fn document(&self, name: &str) -> Result<Option<(String, u64)>> {
+        let op = format!("reading the document {name}");
+        let Some(item) = self.get(&op, DOCUMENT_PK, name).await? else {
+            return Ok(None);
+        };
+        let bad = |reason: String| self.malformed(DOCUMENT_PK, name, reason);
+        let body = match item.get("body") {
+            Some(AttributeValue::S(b)) => b.clone(),
+            _ => return Err(bad("body is not a string".into())),
+        };
+        let version = number(&item, "version").map_err(bad)?.unwrap_or(0);
+        Ok(Some((body, version)))
+    }
+
+    async fn put_document(&self, name: &str, body: &str, expected: Option<u64>) -> Result<bool> {
+        let next = expected.map_or(1, |v| v + 1);
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(&self.table_name)
+            .item("pk", s(DOCUMENT_PK))
+            .item("sk", s(name))
+            .item("body", s(body))
+            .item("version", n(next));
+        request = match expected {
+            None => request.condition_expression("attribute_not_exists(pk)"),
+            Some(v) => request
+                .condition_expression("#version = :version")
+                .expression_attribute_names("#version", "version")
+                .expression_attribute_values(":version", n(v)),
+        };
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if condition_failed(&e) => Ok(false),
+            Err(e) => Err(self.fail(&format!("writing the document {name}"), e)),
         }
     }
 

@@ -36,9 +36,19 @@ struct StateFile {
     /// Table name → discovered schema.
     #[serde(default)]
     schemas: BTreeMap<String, Schema>,
+    /// Small versioned documents (the request ledger).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    documents: BTreeMap<String, Document>,
     /// Whatever else the file holds (kept as is, so nothing written by others is lost).
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A versioned document in the file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Document {
+    body: String,
+    version: u64,
 }
 
 /// One slice in the file.
@@ -408,6 +418,31 @@ impl StateStore for LocalStore {
             }
             let changed = created || stored.columns.len() != before;
             Ok((stored.clone(), changed))
+        })
+        .await
+    }
+
+    async fn document(&self, name: &str) -> Result<Option<(String, u64)>> {
+        let name = name.to_owned();
+        self.read(move |state| {
+            Ok(state
+                .documents
+                .get(&name)
+                .map(|d| (d.body.clone(), d.version)))
+        })
+        .await
+    }
+
+    async fn put_document(&self, name: &str, body: &str, expected: Option<u64>) -> Result<bool> {
+        let (name, body) = (name.to_owned(), body.to_owned());
+        self.write(move |state| {
+            let current = state.documents.get(&name).map(|d| d.version);
+            if current != expected {
+                return Ok((false, false));
+            }
+            let version = expected.map_or(1, |v| v + 1);
+            state.documents.insert(name, Document { body, version });
+            Ok((true, true))
         })
         .await
     }

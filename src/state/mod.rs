@@ -221,4 +221,11 @@ pub trait StateStore: Send + Sync {
 
     /// Adds columns to the table's schema (union); returns the schema now stored.
     async fn merge_schema(&self, table: Table, columns: &Schema) -> Result<Schema>;
+
+    /// A small JSON document kept by the store (the request ledger), with its version.
+    async fn document(&self, name: &str) -> Result<Option<(String, u64)>>;
+
+    /// Writes a document only if its version is still `expected` (`None`: only if it does not
+    /// exist yet); the new version is `expected + 1` (or 1). Returns whether it was written.
+    async fn put_document(&self, name: &str, body: &str, expected: Option<u64>) -> Result<bool>;
 }

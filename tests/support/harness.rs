@@ -55,6 +55,14 @@ impl Project {
         vars.insert("MIXPANEL_PROJECT_TIMEZONE".into(), config.timezone.clone());
         vars.insert("MIXPANEL_API_URL".into(), sim.url());
         vars.insert("MIXPANEL_DATA_URL".into(), sim.url());
+        // The simulator enforces no rate limit unless a test configures one; the request
+        // budget is tested on its own (tests/rate_budget.rs) with matching limits.
+        vars.insert(
+            "MIXPANEL_EXPORT_REQUESTS_PER_WINDOW".into(),
+            "100000".into(),
+        );
+        vars.insert("MIXPANEL_QUERY_REQUESTS_PER_WINDOW".into(), "100000".into());
+        vars.insert("MIXPANEL_EXPORT_REQUESTS_PER_SECOND".into(), "1000".into());
         if config.time_mode == mixpanel_sim::TimeMode::ProjectLocal {
             vars.insert("MIXPANEL_EXPORT_TIME_MODE".into(), "project_local".into());
         }
