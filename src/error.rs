@@ -136,3 +136,33 @@ impl From<Error> for lambda_runtime::Diagnostic {
         }
     }
 }
+
+/// A short account of an AWS SDK failure: the service's error code and message (and HTTP
+/// status), or the chain of causes. (`DisplayErrorContext` would append the whole debug view:
+/// headers, body and all.)
+pub fn describe_sdk_error<E>(
+    err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let Some(service) = err.as_service_error() {
+        let mut text = service.code().unwrap_or("error").to_owned();
+        if let Some(message) = service.message() {
+            text.push_str(": ");
+            text.push_str(message);
+        }
+        if let Some(response) = err.raw_response() {
+            text.push_str(&format!(" (HTTP {})", response.status().as_u16()));
+        }
+        return text;
+    }
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

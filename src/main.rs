@@ -55,7 +55,9 @@ async fn run_lambda() -> ExitCode {
                 Some(event.context.deadline()),
                 app.settings.time_budget,
             );
-            handler::handle(&app, event.payload, deadline).await
+            // The summary line and EMF metrics (on stdout, where Lambda turns them into
+            // CloudWatch metrics) of every invocation.
+            handler::handle_reported(&app, event.payload, deadline, true).await
         }
     }))
     .await;

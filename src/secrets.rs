@@ -207,7 +207,7 @@ impl CredentialsProvider {
             .send()
             .await
             .map_err(|e| {
-                let detail = aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string();
+                let detail = crate::error::describe_sdk_error(&e);
                 let kind = if detail.contains("ResourceNotFound") || detail.contains("AccessDenied")
                 {
                     ErrorKind::Secret

@@ -13,7 +13,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectI
 use bytes::{Bytes, BytesMut};
 
 use super::{ObjectInfo, ObjectSink, Upload};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, describe_sdk_error as describe};
 
 /// Default multipart part size.
 pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
@@ -64,33 +64,6 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     Error::storage(format!("{op} s3://{bucket}/{key}: {}", describe(&err)))
-}
-
-/// A short account of an SDK failure: the service's error code and message, or the chain of
-/// causes. (`DisplayErrorContext` would append the whole debug view: headers, body and all.)
-fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    if let Some(service) = err.as_service_error() {
-        let mut text = service.code().unwrap_or("error").to_owned();
-        if let Some(message) = service.message() {
-            text.push_str(": ");
-            text.push_str(message);
-        }
-        if let Some(response) = err.raw_response() {
-            text.push_str(&format!(" (HTTP {})", response.status().as_u16()));
-        }
-        return text;
-    }
-    let mut text = err.to_string();
-    let mut cause = std::error::Error::source(err);
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 #[async_trait]

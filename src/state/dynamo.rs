@@ -22,7 +22,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use jiff::civil::Date;
 
 use super::{Lease, Schema, SliceId, SliceRecord, SliceStatus, StateStore};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, describe_sdk_error as describe};
 use crate::tables::Table;
 
 const BOOKMARK_PK: &str = "bookmark";
@@ -493,33 +493,6 @@ fn union(stored: &Schema, new: &Schema) -> Schema {
             .or_insert_with(|| kind.clone());
     }
     merged
-}
-
-/// A short account of an SDK failure: the service's error code and message, or the chain of
-/// causes. (`DisplayErrorContext` would append the whole debug view: headers, body and all.)
-fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    if let Some(service) = err.as_service_error() {
-        let mut text = service.code().unwrap_or("error").to_owned();
-        if let Some(message) = service.message() {
-            text.push_str(": ");
-            text.push_str(message);
-        }
-        if let Some(response) = err.raw_response() {
-            text.push_str(&format!(" (HTTP {})", response.status().as_u16()));
-        }
-        return text;
-    }
-    let mut text = err.to_string();
-    let mut cause = std::error::Error::source(err);
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// Whether an SDK error is DynamoDB's answer that a condition did not hold.

@@ -1,0 +1,438 @@
+//! The real binary as a Lambda function: `cargo lambda watch --only-lambda-apis` emulates the
+//! Lambda Runtime API, the test-built `mixpanel-replicator` serves it (as on Lambda, with
+//! `AWS_LAMBDA_RUNTIME_API` set), and `cargo lambda invoke --data-file` sends it every file in
+//! `events/`, against the simulator and S3 + DynamoDB + Secrets Manager on moto.
+
+mod support;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jiff::civil::Date;
+use mixpanel_replicator::handler::{Invocation, parse_event};
+use mixpanel_replicator::tables::Table;
+use serde_json::{Value, json};
+use support::harness::*;
+use support::moto::free_port;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mixpanel-replicator");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const BUCKET: &str = "replica-bucket";
+const STATE_TABLE: &str = "replicator-state";
+const SECRET_ID: &str = "mixpanel/credentials";
+/// The function name `cargo lambda watch` serves when none is given (`cargo lambda invoke`'s default).
+const FUNCTION_NAME: &str = "_";
+/// How long one invocation may take before the test gives up on it.
+const INVOKE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The pinned `cargo-lambda` binary (installed by `scripts/setup-tools`).
+fn cargo_lambda() -> PathBuf {
+    let path = match std::env::var_os("CARGO_LAMBDA") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(ROOT).join(".tools/venv/bin/cargo-lambda"),
+    };
+    assert!(
+        path.is_file(),
+        "cargo-lambda not found at {}: run scripts/test (it installs the pinned cargo-lambda into \
+         .tools/venv and sets CARGO_LAMBDA)",
+        path.display()
+    );
+    path
+}
+
+/// The files of `events/`, sorted by name, with their JSON.
+fn event_files() -> Vec<(String, Value)> {
+    let dir = Path::new(ROOT).join("events");
+    let mut files: Vec<(String, Value)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                name.ends_with(".json"),
+                "events/{name}: only .json event files belong here"
+            );
+            let text = std::fs::read_to_string(&p).unwrap();
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("events/{name} is not JSON: {e}"));
+            (name, v)
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}
+
+#[test]
+fn every_event_file_is_a_valid_event_and_every_use_has_one() {
+    let files = event_files();
+    for (name, v) in &files {
+        if let Err(e) = parse_event(v) {
+            panic!("events/{name} is not a valid event: {e}");
+        }
+    }
+    let get = |name: &str| -> Invocation {
+        let v = &files
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("events/{name} is missing"))
+            .1;
+        parse_event(v).unwrap()
+    };
+    for table in Table::ALL {
+        assert_eq!(
+            get(&format!("{table}-scheduled.json")),
+            Invocation::Scheduled(table),
+            "events/{table}-scheduled.json is the schedule's event"
+        );
+    }
+    assert_eq!(
+        get("engage-resume.json"),
+        Invocation::Scheduled(Table::Engage)
+    );
+    assert!(matches!(
+        get("export-day.json"),
+        Invocation::Day(Table::Export, _)
+    ));
+    assert!(matches!(
+        get("export-range.json"),
+        Invocation::Range(Table::Export, _, _)
+    ));
+}
+
+/// A child process killed (and reaped) when dropped, its output kept in files.
+struct Proc {
+    child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, name, log }
+    }
+
+    fn output(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        format!("--- {} output ---\n{s}", self.name)
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("{} exited ({status})\n{}", self.name, self.output());
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `port` accepts connections while `proc` runs.
+fn wait_for_port(proc: &mut Proc, port: u16) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        proc.assert_running();
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} did not listen on {port} within 60 s\n{}",
+            proc.name,
+            proc.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `cargo lambda invoke --data-file FILE`: the response JSON, or the error output.
+fn invoke(cargo_lambda: &Path, port: u16, file: &Path) -> Result<Value, String> {
+    let mut child = Command::new(cargo_lambda)
+        .args([
+            "lambda",
+            "invoke",
+            "--invoke-address",
+            "127.0.0.1",
+            "--invoke-port",
+        ])
+        .arg(port.to_string())
+        .args(["--color", "never", "--data-file"])
+        .arg(file)
+        .arg(FUNCTION_NAME)
+        .current_dir(ROOT)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start cargo lambda invoke");
+    // Read both pipes on threads so a full pipe never blocks the child.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > INVOKE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no answer within {INVOKE_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    if status.success() {
+        serde_json::from_str(out.trim())
+            .map_err(|e| format!("the answer is not JSON ({e}): {out:?}\nstderr: {err}"))
+    } else {
+        Err(format!("{err}{out}"))
+    }
+}
+
+/// The event sent for a file: its own JSON, with dates moved into the simulator's data.
+fn to_send(event: &Value, day: Date, from: Date, to: Date) -> Value {
+    let mut e = event.clone();
+    let obj = e.as_object_mut().unwrap();
+    if obj.contains_key("date") {
+        obj.insert("date".into(), json!(day.to_string()));
+    }
+    if obj.contains_key("from") {
+        obj.insert("from".into(), json!(from.to_string()));
+        obj.insert("to".into(), json!(to.to_string()));
+    }
+    e
+}
+
+/// Until a table is implemented it answers `InvalidEvent` "not supported by this version yet";
+/// once it is, any successful answer — but never another error.
+fn assert_answered(name: &str, table: Table, answer: &Result<Value, String>) {
+    let r = answer
+        .as_ref()
+        .unwrap_or_else(|e| panic!("events/{name}: an error: {e}"));
+    let allowed: &[&str] = &["done", "partial", "idle"];
+    let status = r["status"].as_str().unwrap_or("");
+    assert!(
+        allowed.contains(&status),
+        "events/{name}: unexpected answer {r}"
+    );
+    assert_eq!(r["table"], table.as_str(), "events/{name}: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_file_runs_under_the_lambda_runtime_api() {
+    let cargo_lambda = cargo_lambda();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Five days of data ending yesterday, a secret, a bucket and a state table.
+    let cfg = sim_config("UTC", 5, 120);
+    let first = cfg.first_day;
+    let today = today_in("UTC");
+    let yesterday = minus(today, 1);
+    let secret = json!({"api_secret": cfg.api_secret}).to_string();
+    let project = Project::start(cfg).await;
+    let aws = Aws::start().await;
+    aws.provision(BUCKET, STATE_TABLE, SECRET_ID, &secret).await;
+
+    // The Runtime API emulator, without building or starting a function.
+    let port = free_port();
+    let mut watch_cmd = Command::new(&cargo_lambda);
+    watch_cmd
+        .args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "--invoke-address",
+            "127.0.0.1",
+        ])
+        .args(["--invoke-port", &port.to_string()])
+        .current_dir(ROOT);
+    let mut watch = Proc::spawn("cargo lambda watch", watch_cmd, dir.path());
+    wait_for_port(&mut watch, port);
+
+    // The function: the already-built binary, with the environment the SAM template gives it
+    // (credentials only through the secret), plus what Lambda sets.
+    let mut function_cmd = Command::new(BIN);
+    function_cmd.env_clear();
+    for (k, v) in &project.vars {
+        if k != "MIXPANEL_API_SECRET" {
+            function_cmd.env(k, v);
+        }
+    }
+    for (k, v) in aws.moto.env() {
+        function_cmd.env(k, v);
+    }
+    function_cmd
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{port}/.rt"),
+        )
+        .env("AWS_LAMBDA_FUNCTION_NAME", FUNCTION_NAME)
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("MIXPANEL_SECRET_ID", SECRET_ID)
+        .env("OUTPUT_BUCKET", BUCKET)
+        .env("STATE_TABLE", STATE_TABLE)
+        // `cargo lambda watch` sends a deadline in the past: the program falls back to this.
+        .env("INVOCATION_TIME_BUDGET_SECONDS", "120")
+        .current_dir(dir.path());
+    let mut function = Proc::spawn(
+        "mixpanel-replicator (Lambda mode)",
+        function_cmd,
+        dir.path(),
+    );
+
+    // To read what the function wrote.
+    let app = aws.app(&project, BUCKET, STATE_TABLE, SECRET_ID, &[]).await;
+    let sim = project.simulator();
+
+    // The scheduled export first (it takes the oldest day), then days, ranges, the rest.
+    let mut files = event_files();
+    let rank = |v: &Value| match parse_event(v).unwrap() {
+        Invocation::Scheduled(Table::Export) => 0,
+        Invocation::Day(Table::Export, _) => 1,
+        Invocation::Range(Table::Export, _, _) => 2,
+        _ => 3,
+    };
+    files.sort_by_key(|(name, v)| (rank(v), name.clone()));
+
+    let day = minus(today, 2);
+    let mut timings = Vec::new();
+    for (name, event) in &files {
+        let sent = to_send(event, day, first, yesterday);
+        let file = dir.path().join(name);
+        std::fs::write(&file, sent.to_string()).unwrap();
+        let cl = cargo_lambda.clone();
+        let started = Instant::now();
+        let answer = tokio::task::spawn_blocking(move || invoke(&cl, port, &file))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        timings.push(match &answer {
+            Ok(r) => format!("{name}: {took:?} {} {}", r["status"], r["records"]),
+            Err(e) => format!("{name}: {took:?} error {}", e.lines().next().unwrap_or("")),
+        });
+        function.assert_running();
+        let context = || {
+            format!(
+                "events/{name} sent as {sent}\n{}\n{}",
+                function.output(),
+                watch.output()
+            )
+        };
+
+        match parse_event(&sent).unwrap() {
+            Invocation::Scheduled(Table::Export) => {
+                let r = answer.unwrap_or_else(|e| panic!("{e}\n{}", context()));
+                let truth_rows = truth(sim, first, None);
+                assert_eq!(r["status"], "done", "{r}\n{}", context());
+                assert_eq!(r["table"], "export", "{r}");
+                assert_eq!(r["slice"], first.to_string(), "the oldest pending day: {r}");
+                assert_eq!(r["records"], truth_rows.len(), "{r}");
+                let (_, rows) = read_partition(&app.sink, &app.prefix, "export", first)
+                    .await
+                    .unwrap_or_else(|| panic!("export {first} was not committed"));
+                assert_eq!(
+                    rows, truth_rows,
+                    "export {first} in S3 vs the simulator's ground truth"
+                );
+            }
+            Invocation::Day(Table::Export, d) => {
+                let r = answer.unwrap_or_else(|e| panic!("{e}\n{}", context()));
+                let truth_rows = truth(sim, d, None);
+                assert_eq!(r["status"], "done", "{r}\n{}", context());
+                assert_eq!(r["slice"], d.to_string(), "{r}");
+                assert_eq!(r["records"], truth_rows.len(), "{r}");
+                assert!(r["files"].as_u64().unwrap() >= 1, "{r}");
+                let (manifest, rows) = read_partition(&app.sink, &app.prefix, "export", d)
+                    .await
+                    .unwrap_or_else(|| panic!("export {d} was not committed"));
+                assert_eq!(manifest.records, truth_rows.len() as u64);
+                assert_eq!(
+                    rows, truth_rows,
+                    "export {d} in S3 vs the simulator's ground truth"
+                );
+            }
+            Invocation::Range(Table::Export, from, to) => {
+                let r = answer.unwrap_or_else(|e| panic!("{e}\n{}", context()));
+                assert_eq!(r["status"], "fan_out", "{r}\n{}", context());
+                let expected: Vec<Value> = days(from, to)
+                    .into_iter()
+                    .map(|d| json!({"table": "export", "date": d.to_string()}))
+                    .collect();
+                assert_eq!(r["events"], json!(expected), "one event per day");
+            }
+            other => assert_answered(name, other.table(), &answer),
+        }
+    }
+    function.assert_running();
+    eprintln!("invocations: {timings:#?}");
+
+    // The EMF lines the function prints are what the template's RateLimitedAlarm reads.
+    // One EMF document per invocation.
+    let log = std::fs::read_to_string(&function.log).unwrap();
+    let emf_lines: Vec<&str> = log.lines().filter(|l| l.contains("\"_aws\"")).collect();
+    assert_eq!(
+        emf_lines.len(),
+        timings.len(),
+        "one EMF line per invocation:\n{log}"
+    );
+    for line in emf_lines {
+        let emf: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("EMF line {line}: {e}"));
+        let directive = &emf["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(
+            directive["Namespace"],
+            mixpanel_replicator::metrics::NAMESPACE,
+            "{line}"
+        );
+        assert_eq!(directive["Dimensions"], json!([["Table"]]), "{line}");
+        let names: Vec<&str> = directive["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["Name"].as_str().unwrap())
+            .collect();
+        for metric in [
+            "Records",
+            "Bytes",
+            "Files",
+            "Retries",
+            "RateLimited",
+            "DurationMs",
+        ] {
+            assert!(
+                names.contains(&metric),
+                "EMF metric {metric} missing: {line}"
+            );
+            assert!(emf[metric].is_u64(), "EMF value of {metric}: {line}");
+        }
+        assert!(
+            Table::ALL.iter().any(|t| emf["Table"] == t.as_str()),
+            "{line}"
+        );
+    }
+}

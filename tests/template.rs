@@ -1,0 +1,892 @@
+//! The SAM template (`infra/template.yaml`) against the code: the function's environment against
+//! the settings the program reads, the schedules against the invocation events, and the IAM
+//! policies against the AWS calls the program makes — nothing more, nothing less.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use mixpanel_replicator::config::{RunMode, Settings, VARIABLES};
+use mixpanel_replicator::handler::{Invocation, parse_event};
+use mixpanel_replicator::tables::Table;
+use serde_json::{Value, json};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Every AWS call the program makes, as (SDK fluent method, IAM action, where it is called).
+/// `the_code_makes_exactly_the_listed_aws_calls` keeps this list in step with `src/`, and
+/// `the_function_role_allows_exactly_the_calls_the_code_makes` keeps the role in step with it.
+const CODE_CALLS: &[(&str, &str, &str)] = &[
+    // src/sink/s3.rs
+    (
+        "put_object",
+        "s3:PutObject",
+        "S3Sink::put (manifests, _latest.json, _schema.json) and parts smaller than one multipart part",
+    ),
+    (
+        "create_multipart_upload",
+        "s3:PutObject",
+        "S3 part writer: a part's first 5 MiB",
+    ),
+    (
+        "upload_part",
+        "s3:PutObject",
+        "S3 part writer: every further 5 MiB",
+    ),
+    (
+        "complete_multipart_upload",
+        "s3:PutObject",
+        "S3 part writer: closing a part",
+    ),
+    (
+        "abort_multipart_upload",
+        "s3:AbortMultipartUpload",
+        "S3 part writer: a failed or abandoned part",
+    ),
+    (
+        "get_object",
+        "s3:GetObject",
+        "S3Sink::get (manifests, schema, tests reading parts)",
+    ),
+    (
+        "list_objects_v2",
+        "s3:ListBucket",
+        "S3Sink::list (a partition's objects before a commit cleans it)",
+    ),
+    (
+        "delete_objects",
+        "s3:DeleteObject",
+        "S3Sink::delete (parts of other attempts after a commit)",
+    ),
+    // src/state/dynamo.rs
+    (
+        "get_item",
+        "dynamodb:GetItem",
+        "DynamoStore: bookmark and schema reads",
+    ),
+    (
+        "put_item",
+        "dynamodb:PutItem",
+        "DynamoStore: conditional schema and slice writes",
+    ),
+    (
+        "update_item",
+        "dynamodb:UpdateItem",
+        "DynamoStore: slice queue, leases (conditional), bookmark",
+    ),
+    (
+        "delete_item",
+        "dynamodb:DeleteItem",
+        "DynamoStore: removing slice items",
+    ),
+    (
+        "query",
+        "dynamodb:Query",
+        "DynamoStore: the slices of a table (the queue)",
+    ),
+    // src/secrets.rs
+    (
+        "get_secret_value",
+        "secretsmanager:GetSecretValue",
+        "CredentialsProvider::get (cached five minutes)",
+    ),
+];
+
+/// Methods called on SDK clients that are not AWS operations.
+const NOT_OPERATIONS: &[&str] = &["clone", "as_ref", "config"];
+
+/// Other operations of the SDKs the program uses, found however the client is named.
+const OTHER_OPERATIONS: &[&str] = &[
+    // S3
+    "head_object",
+    "copy_object",
+    "delete_object",
+    "list_objects",
+    "list_multipart_uploads",
+    "list_parts",
+    "upload_part_copy",
+    "head_bucket",
+    "get_bucket_location",
+    "list_buckets",
+    "create_bucket",
+    "put_object_tagging",
+    "get_object_attributes",
+    "restore_object",
+    "select_object_content",
+    // DynamoDB
+    "batch_get_item",
+    "batch_write_item",
+    "transact_get_items",
+    "transact_write_items",
+    "scan",
+    "describe_table",
+    "create_table",
+    "update_table",
+    "update_time_to_live",
+    "execute_statement",
+    "batch_execute_statement",
+    "execute_transaction",
+    // Secrets Manager
+    "describe_secret",
+    "put_secret_value",
+    "create_secret",
+    "list_secrets",
+    "batch_get_secret_value",
+    "update_secret",
+    "rotate_secret",
+    // others the program does not use today
+    "put_metric_data",
+    "send_message",
+    "invoke",
+    "decrypt",
+    "generate_data_key",
+];
+
+/// What Lambda does with the function's role on its behalf (not calls of the program).
+const PLATFORM_ACTIONS: &[(&str, &str)] = &[
+    (
+        "logs:CreateLogStream",
+        "Lambda writes the function's stderr/stdout to its log group",
+    ),
+    (
+        "logs:PutLogEvents",
+        "Lambda writes the function's stderr/stdout to its log group",
+    ),
+    (
+        "sqs:SendMessage",
+        "the on-failure destination of asynchronous invocations (the DLQ)",
+    ),
+    (
+        "kms:Decrypt",
+        "only with a customer managed key on the secret (conditional statement)",
+    ),
+];
+
+/// `Resource: "*"` is allowed only where AWS cannot name a resource. Nothing here needs it.
+const STAR_RESOURCE_ALLOWED_FOR: &[&str] = &[];
+
+/// Variables the function may set beyond the program's settings (read by the runtime or libraries).
+const STANDARD_VARIABLES: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
+
+/// Settings that name credentials directly: on Lambda the secret comes from MIXPANEL_SECRET_ID.
+const CREDENTIAL_VARIABLES: &[&str] = &[
+    "MIXPANEL_API_SECRET",
+    "MIXPANEL_SERVICE_ACCOUNT_USERNAME",
+    "MIXPANEL_SERVICE_ACCOUNT_SECRET",
+    "MIXPANEL_PROJECT_ID",
+];
+
+/// Settings required on Lambda (src/config.rs, `RunMode::Lambda`).
+const REQUIRED_ON_LAMBDA: &[&str] = &[
+    "MIXPANEL_SECRET_ID",
+    "MIXPANEL_START_DATE",
+    "OUTPUT_BUCKET",
+    "STATE_TABLE",
+];
+
+// --- reading the template --------------------------------------------------------------------
+
+/// The template as JSON, short-form tags (`!Ref X`) turned into their long form (`{"Ref": "X"}`).
+fn template() -> Value {
+    let path = Path::new(ROOT).join("infra/template.yaml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+    long_form(yaml)
+}
+
+fn long_form(v: serde_yaml_ng::Value) -> Value {
+    use serde_yaml_ng::Value as Y;
+    match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(b),
+        Y::Number(n) => serde_json::to_value(&n).expect("a YAML number"),
+        Y::String(s) => Value::String(s),
+        Y::Sequence(items) => Value::Array(items.into_iter().map(long_form).collect()),
+        Y::Mapping(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Y::String(s) => s,
+                        other => serde_yaml_ng::to_string(&other).unwrap().trim().to_string(),
+                    };
+                    (key, long_form(v))
+                })
+                .collect(),
+        ),
+        Y::Tagged(t) => {
+            let tag = t.tag.to_string();
+            let name = tag.trim_start_matches('!').to_string();
+            let inner = long_form(t.value);
+            match name.as_str() {
+                "Ref" | "Condition" => json!({ name: inner }),
+                "GetAtt" => match inner {
+                    Value::String(s) => {
+                        let (resource, attribute) =
+                            s.split_once('.').expect("!GetAtt Resource.Attribute");
+                        json!({"Fn::GetAtt": [resource, attribute]})
+                    }
+                    other => json!({"Fn::GetAtt": other}),
+                },
+                _ => json!({ format!("Fn::{name}"): inner }),
+            }
+        }
+    }
+}
+
+fn resources(t: &Value) -> &serde_json::Map<String, Value> {
+    t["Resources"].as_object().expect("Resources")
+}
+
+fn resources_of_type<'a>(t: &'a Value, kind: &str) -> Vec<(&'a String, &'a Value)> {
+    resources(t)
+        .iter()
+        .filter(|(_, r)| r["Type"] == kind)
+        .collect()
+}
+
+fn function(t: &Value) -> &Value {
+    let functions = resources_of_type(t, "AWS::Serverless::Function");
+    assert_eq!(functions.len(), 1, "one function");
+    functions[0].1
+}
+
+fn environment(t: &Value) -> &serde_json::Map<String, Value> {
+    function(t)["Properties"]["Environment"]["Variables"]
+        .as_object()
+        .expect("the function's Environment.Variables")
+}
+
+/// `MIXPANEL_START_DATE` → `MixpanelStartDate`: the parameter of a setting.
+fn camel(var: &str) -> String {
+    var.split('_')
+        .map(|w| {
+            let w = w.to_ascii_lowercase();
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn as_strings(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().flat_map(as_strings).collect(),
+        other => panic!("expected a string or a list of strings, got {other}"),
+    }
+}
+
+/// A parameter's default as the string CloudFormation passes on.
+fn default_of(param: &Value) -> Option<String> {
+    match &param["Default"] {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Every statement of every inline policy of a role.
+fn statements(role: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for p in role["Properties"]["Policies"]
+        .as_array()
+        .expect("inline Policies")
+    {
+        let name = p["PolicyName"].as_str().unwrap().to_string();
+        for s in p["PolicyDocument"]["Statement"].as_array().unwrap() {
+            // A conditional statement: {"Fn::If": [cond, statement, AWS::NoValue]}.
+            let s = match s.get("Fn::If") {
+                Some(branches) => branches[1].clone(),
+                None => s.clone(),
+            };
+            out.push((name.clone(), s));
+        }
+    }
+    out
+}
+
+// --- the tests -------------------------------------------------------------------------------
+
+#[test]
+fn the_function_sets_only_known_settings_every_setting_and_every_required_one() {
+    let t = template();
+    let env = environment(&t);
+    let params = t["Parameters"].as_object().unwrap();
+
+    for name in env.keys() {
+        assert!(
+            VARIABLES.contains(&name.as_str()) || STANDARD_VARIABLES.contains(&name.as_str()),
+            "the template sets {name}, which the program does not read (src/config.rs VARIABLES)"
+        );
+        assert!(
+            !CREDENTIAL_VARIABLES.contains(&name.as_str()),
+            "the template sets {name}: on Lambda credentials come only from MIXPANEL_SECRET_ID"
+        );
+    }
+    for var in REQUIRED_ON_LAMBDA {
+        assert!(
+            env.contains_key(*var),
+            "{var} is required on Lambda but not set"
+        );
+    }
+    for var in VARIABLES {
+        if !CREDENTIAL_VARIABLES.contains(var) {
+            assert!(
+                env.contains_key(*var),
+                "the setting {var} has no parameter in the template"
+            );
+        }
+    }
+
+    // Each setting comes from the parameter named like it, except the two resources.
+    for (var, value) in env {
+        match var.as_str() {
+            "OUTPUT_BUCKET" => assert_eq!(
+                value,
+                &json!({"Fn::If": ["CreateBucket", {"Ref": "Bucket"}, {"Ref": "OutputBucket"}]}),
+                "OUTPUT_BUCKET: the bucket parameter, or the bucket the stack creates"
+            ),
+            "STATE_TABLE" => {
+                assert_eq!(value, &json!({"Ref": "StateTable"}));
+                assert_eq!(resources(&t)["StateTable"]["Type"], "AWS::DynamoDB::Table");
+            }
+            _ => {
+                let param = camel(var);
+                assert_eq!(
+                    value,
+                    &json!({"Ref": param}),
+                    "{var} comes from the parameter {param}"
+                );
+                assert!(params.contains_key(&param), "no parameter {param}");
+                let description = params[&param]["Description"].as_str().unwrap_or("");
+                assert!(
+                    description.starts_with(&format!("{var}.")),
+                    "the description of {param} starts with the variable it sets: {description:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The variables the function gets with every parameter at its default.
+fn default_environment(t: &Value) -> BTreeMap<String, String> {
+    let params = t["Parameters"].as_object().unwrap();
+    environment(t)
+        .iter()
+        .map(|(var, value)| {
+            let v = match var.as_str() {
+                "OUTPUT_BUCKET" => "my-bucket".to_string(),
+                "STATE_TABLE" => "my-stack-StateTable-ABC".to_string(),
+                _ => {
+                    let param = value["Ref"].as_str().unwrap();
+                    default_of(&params[param]).unwrap_or_else(|| match param {
+                        "MixpanelSecretId" => {
+                            "arn:aws:secretsmanager:us-east-1:123456789012:secret:mp-AbCdEf".into()
+                        }
+                        "MixpanelStartDate" => "2026-01-01".into(),
+                        other => panic!("the parameter {other} has no default"),
+                    })
+                }
+            };
+            (var.clone(), v)
+        })
+        .collect()
+}
+
+#[test]
+fn the_parameter_defaults_are_the_programs_defaults_and_every_allowed_value_is_valid() {
+    let t = template();
+    let env = default_environment(&t);
+    let deployed = Settings::from_lookup(RunMode::Lambda, |k| env.get(k).cloned())
+        .unwrap_or_else(|e| panic!("the template's defaults are not valid settings: {e}"));
+    // The program with only the required variables (the same values), i.e. its own defaults.
+    let required: BTreeMap<&str, String> = REQUIRED_ON_LAMBDA
+        .iter()
+        .map(|v| (*v, env[*v].clone()))
+        .collect();
+    let mut code = Settings::from_lookup(RunMode::Lambda, |k| required.get(k).cloned()).unwrap();
+    assert_eq!(code.output_prefix, deployed.output_prefix, "OUTPUT_PREFIX");
+    // Set or not, the prefix is the same on S3; only the local-folder variant records whether.
+    code.local_prefix = deployed.local_prefix.clone();
+    assert_eq!(
+        format!("{deployed:#?}"),
+        format!("{code:#?}"),
+        "the settings the template's defaults give (left) vs the program's defaults (right)"
+    );
+
+    // Every value a parameter allows is a valid setting.
+    let params = t["Parameters"].as_object().unwrap();
+    for (var, value) in environment(&t) {
+        let Some(param) = value["Ref"].as_str() else {
+            continue;
+        };
+        let Some(allowed) = params
+            .get(param)
+            .and_then(|p| p["AllowedValues"].as_array())
+        else {
+            continue;
+        };
+        for a in allowed {
+            let a = match a {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let mut e = env.clone();
+            e.insert(var.clone(), a.clone());
+            if let Err(err) = Settings::from_lookup(RunMode::Lambda, |k| e.get(k).cloned()) {
+                panic!("{param} allows {a:?}, which the program refuses: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn one_schedule_per_table_invokes_the_function_with_its_scheduled_event() {
+    let t = template();
+    let params = t["Parameters"].as_object().unwrap();
+    let mut seen = BTreeSet::new();
+    for (name, schedule) in resources_of_type(&t, "AWS::Scheduler::Schedule") {
+        let p = &schedule["Properties"];
+        let input = p["Target"]["Input"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: Input"));
+        let event: Value = serde_json::from_str(input).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let table = match parse_event(&event) {
+            Ok(Invocation::Scheduled(table)) => table,
+            other => panic!("{name}: {input} is not a scheduled event: {other:?}"),
+        };
+        assert!(seen.insert(table), "two schedules for {table}");
+        assert_eq!(
+            p["Target"]["Arn"],
+            json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})
+        );
+        assert_eq!(
+            p["Target"]["RoleArn"],
+            json!({"Fn::GetAtt": ["SchedulerRole", "Arn"]})
+        );
+
+        // Its own rate and state parameters, named after the table.
+        let stem = camel(table.as_str());
+        assert_eq!(name, &format!("{stem}Schedule"));
+        assert_eq!(
+            p["ScheduleExpression"],
+            json!({"Ref": format!("{stem}ScheduleRate")})
+        );
+        assert_eq!(p["State"], json!({"Ref": format!("{stem}ScheduleState")}));
+        let rate = default_of(&params[&format!("{stem}ScheduleRate")]).unwrap();
+        assert!(
+            rate.starts_with("rate(") && rate.ends_with(')'),
+            "{stem}ScheduleRate {rate:?}"
+        );
+        let state = &params[&format!("{stem}ScheduleState")];
+        assert_eq!(state["AllowedValues"], json!(["ENABLED", "DISABLED"]));
+        if table == Table::Export {
+            assert_eq!(
+                state["Default"], "ENABLED",
+                "the export schedule runs by default"
+            );
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        Table::ALL.to_vec(),
+        "exactly one schedule per table"
+    );
+}
+
+/// Every SDK operation called in `src/`: `client.<op>()` in the files that use an AWS SDK.
+fn sdk_calls_in_src() -> BTreeMap<String, Vec<String>> {
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&Path::new(ROOT).join("src"), &mut files);
+    let mut calls: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        if !text.contains("aws_sdk_") {
+            continue;
+        }
+        let rel = f.strip_prefix(ROOT).unwrap().display().to_string();
+        let bytes = text.as_bytes();
+        let mut from = 0;
+        while let Some(i) = text[from..].find("client") {
+            let at = from + i;
+            from = at + "client".len();
+            let before_ok =
+                at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+            let rest = text[from..].trim_start();
+            if !before_ok || !rest.starts_with('.') {
+                continue;
+            }
+            let rest = rest[1..].trim_start();
+            let ident: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if ident.is_empty() || !rest[ident.len()..].starts_with("()") {
+                continue;
+            }
+            if !NOT_OPERATIONS.contains(&ident.as_str()) {
+                calls.entry(ident).or_default().push(rel.clone());
+            }
+        }
+        // Any listed operation, whatever the receiver is called.
+        let operations = CODE_CALLS
+            .iter()
+            .map(|(op, _, _)| *op)
+            .chain(OTHER_OPERATIONS.iter().copied());
+        for op in operations {
+            if text.contains(&format!(".{op}()"))
+                && !calls.get(op).is_some_and(|f| f.contains(&rel))
+            {
+                calls.entry(op.to_string()).or_default().push(rel.clone());
+            }
+        }
+    }
+    calls
+}
+
+#[test]
+fn the_code_makes_exactly_the_listed_aws_calls() {
+    let found = sdk_calls_in_src();
+    let listed: BTreeSet<&str> = CODE_CALLS.iter().map(|(op, _, _)| *op).collect();
+    for (op, files) in &found {
+        assert!(
+            listed.contains(op.as_str()),
+            "{files:?} call the AWS operation {op}, which tests/template.rs CODE_CALLS does not \
+             list: add it there and its IAM action to the function role in infra/template.yaml"
+        );
+    }
+    for op in &listed {
+        assert!(
+            found.contains_key(*op),
+            "CODE_CALLS lists {op}, which src/ no longer calls: remove it (and its IAM action)"
+        );
+    }
+}
+
+#[test]
+fn the_function_role_allows_exactly_the_calls_the_code_makes() {
+    let t = template();
+    let res = resources(&t);
+    let f = function(&t);
+    assert_eq!(
+        f["Properties"]["Role"],
+        json!({"Fn::GetAtt": ["FunctionRole", "Arn"]}),
+        "the function uses the template's role (a SAM-made role brings AWSLambdaBasicExecutionRole, which allows logs on *)"
+    );
+    assert!(f["Properties"].get("Policies").is_none());
+
+    let by_policy = |name: &str| -> BTreeMap<String, Vec<Value>> {
+        let mut m: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for (policy, s) in statements(&res["FunctionRole"]) {
+            if policy == name {
+                assert_eq!(s["Effect"], "Allow");
+                for a in as_strings(&s["Action"]) {
+                    m.entry(a).or_default().push(s["Resource"].clone());
+                }
+            }
+        }
+        m
+    };
+    let replicator = by_policy("replicator");
+    let expected: BTreeSet<&str> = CODE_CALLS.iter().map(|(_, action, _)| *action).collect();
+    assert_eq!(
+        replicator
+            .keys()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
+        expected,
+        "the policy `replicator` allows exactly the actions of the calls the code makes"
+    );
+    let platform = by_policy("platform");
+    assert_eq!(
+        platform.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        PLATFORM_ACTIONS
+            .iter()
+            .map(|(a, _)| *a)
+            .collect::<BTreeSet<_>>(),
+        "the policy `platform` allows exactly what Lambda needs on the function's behalf"
+    );
+    let policies: Vec<&str> = res["FunctionRole"]["Properties"]["Policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["PolicyName"].as_str().unwrap())
+        .collect();
+    assert_eq!(policies, ["replicator", "platform"]);
+
+    // Exact resources.
+    let bucket = json!({"Fn::If": ["CreateBucket", {"Ref": "Bucket"}, {"Ref": "OutputBucket"}]});
+    let objects = json!({"Fn::Sub": ["arn:${AWS::Partition}:s3:::${BucketName}/${OutputPrefix}/*", {"BucketName": bucket}]});
+    for a in [
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+    ] {
+        assert_eq!(
+            replicator[a],
+            std::slice::from_ref(&objects),
+            "{a}: only the objects under the prefix"
+        );
+    }
+    let bucket_arn =
+        json!({"Fn::Sub": ["arn:${AWS::Partition}:s3:::${BucketName}", {"BucketName": bucket}]});
+    assert_eq!(replicator["s3:ListBucket"], [bucket_arn]);
+    let list = statements(&res["FunctionRole"])
+        .into_iter()
+        .find(|(_, s)| s["Action"] == "s3:ListBucket")
+        .unwrap()
+        .1;
+    assert_eq!(
+        list["Condition"],
+        json!({"StringLike": {"s3:prefix": {"Fn::Sub": "${OutputPrefix}/*"}}}),
+        "listing only under the prefix"
+    );
+    for a in [
+        "dynamodb:GetItem",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:Query",
+    ] {
+        assert_eq!(
+            replicator[a],
+            [json!({"Fn::GetAtt": ["StateTable", "Arn"]})],
+            "{a}"
+        );
+    }
+    assert_eq!(
+        replicator["secretsmanager:GetSecretValue"],
+        [json!({"Ref": "MixpanelSecretId"})]
+    );
+    for a in ["logs:CreateLogStream", "logs:PutLogEvents"] {
+        assert_eq!(
+            platform[a],
+            [json!({"Fn::GetAtt": ["LogGroup", "Arn"]})],
+            "{a}"
+        );
+    }
+    assert_eq!(
+        platform["sqs:SendMessage"],
+        [json!({"Fn::GetAtt": ["DeadLetterQueue", "Arn"]})]
+    );
+    assert_eq!(
+        platform["kms:Decrypt"],
+        [json!({"Ref": "MixpanelSecretKmsKeyArn"})]
+    );
+    assert_eq!(
+        f["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"],
+        json!({"Type": "SQS", "Destination": {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}})
+    );
+
+    // The scheduler may only invoke this function.
+    let sched: Vec<(String, Value)> = statements(&res["SchedulerRole"]);
+    assert_eq!(sched.len(), 1);
+    assert_eq!(sched[0].1["Action"], "lambda:InvokeFunction");
+    assert_eq!(
+        sched[0].1["Resource"],
+        json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})
+    );
+}
+
+#[test]
+fn no_role_allows_a_wildcard_action_or_resource() {
+    let t = template();
+    let roles = resources_of_type(&t, "AWS::IAM::Role");
+    assert_eq!(
+        roles.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["FunctionRole", "SchedulerRole"]
+    );
+    for kind in ["AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"] {
+        assert!(
+            resources_of_type(&t, kind).is_empty(),
+            "no {kind}: policies are inline in their role"
+        );
+    }
+    for (name, role) in roles {
+        assert!(
+            role["Properties"].get("ManagedPolicyArns").is_none(),
+            "{name}: no managed policies (AWS's grant more than the function needs)"
+        );
+        for (policy, s) in statements(role) {
+            assert_eq!(s["Effect"], "Allow", "{name}/{policy}");
+            assert!(s.get("NotAction").is_none() && s.get("NotResource").is_none());
+            for a in as_strings(&s["Action"]) {
+                assert!(!a.contains('*'), "{name}/{policy}: wildcard action {a}");
+            }
+            let star = match &s["Resource"] {
+                Value::String(r) => r.contains('*') && !r.starts_with("arn:"),
+                Value::Array(rs) => rs.iter().any(|r| r == "*"),
+                _ => false,
+            };
+            let actions = as_strings(&s["Action"]);
+            assert!(
+                !star
+                    || actions
+                        .iter()
+                        .all(|a| STAR_RESOURCE_ALLOWED_FOR.contains(&a.as_str())),
+                "{name}/{policy}: Resource \"*\" for {actions:?}"
+            );
+        }
+    }
+    // The bucket policy only refuses (requests without TLS).
+    for (name, policy) in resources_of_type(&t, "AWS::S3::BucketPolicy") {
+        for s in policy["Properties"]["PolicyDocument"]["Statement"]
+            .as_array()
+            .unwrap()
+        {
+            assert_eq!(
+                s["Effect"], "Deny",
+                "{name}: bucket policy statements only deny"
+            );
+            assert_eq!(
+                s["Condition"],
+                json!({"Bool": {"aws:SecureTransport": "false"}})
+            );
+        }
+    }
+}
+
+#[test]
+fn the_function_storage_and_alarms_are_as_documented() {
+    let t = template();
+    let res = resources(&t);
+    let params = t["Parameters"].as_object().unwrap();
+    let f = function(&t);
+    let p = &f["Properties"];
+
+    // Built by cargo-lambda from the workspace, as the binary of this package.
+    assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda");
+    assert_eq!(
+        f["Metadata"]["BuildProperties"]["Binary"],
+        "mixpanel-replicator"
+    );
+    assert!(env!("CARGO_BIN_EXE_mixpanel-replicator").ends_with("mixpanel-replicator"));
+    let code = Path::new(ROOT)
+        .join("infra")
+        .join(p["CodeUri"].as_str().unwrap());
+    assert!(
+        code.join("Cargo.toml").exists(),
+        "CodeUri points at the Cargo project"
+    );
+    assert_eq!(
+        (p["Runtime"].as_str(), p["Handler"].as_str()),
+        (Some("provided.al2023"), Some("bootstrap"))
+    );
+    assert_eq!(p["Architectures"], json!(["arm64"]));
+    for (prop, param, default) in [
+        ("MemorySize", "FunctionMemorySize", "1769"),
+        ("Timeout", "FunctionTimeout", "900"),
+    ] {
+        assert_eq!(p[prop], json!({"Ref": param}));
+        assert_eq!(
+            default_of(&params[param]).as_deref(),
+            Some(default),
+            "{param}"
+        );
+    }
+    assert_eq!(
+        p["EphemeralStorage"]["Size"],
+        json!({"Ref": "FunctionEphemeralStorage"})
+    );
+    assert_eq!(
+        default_of(&params["FunctionEphemeralStorage"]).as_deref(),
+        Some("4096")
+    );
+    assert_eq!(p["LoggingConfig"]["LogGroup"], json!({"Ref": "LogGroup"}));
+    assert_eq!(
+        res["LogGroup"]["Properties"]["RetentionInDays"],
+        json!({"Ref": "LogRetentionInDays"})
+    );
+
+    // The state table as the DynamoDB store expects it.
+    let table = &res["StateTable"]["Properties"];
+    assert_eq!(
+        table["KeySchema"],
+        json!([{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}])
+    );
+    assert_eq!(
+        table["AttributeDefinitions"],
+        json!([{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}])
+    );
+    assert_eq!(table["BillingMode"], "PAY_PER_REQUEST");
+    assert_eq!(
+        table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
+        true
+    );
+    assert_eq!(table["SSESpecification"]["SSEEnabled"], true);
+
+    // The bucket: private, encrypted, abandoned multipart uploads cleaned up.
+    let bucket = &res["Bucket"];
+    assert_eq!(bucket["Condition"], "CreateBucket");
+    let b = &bucket["Properties"];
+    for k in [
+        "BlockPublicAcls",
+        "BlockPublicPolicy",
+        "IgnorePublicAcls",
+        "RestrictPublicBuckets",
+    ] {
+        assert_eq!(b["PublicAccessBlockConfiguration"][k], true, "{k}");
+    }
+    assert!(b["BucketEncryption"]["ServerSideEncryptionConfiguration"].is_array());
+    assert!(
+        b["LifecycleConfiguration"]["Rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |r| r["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 1
+                    && r["Status"] == "Enabled"
+            )
+    );
+
+    // Alarms: errors, throttles, and the program's RateLimited metric under its namespace.
+    let alarms = resources_of_type(&t, "AWS::CloudWatch::Alarm");
+    let lambda_metrics: BTreeSet<&str> = alarms
+        .iter()
+        .filter(|(_, a)| a["Properties"]["Namespace"] == "AWS/Lambda")
+        .map(|(_, a)| a["Properties"]["MetricName"].as_str().unwrap())
+        .collect();
+    assert_eq!(lambda_metrics, BTreeSet::from(["Errors", "Throttles"]));
+    let rate_limited = &res["RateLimitedAlarm"]["Properties"]["Metrics"][0]["Expression"];
+    assert_eq!(
+        rate_limited.as_str().unwrap(),
+        format!(
+            "SELECT SUM(RateLimited) FROM SCHEMA({}, \"Table\")",
+            mixpanel_replicator::metrics::NAMESPACE
+        )
+    );
+    for (name, a) in &alarms {
+        assert_eq!(
+            a["Properties"]["AlarmActions"],
+            json!({"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}),
+            "{name} notifies the optional SNS topic"
+        );
+    }
+
+    // Athena: the export table over the output, partitions projected by date.
+    let glue = &res["ExportGlueTable"]["Properties"]["TableInput"];
+    assert_eq!(glue["Name"], "export");
+    assert_eq!(
+        glue["StorageDescriptor"]["SerdeInfo"]["SerializationLibrary"],
+        "org.openx.data.jsonserde.JsonSerDe"
+    );
+    assert_eq!(glue["Parameters"]["projection.date.type"], "date");
+    assert_eq!(glue["PartitionKeys"][0]["Name"], "date");
+    assert_eq!(
+        glue["StorageDescriptor"]["Location"]["Fn::Sub"][0],
+        "s3://${BucketName}/${OutputPrefix}/export/"
+    );
+}
