@@ -2,6 +2,7 @@
 //!
 //! The path of a record: [`mixpanel`] client → [`tables`] transform → [`sink::part`] writer →
 //! [`sink`] → [`commit`].
+#![forbid(unsafe_code)]
 
 pub mod app;
 pub mod cli;

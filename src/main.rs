@@ -1,6 +1,7 @@
 //! The `mixpanel-replicator` binary: the Lambda function when `AWS_LAMBDA_RUNTIME_API` is set,
 //! the local command otherwise.
 #![recursion_limit = "256"]
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -114,6 +114,7 @@ async fn all_seven_tables_replicate_exactly_into_s3() {
     let report = sync(&app, &[]).await.unwrap();
     assert_eq!(report.failed, 0, "{report:?}");
     assert_all_tables_exact(&app, &project).await;
+    assert_layout(&app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -341,3 +341,58 @@ pub fn canonical(values: Vec<serde_json::Value>) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Asserts that every object key follows the documented layout, so no key was built from a data
+/// value (a `distinct_id` or an event name).
+pub async fn assert_layout(app: &App) {
+    let tables = [
+        "annotations",
+        "cohort_members",
+        "cohorts",
+        "engage",
+        "export",
+        "funnels",
+        "revenue",
+    ];
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    for o in app.sink.list("").await.unwrap() {
+        let key = if app.prefix.is_empty() {
+            o.key.as_str()
+        } else {
+            o.key
+                .strip_prefix(&format!("{}/", app.prefix))
+                .unwrap_or("")
+        };
+        let parts: Vec<&str> = key.split('/').collect();
+        let ok = match parts.as_slice() {
+            [t, f] => tables.contains(t) && (*f == "_latest.json" || *f == "_schema.json"),
+            [t, folder, name] if tables.contains(t) => {
+                if let Some(d) = folder.strip_prefix("date=") {
+                    d.parse::<Date>().is_ok()
+                        && (*name == "_manifest.json"
+                            || name
+                                .strip_prefix("part-")
+                                .and_then(|r| r.strip_suffix(".jsonl.gz"))
+                                .and_then(|r| r.split_once('-'))
+                                .is_some_and(|(a, n)| {
+                                    a.len() == 12
+                                        && a.bytes().all(|b| b.is_ascii_hexdigit())
+                                        && digits(n, 5)
+                                }))
+                } else if let Some(s) = folder.strip_prefix("snapshot=") {
+                    s.len() == 16
+                        && s.ends_with('Z')
+                        && (*name == "_manifest.json"
+                            || name
+                                .strip_prefix("part-")
+                                .and_then(|r| r.strip_suffix(".jsonl.gz"))
+                                .is_some_and(|n| digits(n, 5)))
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
+        assert!(ok, "an object outside the documented layout: {}", o.key);
+    }
+}
