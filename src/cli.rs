@@ -136,6 +136,10 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
     let json_lines = !std::io::stdout().is_terminal();
     for table in chosen {
         plan::queue_table(app.store.as_ref(), &app.settings, table, Timestamp::now()).await?;
+        let progress = Progress::new(
+            table,
+            plan::outstanding(app.store.as_ref(), table).await? as u64,
+        );
         // A snapshot answers partial after every budget's worth of pages: that is progress. A
         // day that answers partial three times in a row does not fit the budget.
         let partial_limit = if table.is_date_sliced() { 3 } else { 100_000 };
@@ -152,7 +156,7 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
             };
             match handler::run_slice(app, &lease, deadline).await {
                 Ok(resp) => {
-                    print_line(json_lines, &resp);
+                    progress.slice_done(json_lines, &resp);
                     match resp.status {
                         Status::Done => {
                             partial_in_a_row = 0;
@@ -193,25 +197,71 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
     Ok(report)
 }
 
+/// Progress of a sync: a bar per table on a terminal; otherwise one JSON line per slice.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(table: Table, slices: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(slices);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{prefix:>15} [{bar:30}] {pos}/{len} slices {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_prefix(table.to_string());
+            bar
+        });
+        Progress { bar }
+    }
+
+    fn slice_done(&self, json: bool, resp: &handler::Response) {
+        match &self.bar {
+            Some(bar) => {
+                bar.println(human_line(resp));
+                if resp.status == Status::Done {
+                    bar.inc(1);
+                }
+                bar.set_message(format!("{} records", resp.records));
+            }
+            None => print_line(json, resp),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+fn human_line(resp: &handler::Response) -> String {
+    format!(
+        "{} {} {:?}: {} records, {} files, {} bytes{}",
+        resp.table,
+        resp.slice.as_deref().unwrap_or("-"),
+        resp.status,
+        resp.records,
+        resp.files,
+        resp.bytes,
+        resp.reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    )
+}
+
 fn print_line(json: bool, resp: &handler::Response) {
     if json {
         if let Ok(s) = serde_json::to_string(resp) {
             println!("{s}");
         }
     } else {
-        eprintln!(
-            "{} {} {:?}: {} records, {} files, {} bytes{}",
-            resp.table,
-            resp.slice.as_deref().unwrap_or("-"),
-            resp.status,
-            resp.records,
-            resp.files,
-            resp.bytes,
-            resp.reason
-                .as_deref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
-        );
+        eprintln!("{}", human_line(resp));
     }
 }
 
