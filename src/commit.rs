@@ -97,6 +97,9 @@ pub async fn commit(
         "application/json",
     )
     .await?;
+    if partition.starts_with("date=") {
+        write_symlink(sink, folder, None, &manifest.files).await?;
+    }
     // Parts of other attempts (failed, abandoned or replaced) go.
     let keep: std::collections::HashSet<String> = manifest
         .files
@@ -191,4 +194,30 @@ pub async fn write_schema(
         "application/json",
     )
     .await
+}
+
+/// The Athena symlink manifest of a committed partition or snapshot: one address per committed
+/// part, at `{table}/_symlink/{partition}/manifest` (or `{table}/_symlink/latest/manifest` for
+/// the newest snapshot). A table read through it (`SymlinkTextInputFormat`) sees exactly the
+/// committed parts, and a re-replicated day switches to its new parts in one write — never a
+/// mix of attempts, never parts of an attempt still running.
+pub async fn write_symlink(
+    sink: &dyn ObjectSink,
+    folder: &str,
+    name: Option<&str>,
+    files: &[FileEntry],
+) -> Result<()> {
+    let (parent, last) = folder.rsplit_once('/').unwrap_or(("", folder));
+    let partition = name.unwrap_or(last);
+    let key = if parent.is_empty() {
+        format!("_symlink/{partition}/manifest")
+    } else {
+        format!("{parent}/_symlink/{partition}/manifest")
+    };
+    let mut body = String::new();
+    for f in files {
+        body.push_str(&sink.url(&format!("{folder}/{}", f.name)));
+        body.push('\n');
+    }
+    sink.put(&key, Bytes::from(body), "text/plain").await
 }

@@ -396,6 +396,7 @@ async fn finish(
             "application/json",
         )
         .await?;
+    commit::write_symlink(app.sink.as_ref(), folder, Some("latest"), &manifest.files).await?;
     prune(app, table, snapshot).await?;
     // Only engage's columns are subject to MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT.
     let schema = if table == Table::Engage && !app.settings.select_properties_by_default {

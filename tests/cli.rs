@@ -115,7 +115,7 @@ async fn invoke_prints_the_handler_response_on_stdout() {
     assert_eq!(resp["status"], "done");
     assert_eq!(resp["slice"], day.to_string());
     assert_eq!(resp["records"], rows);
-    assert_eq!(resp["files"], 1);
+    assert!(resp["files"].as_u64().unwrap() >= 1, "{resp}");
 }
 
 #[test]

@@ -41,6 +41,11 @@ pub trait ObjectSink: Send + Sync {
 
     /// Where the objects go, for people (`s3://bucket` or a folder).
     fn location(&self) -> String;
+
+    /// The full address of an object (`s3://bucket/key`, or a path under the folder).
+    fn url(&self, key: &str) -> String {
+        format!("{}/{key}", self.location())
+    }
 }
 
 /// One object being written as a stream of chunks.

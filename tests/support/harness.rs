@@ -197,8 +197,38 @@ pub async fn read_partition(
     expected.push(format!("{folder}/_manifest.json"));
     expected.sort();
     assert_eq!(listed, expected, "objects of {folder}");
+    assert_symlink(sink, &folder, &manifest).await;
     rows.sort();
     Some((manifest, rows))
+}
+
+/// The Athena symlink manifest of a date partition lists exactly its committed parts.
+pub async fn assert_symlink(sink: &Arc<dyn ObjectSink>, folder: &str, manifest: &Manifest) {
+    let (parent, last) = folder.rsplit_once('/').unwrap_or(("", folder));
+    if !last.starts_with("date=") {
+        return;
+    }
+    let key = if parent.is_empty() {
+        format!("_symlink/{last}/manifest")
+    } else {
+        format!("{parent}/_symlink/{last}/manifest")
+    };
+    let body = sink
+        .get(&key)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{key} is missing"));
+    let listed: Vec<String> = String::from_utf8(body.to_vec())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let expected: Vec<String> = manifest
+        .files
+        .iter()
+        .map(|f| sink.url(&format!("{folder}/{}", f.name)))
+        .collect();
+    assert_eq!(listed, expected, "{key}");
 }
 
 /// The simulator's ground truth of a day, as sorted canonical JSON strings.
@@ -307,6 +337,7 @@ pub async fn read_manifest_rows(
     expected.push(format!("{folder}/_manifest.json"));
     expected.sort();
     assert_eq!(listed, expected, "objects of {folder}");
+    assert_symlink(sink, folder, &manifest).await;
     rows.sort();
     Some((manifest, rows))
 }
@@ -366,6 +397,12 @@ pub async fn assert_layout(app: &App) {
         let parts: Vec<&str> = key.split('/').collect();
         let ok = match parts.as_slice() {
             [t, f] => tables.contains(t) && (*f == "_latest.json" || *f == "_schema.json"),
+            [t, "_symlink", p, "manifest"] => {
+                tables.contains(t)
+                    && (*p == "latest"
+                        || p.strip_prefix("date=")
+                            .is_some_and(|d| d.parse::<Date>().is_ok()))
+            }
             [t, folder, name] if tables.contains(t) => {
                 if let Some(d) = folder.strip_prefix("date=") {
                     d.parse::<Date>().is_ok()
