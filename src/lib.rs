@@ -10,6 +10,7 @@ pub mod commit;
 pub mod config;
 pub mod dated;
 pub mod demo;
+pub mod discovery;
 pub mod error;
 pub mod handler;
 pub mod logging;

@@ -223,7 +223,14 @@ async fn fill(
             let known = if app.settings.select_properties_by_default {
                 None
             } else {
-                app.store.schema(table).await?
+                match app.store.schema(table).await? {
+                    Some(known) => Some(known),
+                    // First discovery: every property Mixpanel knows now is selected.
+                    None => {
+                        let discovered = crate::discovery::discover(mc, table, deadline).await?;
+                        Some(app.store.init_schema(table, &discovered).await?)
+                    }
+                }
             };
             let mut columns = Columns::new(known.as_ref());
             let done =

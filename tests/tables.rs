@@ -269,3 +269,60 @@ async fn assert_all_funnels_exact(app: &mixpanel_replicator::app::App, project: 
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_select_properties_off_engage_keeps_the_properties_known_at_first_discovery() {
+    let cfg = sim_config("UTC", 1, 10);
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    // First discovery asks Mixpanel which properties exist, and keeps them all.
+    let dir = tempfile::tempdir().unwrap();
+    let app = project
+        .local_app(
+            dir.path(),
+            &[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")],
+        )
+        .await;
+    sync(&app, &[Table::Engage]).await.unwrap();
+    assert!(
+        sim.requests()
+            .iter()
+            .any(|r| r.path == "/api/2.0/engage/properties")
+    );
+    let (_, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
+    assert_eq!(rows, canonical(sim.engage_ground_truth()));
+    let stored = app.store.schema(Table::Engage).await.unwrap().unwrap();
+    assert!(
+        stored.columns.contains_key("mp_reserved_email"),
+        "{stored:?}"
+    );
+
+    // A table first discovered with fewer properties keeps only those.
+    let dir = tempfile::tempdir().unwrap();
+    let app = project
+        .local_app(
+            dir.path(),
+            &[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")],
+        )
+        .await;
+    let mut known = mixpanel_replicator::state::Schema::default();
+    known.columns.insert("distinct_id".into(), "string".into());
+    known
+        .columns
+        .insert("mp_reserved_email".into(), "string".into());
+    app.store.init_schema(Table::Engage, &known).await.unwrap();
+    sync(&app, &[Table::Engage]).await.unwrap();
+    let (_, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
+    let expected = canonical(
+        sim.engage_ground_truth()
+            .into_iter()
+            .map(|mut v| {
+                v.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| k == "distinct_id" || k == "mp_reserved_email");
+                v
+            })
+            .collect(),
+    );
+    assert_eq!(rows, expected);
+}
