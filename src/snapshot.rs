@@ -186,10 +186,7 @@ async fn fill(
         Table::Cohorts => {
             let body = mc.query(cohorts::PATH, &[], deadline).await?;
             let mut columns = Columns::new(None);
-            cohorts::rows(&body, |line| {
-                parts.write(line);
-                discover_object(line, &mut columns);
-            })?;
+            cohorts::rows(&body, as_returned(parts, &mut columns))?;
             parts.pump().await?;
             merge(&mut progress.columns, columns.schema(&[]));
             Ok(true)
@@ -201,20 +198,13 @@ async fn fill(
             let creds = mc.credentials().await?;
             let body = match creds.project_id() {
                 Some(id) => {
-                    mc.app_api(
-                        &format!("projects/{id}/annotations"),
-                        &owned(&params),
-                        deadline,
-                    )
-                    .await?
+                    mc.app_api(&format!("projects/{id}/annotations"), &params, deadline)
+                        .await?
                 }
-                None => mc.query("annotations", &owned(&params), deadline).await?,
+                None => mc.query("annotations", &params, deadline).await?,
             };
             let mut columns = Columns::new(None);
-            annotations::rows(&body, |line| {
-                parts.write(line);
-                discover_object(line, &mut columns);
-            })?;
+            annotations::rows(&body, as_returned(parts, &mut columns))?;
             parts.pump().await?;
             merge(&mut progress.columns, columns.schema(&[]));
             Ok(true)
@@ -277,8 +267,15 @@ async fn fill(
     }
 }
 
-fn owned(p: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
-    p.to_vec()
+/// Writes objects as returned, discovering their columns.
+fn as_returned<'a>(
+    parts: &'a mut StreamingParts,
+    columns: &'a mut Columns,
+) -> impl FnMut(&[u8]) + 'a {
+    move |line| {
+        parts.write(line);
+        discover_object(line, columns);
+    }
 }
 
 fn merge(into: &mut Schema, more: Schema) {

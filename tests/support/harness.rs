@@ -157,49 +157,7 @@ pub async fn read_partition(
     } else {
         format!("{prefix}/{table}/date={day}")
     };
-    let body = sink
-        .get(&format!("{folder}/_manifest.json"))
-        .await
-        .unwrap()?;
-    let manifest: Manifest = serde_json::from_slice(&body).unwrap();
-    let mut rows = Vec::new();
-    for f in &manifest.files {
-        let gz = sink
-            .get(&format!("{folder}/{}", f.name))
-            .await
-            .unwrap()
-            .expect("a part the manifest lists is missing");
-        assert_eq!(gz.len() as u64, f.bytes, "manifest bytes of {}", f.name);
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_string(&mut text)
-            .unwrap();
-        let n = text.lines().count() as u64;
-        assert_eq!(n, f.records, "manifest records of {}", f.name);
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            rows.push(v.to_string());
-        }
-    }
-    // Nothing in the partition beyond the manifest and its parts.
-    let listed: Vec<String> = sink
-        .list(&format!("{folder}/"))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
-    let mut expected: Vec<String> = manifest
-        .files
-        .iter()
-        .map(|f| format!("{folder}/{}", f.name))
-        .collect();
-    expected.push(format!("{folder}/_manifest.json"));
-    expected.sort();
-    assert_eq!(listed, expected, "objects of {folder}");
-    assert_symlink(sink, &folder, &manifest).await;
-    rows.sort();
-    Some((manifest, rows))
+    read_manifest_rows(sink, &folder).await
 }
 
 /// The Athena symlink manifest of a date partition lists exactly its committed parts.
