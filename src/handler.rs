@@ -303,6 +303,18 @@ fn lease_times(deadline: Instant) -> (u64, u64) {
     (now_ms, now_ms + left.as_millis() as u64 + 60_000)
 }
 
+/// With `MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`, the export columns are those Mixpanel
+/// lists when the table is first discovered (`events/properties/top`).
+async fn first_discovery(app: &App, deadline: Instant) -> Result<()> {
+    if app.settings.select_properties_by_default || app.store.schema(Table::Export).await?.is_some()
+    {
+        return Ok(());
+    }
+    let discovered = crate::discovery::discover(&app.mixpanel, Table::Export, deadline).await?;
+    app.store.init_schema(Table::Export, &discovered).await?;
+    Ok(())
+}
+
 /// What a table's runner did.
 enum Ran {
     /// Committed (with the slice label when it covered several days).
@@ -316,9 +328,12 @@ pub async fn run_slice(app: &App, lease: &Lease, deadline: Instant) -> Result<Re
     let started = Instant::now();
     let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
     let result = match lease.table {
-        Table::Export => replicate::export_slice(app, lease, work_deadline)
-            .await
-            .map(|r| Ran::Done(r, None)),
+        Table::Export => match first_discovery(app, work_deadline).await {
+            Ok(()) => replicate::export_slice(app, lease, work_deadline)
+                .await
+                .map(|r| Ran::Done(r, None)),
+            Err(e) => Err(e),
+        },
         Table::Funnels | Table::Revenue => crate::dated::run(app, lease, work_deadline)
             .await
             .map(|(r, label)| Ran::Done(r, Some(label))),

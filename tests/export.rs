@@ -690,3 +690,47 @@ async fn with_select_properties_off_only_the_first_discovered_columns_are_kept()
         assert_eq!(rows, expected, "{day}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_select_properties_off_the_first_discovery_asks_mixpanel_which_properties_exist() {
+    let cfg = sim_config("UTC", 2, 100);
+    let first = cfg.first_day;
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = project
+        .local_app(
+            dir.path(),
+            &[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")],
+        )
+        .await;
+    sync(&app, &[Table::Export]).await.unwrap();
+    let sim = project.simulator();
+    assert_eq!(
+        sim.requests()
+            .iter()
+            .filter(|r| r.path == "/api/2.0/events/properties/top")
+            .count(),
+        1,
+        "discovered once"
+    );
+    let schema = app.store.schema(Table::Export).await.unwrap().unwrap();
+    assert!(
+        schema.columns.contains_key("mp_reserved_insert_id"),
+        "{schema:?}"
+    );
+    for day in days(first, minus(today_in("UTC"), 1)) {
+        let (_, rows) = read_partition(&app.sink, "", "export", day).await.unwrap();
+        let mut expected: Vec<String> = sim
+            .export_ground_truth(day, None)
+            .into_iter()
+            .map(|mut v| {
+                v.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| schema.columns.contains_key(k));
+                v.to_string()
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(rows, expected, "{day}");
+    }
+}
