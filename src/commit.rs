@@ -62,9 +62,30 @@ pub fn date_partition(prefix: &str, table: Table, slice: SliceId) -> Result<(Str
 /// How long the commit may take once the fencing check passed (the lease is extended by this).
 const COMMIT_LEASE_MS: u64 = 120_000;
 
-/// Commits the parts of `lease`'s attempt in `folder`. Returns an error of kind `State` when the
-/// lease was lost (another attempt owns the slice now): nothing is committed then.
+/// Commits the parts of `lease`'s attempt in `folder`: [`write_manifest`], then [`complete`].
+/// Returns an error of kind `State` when the lease was lost (another attempt owns the slice
+/// now): nothing is committed then.
 pub async fn commit(
+    store: &dyn StateStore,
+    sink: &dyn ObjectSink,
+    lease: &Lease,
+    folder: &str,
+    partition: &str,
+    files: Vec<FileEntry>,
+) -> Result<Manifest> {
+    let manifest = write_manifest(store, sink, lease, folder, partition, files).await?;
+    complete(store, lease).await?;
+    Ok(manifest)
+}
+
+/// How many times the removal of other attempts' parts is tried once the manifest is written.
+const CLEANUP_ATTEMPTS: u32 = 3;
+
+/// The first half of a commit: the fencing check, the manifest (and a date partition's symlink
+/// manifest), then the removal of other attempts' parts. The slice is not marked committed yet:
+/// whatever must be visible before it is (a snapshot's `_latest.json`) goes next, then
+/// [`complete`]. A crash in between leaves the slice to be replicated again.
+pub async fn write_manifest(
     store: &dyn StateStore,
     sink: &dyn ObjectSink,
     lease: &Lease,
@@ -100,7 +121,29 @@ pub async fn commit(
     if partition.starts_with("date=") {
         write_symlink(sink, folder, None, &manifest.files).await?;
     }
-    // Parts of other attempts (failed, abandoned or replaced) go.
+    // Parts of other attempts (failed, abandoned or replaced) go. The manifest is written: a
+    // passing storage failure here is worth a few more tries rather than failing the commit.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match remove_other_parts(sink, folder, &manifest).await {
+            Ok(()) => break,
+            Err(e) if attempt < CLEANUP_ATTEMPTS && e.kind().retryable() => {
+                tracing::warn!(folder, attempt, error = %e, "removing other attempts' parts again");
+                tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(manifest)
+}
+
+/// Deletes the parts in `folder` that `manifest` does not list.
+async fn remove_other_parts(
+    sink: &dyn ObjectSink,
+    folder: &str,
+    manifest: &Manifest,
+) -> Result<()> {
     let keep: std::collections::HashSet<String> = manifest
         .files
         .iter()
@@ -118,13 +161,38 @@ pub async fn commit(
     if !stale.is_empty() {
         sink.delete(&stale).await?;
     }
-    if !store
+    Ok(())
+}
+
+/// The second half of a commit: marks the slice committed if `lease` still holds it.
+///
+/// A completion whose answer was lost (a dropped connection after DynamoDB applied it, retried
+/// by the SDK into a failed condition or an error) is recognised by reading the slice back:
+/// committed with this attempt as its last owner means this attempt committed it, since only a
+/// completion under this lease sets that.
+pub async fn complete(store: &dyn StateStore, lease: &Lease) -> Result<()> {
+    let outcome = store
         .complete(lease, Timestamp::now().as_millisecond() as u64)
-        .await?
-    {
-        return Err(lost(lease));
+        .await;
+    if matches!(outcome, Ok(true)) {
+        return Ok(());
     }
-    Ok(manifest)
+    let ours = match store.slices(lease.table).await {
+        Ok(slices) => slices.iter().any(|r| {
+            r.slice == lease.slice
+                && r.status == SliceStatus::Committed
+                && r.lease_owner.as_deref() == Some(lease.owner.as_str())
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the slice back after its completion failed");
+            false
+        }
+    };
+    match outcome {
+        _ if ours => Ok(()),
+        Err(e) => Err(e),
+        Ok(_) => Err(lost(lease)),
+    }
 }
 
 fn lost(lease: &Lease) -> Error {

@@ -43,6 +43,9 @@ pub async fn queue_table(
     now: Timestamp,
 ) -> Result<u64> {
     if table.is_date_sliced() {
+        // The bookmark moves after each commit; moving it here too makes up for an invocation
+        // that stopped between its last commit and the bookmark.
+        crate::commit::advance_bookmark(store, table, settings.start_date).await?;
         let days = planned_days(store, settings, table, now).await?;
         Ok(queue_days(store, settings, table, &days, now).await?.len() as u64)
     } else {

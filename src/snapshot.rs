@@ -379,7 +379,9 @@ async fn finish(
     columns: &Schema,
 ) -> Result<Outcome> {
     let table = lease.table;
-    let manifest = commit::commit(
+    // The slice is marked committed only once `_latest.json` points to the snapshot: a crash in
+    // between leaves it leased, and the next invocation finds the manifest and publishes it.
+    let manifest = commit::write_manifest(
         app.store.as_ref(),
         app.sink.as_ref(),
         lease,
@@ -401,7 +403,6 @@ async fn finish(
         )
         .await?;
     commit::write_symlink(app.sink.as_ref(), folder, Some("latest"), &manifest.files).await?;
-    prune(app, table, snapshot).await?;
     // Only engage's columns are subject to MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT.
     let schema = if table == Table::Engage && !app.settings.select_properties_by_default {
         app.store.init_schema(table, columns).await?
@@ -409,6 +410,8 @@ async fn finish(
         app.store.merge_schema(table, columns).await?
     };
     commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
+    commit::complete(app.store.as_ref(), lease).await?;
+    prune(app, table, snapshot).await?;
     Ok(Outcome::Done(SliceResult {
         records: manifest.records,
         bytes: manifest.files.iter().map(|f| f.bytes).sum(),

@@ -195,6 +195,25 @@ impl DynamoStore {
         }
     }
 
+    /// Whether the slice is leased by `owner` until `until_ms` (read back after a claim whose
+    /// answer may have been lost; attempt ids are unique, so only that claim could set this).
+    async fn claimed_by(
+        &self,
+        table: Table,
+        slice: SliceId,
+        owner: &str,
+        until_ms: u64,
+    ) -> Result<bool> {
+        let op = format!("reading slice {slice} of {table} back");
+        let Some(item) = self.get(&op, &slice_pk(table), &slice.to_string()).await? else {
+            return Ok(false);
+        };
+        let record = self.parse_slice(table, &item)?;
+        Ok(record.status == SliceStatus::Leased
+            && record.lease_owner.as_deref() == Some(owner)
+            && record.lease_expires_ms == Some(until_ms))
+    }
+
     /// Parses a slice item of `table`.
     fn parse_slice(
         &self,
@@ -317,9 +336,22 @@ impl StateStore for DynamoStore {
             .expression_attribute_values(":until", n(lease_until_ms))
             .expression_attribute_values(":now", n(now_ms))
             .expression_attribute_values(":one", n(1));
-        let claimed = self
-            .conditional(&format!("claiming slice {slice} of {table}"), request)
-            .await?;
+        let op = format!("claiming slice {slice} of {table}");
+        let claimed = match self.conditional(&op, request).await {
+            Ok(true) => true,
+            // The claim may have been applied with its answer lost (and the SDK's retry then
+            // failed its condition, or failed): the item says whether it is ours, and a claim
+            // taken for lost would hold the slice until its lease expired.
+            outcome => {
+                let ours = self.claimed_by(table, slice, owner, lease_until_ms).await;
+                match (outcome, ours) {
+                    (_, Ok(true)) => true,
+                    (Err(e), _) => return Err(e),
+                    // Mostly another invocation was first; an unreadable item changes nothing.
+                    (Ok(_), _) => false,
+                }
+            }
+        };
         Ok(claimed.then(|| Lease {
             table,
             slice,
