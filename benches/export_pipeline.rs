@@ -8,7 +8,10 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::Command;
+#[path = "common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use mixpanel_sim::{SimConfig, Simulator};
@@ -23,31 +26,17 @@ struct Run {
     records: u64,
 }
 
-/// Runs the replicator to completion and returns (wall seconds, peak RSS in MiB).
-// The child is reaped by wait4 (which also gives its peak RSS), not by Child::wait.
-#[allow(clippy::zombie_processes)]
-fn measure(mut cmd: Command) -> (f64, f64) {
-    let started = Instant::now();
-    let child = cmd.spawn().expect("start the replicator");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child with valid pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4 failed");
-    let seconds = started.elapsed().as_secs_f64();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the replicator failed: {status}"
-    );
-    (seconds, usage.ru_maxrss as f64 / 1024.0)
+/// Runs the replicator to completion and returns (wall seconds, peak RSS in MiB), measured by
+/// GNU time (see `common::measure`).
+fn measure(cmd: Command) -> (f64, f64) {
+    let u = common::measure(cmd, Stdio::null(), Stdio::inherit());
+    (u.seconds, u.max_rss_mib)
 }
 
 fn main() {
     // `cargo test --all-targets` runs bench targets too: only `cargo bench` (which passes
     // `--bench`) measures.
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("export_pipeline: run with `cargo bench --bench export_pipeline`");
+    if !common::benching("export_pipeline") {
         return;
     }
     let events: u32 = std::env::var("BENCH_EVENTS")
@@ -99,7 +88,6 @@ fn main() {
         cmd.args(["sync", "--table", "export", "--out"])
             .arg(dir.path())
             .envs(base_env.clone());
-        cmd.stdout(std::process::Stdio::null());
         let (seconds, max_rss_mb) = measure(cmd);
         let records =
             manifest_records(&dir.path().join(format!("export/date={day}/_manifest.json")));
@@ -126,7 +114,6 @@ fn main() {
             .envs(aws.moto.env())
             .env("OUTPUT_BUCKET", "bench")
             .env("STATE_TABLE", "bench-state");
-        cmd.stdout(std::process::Stdio::null());
         let (seconds, max_rss_mb) = measure(cmd);
         let body = rt.block_on(async {
             aws_sdk_s3::Client::new(&aws.sdk)

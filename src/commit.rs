@@ -78,7 +78,8 @@ pub async fn commit(
     Ok(manifest)
 }
 
-/// How many times the removal of other attempts' parts is tried once the manifest is written.
+/// How many times the removal of other attempts' parts (and the reading back of a completion
+/// whose answer was lost) is tried once the manifest is written.
 const CLEANUP_ATTEMPTS: u32 = 3;
 
 /// The first half of a commit: the fencing check, the manifest (and a date partition's symlink
@@ -177,17 +178,23 @@ pub async fn complete(store: &dyn StateStore, lease: &Lease) -> Result<()> {
     if matches!(outcome, Ok(true)) {
         return Ok(());
     }
-    let ours = match store.slices(lease.table).await {
-        Ok(slices) => slices.iter().any(|r| {
-            r.slice == lease.slice
-                && r.status == SliceStatus::Committed
-                && r.lease_owner.as_deref() == Some(lease.owner.as_str())
-        }),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the slice back after its completion failed");
-            false
+    let mut ours = false;
+    for attempt in 1..=CLEANUP_ATTEMPTS {
+        match store.slices(lease.table).await {
+            Ok(slices) => {
+                ours = slices.iter().any(|r| {
+                    r.slice == lease.slice
+                        && r.status == SliceStatus::Committed
+                        && r.lease_owner.as_deref() == Some(lease.owner.as_str())
+                });
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "cannot read the slice back after its completion failed");
+                tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+            }
         }
-    };
+    }
     match outcome {
         _ if ours => Ok(()),
         Err(e) => Err(e),

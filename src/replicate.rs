@@ -4,7 +4,10 @@
 //! Nothing reaches the sink before the whole body was read and every line parsed, so a
 //! `terminated early` or cut body never leaves parts behind; the slice is simply fetched again.
 
-use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use jiff::Timestamp;
 use tokio::sync::mpsc;
@@ -15,7 +18,7 @@ use crate::commit::{self, FileEntry};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
 use crate::sink::part::{PartEvent, PartWriter};
-use crate::spill::Spill;
+use crate::spill::{Spill, SpillWriter};
 use crate::state::{Lease, Schema};
 use crate::tables::Table;
 use crate::tables::export::{self, LineOutcome, Transformer};
@@ -57,6 +60,7 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
     };
 
     let mut attempt = 0;
+    let started = Instant::now();
     let pass1 = loop {
         attempt += 1;
         let transformer = Transformer::new(
@@ -99,7 +103,17 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
     }
 
     let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
+    let pass1_done = Instant::now();
     let (files, duplicates) = write_parts(app, &lease.owner, &folder, pass1.spill).await?;
+    tracing::debug!(
+        table = "export",
+        slice = %lease.slice,
+        raw_bytes = pass1.raw_bytes,
+        pass1_ms = (pass1_done - started).as_millis() as u64,
+        pass2_ms = pass1_done.elapsed().as_millis() as u64,
+        workers = workers(),
+        "slice read, deduplicated and written"
+    );
     let result = SliceResult {
         records: files.iter().map(|f| f.records).sum(),
         bytes: files.iter().map(|f| f.bytes).sum(),
@@ -117,7 +131,12 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
     )
     .await;
     if let Err(e) = committed {
-        remove_parts(app, &folder, &files).await;
+        // Once this attempt's manifest is written its parts are what the day's readers follow:
+        // they stay, whatever failed after (the slice is replicated again, and that commit
+        // replaces them). Before that, they are this attempt's leftovers.
+        if !manifest_is_ours(app, &folder, &lease.owner).await {
+            remove_parts(app, &folder, &files).await;
+        }
         return Err(e);
     }
     commit::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
@@ -137,7 +156,25 @@ struct Pass1 {
     schema: Schema,
 }
 
+/// Raw bytes of export lines handed to a transform worker at a time (cut at a line end).
+const BLOCK_BYTES: usize = 256 * 1024;
+
+/// Blocks queued for each transform worker.
+const BLOCKS_QUEUED: usize = 2;
+
+/// Worker threads of each pass: one per available core (the CPU share on Lambda), at most 4.
+pub fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
 /// Reads the export body, transforming each line into the spill file and indexing dedup keys.
+///
+/// The async reader (HTTP and gunzip) cuts the body into blocks of whole lines and deals them
+/// out to one transform worker per core; each worker fills its own shard of the spill, and the
+/// block and line numbers keep the delivery order that deduplication needs for ties.
 async fn fetch_into_spill(
     app: &App,
     query: &crate::mixpanel::ExportQuery,
@@ -147,33 +184,91 @@ async fn fetch_into_spill(
     let resp = tokio::time::timeout_at(deadline, app.mixpanel.export(query, deadline))
         .await
         .map_err(|_| deadline_error())??;
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let worker = tokio::task::spawn_blocking(move || pass1(rx, transformer));
+    let n = workers();
+    // One queue that every worker takes from, so that a busy worker never holds up the others.
+    let (sender, rx) = mpsc::channel::<(u64, Bytes)>(BLOCKS_QUEUED * n);
+    let rx = Arc::new(Mutex::new(rx));
+    let mut workers = Vec::with_capacity(n);
+    let mut transformer = Some(transformer);
+    for w in 0..n {
+        let t = match transformer.as_ref() {
+            Some(t) if w + 1 < n => t.fork(),
+            _ => transformer
+                .take()
+                .ok_or_else(|| Error::transient("no transformer"))?,
+        };
+        let rx = rx.clone();
+        workers.push(tokio::task::spawn_blocking(move || {
+            transform_blocks(&rx, t)
+        }));
+    }
+    drop(rx);
     let mut body = resp.bytes_stream();
     let read = async {
+        let mut raw_bytes = 0u64;
+        let mut block = BytesMut::with_capacity(BLOCK_BYTES + 64 * 1024);
+        let mut seq = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
                 Error::transient(format!("the export body broke off: {}", without_url(&e)))
             })?;
-            if tx.send(chunk).await.is_err() {
-                // The worker stopped on a bad line; its error is the one to report.
-                break;
+            raw_bytes += chunk.len() as u64;
+            block.extend_from_slice(&chunk);
+            if block.len() >= BLOCK_BYTES
+                && let Some(end) = memchr::memrchr(b'\n', &block)
+            {
+                let whole = block.split_to(end + 1).freeze();
+                block.reserve(BLOCK_BYTES + 64 * 1024);
+                if sender.send((seq, whole)).await.is_err() {
+                    // A worker stopped on a bad line; its error is the one to report.
+                    return Ok(raw_bytes);
+                }
+                seq += 1;
             }
         }
-        Ok::<(), Error>(())
+        if !block.is_empty() {
+            // The last line may lack its newline; it must still be complete JSON.
+            let _ = sender.send((seq, block.freeze())).await;
+        }
+        Ok::<u64, Error>(raw_bytes)
     };
     let read = tokio::time::timeout_at(deadline, read).await;
-    drop(tx);
-    let joined = worker
-        .await
-        .map_err(|e| Error::transient(format!("export worker failed: {e}")));
+    drop(sender);
+    let mut shards = Vec::with_capacity(n);
+    let mut merged: Option<Transformer> = None;
+    let mut failure = None;
+    for w in workers {
+        match w.await {
+            Ok(Ok((shard, t))) => {
+                shards.push(shard);
+                match merged.as_mut() {
+                    Some(m) => m.merge(t),
+                    None => merged = Some(t),
+                }
+            }
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(e) => {
+                failure.get_or_insert(Error::transient(format!("export worker failed: {e}")));
+            }
+        }
+    }
     match read {
         Err(_) => Err(Error::new(
             ErrorKind::Deadline,
             "the invocation's deadline came before the export body ended",
         )),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(())) => joined?,
+        Ok(Ok(raw_bytes)) => match (failure, merged) {
+            (Some(e), _) => Err(e),
+            (None, Some(t)) => Ok(Pass1 {
+                spill: Spill::from_shards(shards),
+                raw_bytes,
+                schema: t.schema(),
+            }),
+            (None, None) => Err(Error::transient("no export worker ran")),
+        },
     }
 }
 
@@ -184,72 +279,159 @@ fn deadline_error() -> Error {
     )
 }
 
-/// Blocking half of pass 1: lines → records in the spill, bucketed by dedup key.
-fn pass1(mut rx: mpsc::Receiver<Bytes>, mut t: Transformer) -> Result<Pass1> {
-    let mut spill = Spill::new()?;
+/// A transform worker of pass 1: blocks of whole lines → records in its shard of the spill.
+fn transform_blocks(
+    rx: &Mutex<mpsc::Receiver<(u64, Bytes)>>,
+    mut t: Transformer,
+) -> Result<(SpillWriter, Transformer)> {
+    let mut spill = SpillWriter::new()?;
     let mut out = Vec::with_capacity(64 * 1024);
-    let mut carry: Vec<u8> = Vec::new();
-    let mut raw_bytes = 0u64;
-
-    let mut handle = |line: &[u8], out: &mut Vec<u8>, spill: &mut Spill| -> Result<()> {
-        out.clear();
-        match t.transform(line, out)? {
-            LineOutcome::Record { key, processing_ms } => spill.push(key, processing_ms, out),
-            LineOutcome::OutOfRange | LineOutcome::Blank => Ok(()),
+    let mut run = || -> Result<()> {
+        loop {
+            let next = match rx.lock() {
+                Ok(mut rx) => rx.blocking_recv(),
+                Err(_) => None,
+            };
+            let Some((block_seq, block)) = next else {
+                return Ok(());
+            };
+            let base = block_seq << 32;
+            let mut start = 0usize;
+            let mut line_no = 0u64;
+            let mut handle = |line: &[u8], line_no: u64| -> Result<()> {
+                out.clear();
+                match t.transform(line, &mut out)? {
+                    LineOutcome::Record { key, processing_ms } => {
+                        spill.push(key, processing_ms, base | line_no, &out)
+                    }
+                    LineOutcome::OutOfRange | LineOutcome::Blank => Ok(()),
+                }
+            };
+            for end in memchr::memchr_iter(b'\n', &block) {
+                handle(&block[start..end], line_no)?;
+                line_no += 1;
+                start = end + 1;
+            }
+            if start < block.len() {
+                handle(&block[start..], line_no)?;
+            }
         }
     };
-
-    while let Some(chunk) = rx.blocking_recv() {
-        raw_bytes += chunk.len() as u64;
-        let mut rest: &[u8] = &chunk;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            if carry.is_empty() {
-                handle(&rest[..pos], &mut out, &mut spill)?;
-            } else {
-                carry.extend_from_slice(&rest[..pos]);
-                handle(&carry, &mut out, &mut spill)?;
-                carry.clear();
-            }
-            rest = &rest[pos + 1..];
+    if let Err(e) = run() {
+        // Stop the reader and the other workers: the slice has failed.
+        if let Ok(mut rx) = rx.lock() {
+            rx.close();
         }
-        carry.extend_from_slice(rest);
+        return Err(e);
     }
-    if !carry.is_empty() {
-        // A last line without its newline must still be complete JSON.
-        handle(&carry, &mut out, &mut spill)?;
-    }
-    Ok(Pass1 {
-        spill,
-        raw_bytes,
-        schema: t.schema(),
-    })
+    Ok((spill, t))
 }
 
 /// Pass 2: the spill's surviving records → compressed parts uploaded as they fill.
+///
+/// One worker per core takes buckets in turn, deduplicates each and compresses its survivors
+/// into its own parts (numbered from one shared counter); each worker's parts are uploaded by
+/// their own loop, so the uploads of several workers overlap.
 async fn write_parts(
     app: &App,
     attempt: &str,
     folder: &str,
     spill: Spill,
 ) -> Result<(Vec<FileEntry>, u64)> {
-    let s = app.settings.clone();
-    let attempt_id = attempt.to_string();
-    let (tx, mut rx) = mpsc::channel::<PartEvent>(4);
-    let producer = tokio::task::spawn_blocking(move || -> Result<u64> {
-        let mut writer = PartWriter::new(&attempt_id, s.compression, s.max_file_bytes, |e| {
-            tx.blocking_send(e).is_ok()
-        });
-        let mut open = true;
-        let duplicates = spill.drain_deduplicated(|record| {
-            open = writer.write(record);
-            open
-        })?;
-        if open {
-            writer.finish();
-        }
-        Ok(duplicates)
-    });
+    let buckets = tokio::task::spawn_blocking(move || spill.into_buckets())
+        .await
+        .map_err(|e| Error::storage(format!("spill failed: {e}")))??;
+    let n = workers().min(buckets.len()).max(1);
+    let queue = Arc::new(Mutex::new(buckets.into_iter()));
+    let next_index = Arc::new(AtomicU32::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut producers = Vec::with_capacity(n);
+    let mut receivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mpsc::channel::<PartEvent>(4);
+        receivers.push(rx);
+        let s = app.settings.clone();
+        let attempt_id = attempt.to_string();
+        let queue = queue.clone();
+        let next_index = next_index.clone();
+        let stop = stop.clone();
+        producers.push(tokio::task::spawn_blocking(move || -> Result<u64> {
+            let compress = || -> Result<u64> {
+                let emit = |e| !stop.load(Ordering::Relaxed) && tx.blocking_send(e).is_ok();
+                let mut writer = PartWriter::shared(
+                    &attempt_id,
+                    next_index,
+                    s.compression,
+                    s.max_file_bytes,
+                    emit,
+                );
+                let mut open = true;
+                let mut duplicates = 0;
+                loop {
+                    let bucket = queue.lock().map(|mut q| q.next()).unwrap_or(None);
+                    let Some(bucket) = bucket else { break };
+                    duplicates += bucket.drain_deduplicated(|record| {
+                        open = writer.write(record);
+                        open
+                    })?;
+                    if !open {
+                        break;
+                    }
+                }
+                if open {
+                    writer.finish();
+                }
+                Ok(duplicates)
+            };
+            let result = compress();
+            if result.is_err() {
+                // The other workers stop too; this worker's open part is aborted by its loop.
+                stop.store(true, Ordering::Relaxed);
+            }
+            result
+        }));
+    }
 
+    let uploads = receivers
+        .into_iter()
+        .map(|rx| upload_parts(app, folder, rx, &stop));
+    let outcomes = futures_util::future::join_all(uploads).await;
+    let mut files = Vec::new();
+    let mut failure = None;
+    for (done, err) in outcomes {
+        files.extend(done);
+        if let Some(e) = err {
+            failure.get_or_insert(e);
+        }
+    }
+    let mut duplicates = 0;
+    for p in producers {
+        match p.await {
+            Ok(Ok(d)) => duplicates += d,
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(e) => {
+                failure.get_or_insert(Error::storage(format!("part writer failed: {e}")));
+            }
+        }
+    }
+    if let Some(e) = failure {
+        remove_parts(app, folder, &files).await;
+        return Err(e);
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((files, duplicates))
+}
+
+/// Uploads one part writer's parts in order; on a failure it aborts the open part, tells every
+/// writer to stop, and returns the parts finished so far with the error.
+async fn upload_parts(
+    app: &App,
+    folder: &str,
+    mut rx: mpsc::Receiver<PartEvent>,
+    stop: &AtomicBool,
+) -> (Vec<FileEntry>, Option<Error>) {
     let mut files = Vec::new();
     let mut current: Option<(String, Box<dyn crate::sink::Upload>)> = None;
     let mut failure = None;
@@ -284,25 +466,16 @@ async fn write_parts(
         .await;
         if let Err(e) = step {
             failure = Some(e);
+            stop.store(true, Ordering::Relaxed);
             break;
         }
     }
     drop(rx);
-    let produced = producer
-        .await
-        .map_err(|e| Error::storage(format!("part writer failed: {e}")));
-    let (duplicates, failure) = match produced {
-        Ok(Ok(d)) => (d, failure),
-        Ok(Err(e)) | Err(e) => (0, failure.or(Some(e))),
-    };
-    if let Some(e) = failure {
-        if let Some((_, up)) = current.take() {
-            let _ = up.abort().await;
-        }
-        remove_parts(app, folder, &files).await;
-        return Err(e);
+    // A part still open was left unfinished (a failure somewhere): nothing of it may remain.
+    if let Some((_, up)) = current.take() {
+        let _ = up.abort().await;
     }
-    Ok((files, duplicates))
+    (files, failure)
 }
 
 fn content_type(name: &str) -> &'static str {
@@ -310,6 +483,18 @@ fn content_type(name: &str) -> &'static str {
         "application/gzip"
     } else {
         "application/x-ndjson"
+    }
+}
+
+/// Whether the partition's manifest is this attempt's (a commit that failed after writing it).
+/// When the manifest cannot be read, the parts are kept: a later commit removes leftovers.
+async fn manifest_is_ours(app: &App, folder: &str, attempt: &str) -> bool {
+    match app.sink.get(&format!("{folder}/_manifest.json")).await {
+        Ok(Some(body)) => {
+            serde_json::from_slice::<commit::Manifest>(&body).is_ok_and(|m| m.attempt == attempt)
+        }
+        Ok(None) => false,
+        Err(_) => true,
     }
 }
 

@@ -311,7 +311,7 @@ async fn page_through(
             Ok(b) => b,
             Err(e) if engage::is_expired_session(&e) && progress.cursor.session_id.is_some() => {
                 tracing::warn!(table = %lease.table, cohort, error = %e, "the engage session expired; restarting the listing");
-                restart(app, progress, parts).await?;
+                restart(progress, parts).await?;
                 continue;
             }
             Err(e) => return Err(e),
@@ -348,21 +348,17 @@ async fn page_through(
 
 /// Drops what the current listing wrote (the whole snapshot, or the current cohort's parts)
 /// and starts it again from page 0 with a new session.
-async fn restart(app: &App, progress: &mut Progress, parts: &mut StreamingParts) -> Result<()> {
+async fn restart(progress: &mut Progress, parts: &mut StreamingParts) -> Result<()> {
     parts.checkpoint().await?;
     let keep = if progress.cursor.cohorts.is_some() {
         progress.cursor.files_at_cohort_start
     } else {
         0
     };
-    let dropped: Vec<FileEntry> = parts.files.split_off(keep.min(parts.files.len()));
-    if !dropped.is_empty() {
-        let keys: Vec<String> = dropped
-            .iter()
-            .map(|f| format!("{}/{}", parts.folder(), f.name))
-            .collect();
-        app.sink.delete(&keys).await?;
-    }
+    // The dropped parts are not deleted: the saved progress may still name them (if this
+    // invocation fails before saving again, the next one resumes from it). The snapshot's
+    // commit removes every part its manifest does not list; new parts get new numbers.
+    parts.files.truncate(keep.min(parts.files.len()));
     progress.cursor.session_id = None;
     progress.cursor.page = 0;
     Ok(())

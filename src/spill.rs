@@ -4,52 +4,84 @@
 //! Mixpanel's dedup key includes the event's `time`, so duplicates always share a bucket. Memory
 //! stays flat whatever the day's size: a bucket's index holds a fraction of the day's keys, and
 //! the files are unlinked temporary files that vanish with the process.
+//!
+//! Several transform workers may fill a spill at once, each through its own [`SpillWriter`]
+//! (a shard). Every record carries its delivery sequence number, so the winner among duplicates
+//! (greatest processing time, on a tie the later delivery) does not depend on which shard
+//! holds it. A bucket's key index is written beside its records, so finding the duplicates
+//! reads only the index and the records are read once.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
 
 use crate::error::{Error, Result};
 
 /// Buckets of a spill: the index of one bucket holds about 1/BUCKETS of a slice's keys.
 pub const BUCKETS: usize = 32;
 
-/// Buffer of each bucket's writer.
-const WRITE_BUFFER: usize = 128 * 1024;
+/// Buffer of each bucket's record writer.
+const WRITE_BUFFER: usize = 32 * 1024;
 
-/// Record header: has-key flag, key (u128), processing time (u64), length (u32).
-const HEADER: usize = 1 + 16 + 8 + 4;
+/// Buffer of each bucket's key writer.
+const KEY_BUFFER: usize = 8 * 1024;
 
-/// Records of one slice on disk, bucketed by dedup key.
-pub struct Spill {
-    buckets: Vec<BufWriter<File>>,
-    next_keyless: usize,
-    records: u64,
-}
+/// Buffer of the readers.
+const READ_BUFFER: usize = 128 * 1024;
+
+/// Key entry: key (u128), processing time (u64), delivery sequence (u64), record index (u32).
+const KEY_ENTRY: usize = 16 + 8 + 8 + 4;
 
 fn spill_err(e: std::io::Error) -> Error {
     Error::storage(format!("spill file (local temporary storage): {e}"))
 }
 
-impl Spill {
-    /// Creates the bucket files (unlinked temporary files).
-    pub fn new() -> Result<Spill> {
+/// One bucket of one shard: records (`len: u32` + bytes) and the key index of the keyed ones.
+struct BucketFiles {
+    records: BufWriter<File>,
+    keys: BufWriter<File>,
+    count: u32,
+}
+
+/// One shard of a spill, filled by one transform worker.
+pub struct SpillWriter {
+    buckets: Vec<BucketFiles>,
+    next_keyless: usize,
+    records: u64,
+}
+
+impl SpillWriter {
+    /// Creates the shard's bucket files (unlinked temporary files).
+    pub fn new() -> Result<SpillWriter> {
         let mut buckets = Vec::with_capacity(BUCKETS);
         for _ in 0..BUCKETS {
-            buckets.push(BufWriter::with_capacity(
-                WRITE_BUFFER,
-                tempfile::tempfile().map_err(spill_err)?,
-            ));
+            buckets.push(BucketFiles {
+                records: BufWriter::with_capacity(
+                    WRITE_BUFFER,
+                    tempfile::tempfile().map_err(spill_err)?,
+                ),
+                keys: BufWriter::with_capacity(
+                    KEY_BUFFER,
+                    tempfile::tempfile().map_err(spill_err)?,
+                ),
+                count: 0,
+            });
         }
-        Ok(Spill {
+        Ok(SpillWriter {
             buckets,
             next_keyless: 0,
             records: 0,
         })
     }
 
-    /// Adds a record with its dedup key (`None`: never deduplicated) and processing time.
-    pub fn push(&mut self, key: Option<u128>, processing_ms: u64, record: &[u8]) -> Result<()> {
+    /// Adds a record with its dedup key (`None`: never deduplicated), processing time and
+    /// delivery sequence number (greater is later; unique within the spill).
+    pub fn push(
+        &mut self,
+        key: Option<u128>,
+        processing_ms: u64,
+        seq: u64,
+        record: &[u8],
+    ) -> Result<()> {
         let bucket = match key {
             Some(k) => (k as usize) % BUCKETS,
             None => {
@@ -58,14 +90,23 @@ impl Spill {
             }
         };
         let len = u32::try_from(record.len()).map_err(|_| Error::storage("a record over 4 GiB"))?;
-        let mut header = [0u8; HEADER];
-        header[0] = u8::from(key.is_some());
-        header[1..17].copy_from_slice(&key.unwrap_or(0).to_le_bytes());
-        header[17..25].copy_from_slice(&processing_ms.to_le_bytes());
-        header[25..29].copy_from_slice(&len.to_le_bytes());
-        let w = &mut self.buckets[bucket];
-        w.write_all(&header).map_err(spill_err)?;
-        w.write_all(record).map_err(spill_err)?;
+        let b = &mut self.buckets[bucket];
+        b.records
+            .write_all(&len.to_le_bytes())
+            .and_then(|()| b.records.write_all(record))
+            .map_err(spill_err)?;
+        if let Some(k) = key {
+            let mut entry = [0u8; KEY_ENTRY];
+            entry[0..16].copy_from_slice(&k.to_le_bytes());
+            entry[16..24].copy_from_slice(&processing_ms.to_le_bytes());
+            entry[24..32].copy_from_slice(&seq.to_le_bytes());
+            entry[32..36].copy_from_slice(&b.count.to_le_bytes());
+            b.keys.write_all(&entry).map_err(spill_err)?;
+        }
+        b.count = b
+            .count
+            .checked_add(1)
+            .ok_or_else(|| Error::storage("over 4 billion records in a spill bucket"))?;
         self.records += 1;
         Ok(())
     }
@@ -74,50 +115,115 @@ impl Spill {
     pub fn records(&self) -> u64 {
         self.records
     }
+}
+
+/// Records of one slice on disk, bucketed by dedup key, in one or more shards.
+pub struct Spill {
+    shards: Vec<SpillWriter>,
+}
+
+impl Spill {
+    /// A spill of one shard.
+    pub fn new() -> Result<Spill> {
+        Ok(Spill {
+            shards: vec![SpillWriter::new()?],
+        })
+    }
+
+    /// A spill made of the shards that transform workers filled.
+    pub fn from_shards(shards: Vec<SpillWriter>) -> Spill {
+        Spill { shards }
+    }
+
+    /// Adds a record to the first shard; delivery order is the order of the calls.
+    pub fn push(&mut self, key: Option<u128>, processing_ms: u64, record: &[u8]) -> Result<()> {
+        let shard = &mut self.shards[0];
+        let seq = shard.records;
+        shard.push(key, processing_ms, seq, record)
+    }
+
+    /// Records pushed so far.
+    pub fn records(&self) -> u64 {
+        self.shards.iter().map(|s| s.records).sum()
+    }
+
+    /// The buckets, each to be drained on its own (by one worker or several in turn).
+    pub fn into_buckets(self) -> Result<Vec<Bucket>> {
+        let mut buckets: Vec<Bucket> = (0..BUCKETS).map(|_| Bucket { parts: Vec::new() }).collect();
+        for shard in self.shards {
+            for (i, b) in shard.buckets.into_iter().enumerate() {
+                if b.count == 0 {
+                    continue;
+                }
+                let records = b
+                    .records
+                    .into_inner()
+                    .map_err(|e| spill_err(e.into_error()))?;
+                let keys = b.keys.into_inner().map_err(|e| spill_err(e.into_error()))?;
+                buckets[i].parts.push((records, keys, b.count));
+            }
+        }
+        buckets.retain(|b| !b.parts.is_empty());
+        Ok(buckets)
+    }
 
     /// Calls `emit` with every record that survives deduplication (per key, the greatest
-    /// processing time; on a tie the later one), bucket by bucket. Stops early when `emit`
+    /// processing time; on a tie the later delivery), bucket by bucket. Stops early when `emit`
     /// returns false. Returns the number of duplicates dropped.
     pub fn drain_deduplicated(self, mut emit: impl FnMut(&[u8]) -> bool) -> Result<u64> {
+        let mut duplicates = 0;
+        let mut stopped = false;
+        for b in self.into_buckets()? {
+            duplicates += b.drain_deduplicated(|r| {
+                let go = emit(r);
+                stopped |= !go;
+                go
+            })?;
+            if stopped {
+                break;
+            }
+        }
+        Ok(duplicates)
+    }
+}
+
+/// One bucket of a spill: its files in every shard.
+pub struct Bucket {
+    /// Per shard: records, key index, record count.
+    parts: Vec<(File, File, u32)>,
+}
+
+impl Bucket {
+    /// Calls `emit` with every record of this bucket that survives deduplication. Stops early
+    /// when `emit` returns false. Returns the number of duplicates dropped.
+    pub fn drain_deduplicated(self, mut emit: impl FnMut(&[u8]) -> bool) -> Result<u64> {
+        let mut parts = self.parts;
+        let losers = find_losers(&mut parts)?;
         let mut duplicates = 0u64;
         let mut body = Vec::with_capacity(64 * 1024);
-        for w in self.buckets {
-            let mut file = w.into_inner().map_err(|e| spill_err(e.into_error()))?;
+        for (shard, (records, _, count)) in parts.into_iter().enumerate() {
+            let mut file = records;
             file.rewind().map_err(spill_err)?;
-            // First read: the winner of every key.
-            let mut winners: HashMap<u128, (u64, u32)> = HashMap::new();
-            let mut losers: Vec<u64> = Vec::new();
-            let mut reader = BufReader::with_capacity(1 << 20, &mut file);
-            let mut header = [0u8; HEADER];
-            let mut idx: u32 = 0;
-            while read_header(&mut reader, &mut header)? {
-                let (has_key, key, ptime, len) = parse_header(&header);
-                if has_key {
-                    match winners.get_mut(&key) {
-                        None => {
-                            winners.insert(key, (ptime, idx));
-                        }
-                        Some(w) if ptime >= w.0 => {
-                            set_bit(&mut losers, w.1);
-                            *w = (ptime, idx);
-                        }
-                        Some(_) => set_bit(&mut losers, idx),
-                    }
+            let mut reader = BufReader::with_capacity(READ_BUFFER, file);
+            let mut len = [0u8; 4];
+            for idx in 0..count {
+                if !read_exact_or_end(&mut reader, &mut len)? {
+                    return Err(Error::storage("spill file truncated"));
                 }
-                reader.seek_relative(i64::from(len)).map_err(spill_err)?;
-                idx += 1;
-            }
-            drop(winners);
-            drop(reader);
-            // Second read: the survivors.
-            file.rewind().map_err(spill_err)?;
-            let mut reader = BufReader::with_capacity(1 << 20, file);
-            let mut idx: u32 = 0;
-            while read_header(&mut reader, &mut header)? {
-                let (_, _, _, len) = parse_header(&header);
-                if get_bit(&losers, idx) {
+                let len = u32::from_le_bytes(len);
+                if get_bit(&losers[shard], idx) {
                     duplicates += 1;
                     reader.seek_relative(i64::from(len)).map_err(spill_err)?;
+                    continue;
+                }
+                let buffered = reader.buffer();
+                if buffered.len() >= len as usize {
+                    // The common case: the record is in the reader's buffer, no copy.
+                    let go = emit(&buffered[..len as usize]);
+                    reader.consume(len as usize);
+                    if !go {
+                        return Ok(duplicates);
+                    }
                 } else {
                     body.clear();
                     body.resize(len as usize, 0);
@@ -126,17 +232,86 @@ impl Spill {
                         return Ok(duplicates);
                     }
                 }
-                idx += 1;
             }
         }
         Ok(duplicates)
     }
 }
 
-fn read_header(r: &mut impl Read, header: &mut [u8; HEADER]) -> Result<bool> {
+/// Most key entries held in memory at once while finding duplicates (40 bytes each): a bucket
+/// with more is processed in several rounds, each taking the keys of one range of hash values,
+/// so memory stays bounded however big the day.
+const MAX_ENTRIES: usize = if cfg!(test) { 64 } else { 1 << 16 };
+
+/// A key entry in memory: sorted by key, then processing time, then delivery sequence.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    key: u128,
+    ptime: u64,
+    seq: u64,
+    shard: u32,
+    idx: u32,
+}
+
+/// The records of a bucket that lose to a later version of their key: one bit per record, per
+/// shard. Per key the winner is the greatest (processing time, delivery sequence).
+fn find_losers(parts: &mut [(File, File, u32)]) -> Result<Vec<Vec<u64>>> {
+    let mut total = 0usize;
+    for (_, keys, _) in parts.iter_mut() {
+        total += keys.stream_position().map_err(spill_err)? as usize / KEY_ENTRY;
+    }
+    let rounds = total.div_ceil(MAX_ENTRIES).max(1);
+    let mut losers: Vec<Vec<u64>> = parts
+        .iter()
+        .map(|(_, _, count)| vec![0u64; (*count as usize).div_ceil(64)])
+        .collect();
+    let expected = total / rounds;
+    let mut entries: Vec<Entry> = Vec::with_capacity(expected + expected / 8 + 64);
+    let mut raw = [0u8; KEY_ENTRY];
+    for round in 0..rounds {
+        entries.clear();
+        for (shard, (_, keys, _)) in parts.iter_mut().enumerate() {
+            keys.rewind().map_err(spill_err)?;
+            let mut reader = BufReader::with_capacity(READ_BUFFER / 4, &mut *keys);
+            while read_exact_or_end(&mut reader, &mut raw)? {
+                let key = u128::from_le_bytes(field(&raw[0..16]));
+                // The bucket was chosen by the key's low bits; rounds split by its high bits.
+                if rounds > 1 && ((key >> 64) as u64 % rounds as u64) as usize != round {
+                    continue;
+                }
+                entries.push(Entry {
+                    key,
+                    ptime: u64::from_le_bytes(field(&raw[16..24])),
+                    seq: u64::from_le_bytes(field(&raw[24..32])),
+                    shard: shard as u32,
+                    idx: u32::from_le_bytes(field(&raw[32..36])),
+                });
+            }
+        }
+        entries.sort_unstable();
+        for pair in entries.windows(2) {
+            if pair[0].key == pair[1].key {
+                // Not the last of its key: a later version wins.
+                let loser = &pair[0];
+                losers[loser.shard as usize][(loser.idx / 64) as usize] |= 1 << (loser.idx % 64);
+            }
+        }
+    }
+    Ok(losers)
+}
+
+/// A fixed-size field of a key entry.
+fn field<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut f = [0u8; N];
+    f.copy_from_slice(bytes);
+    f
+}
+
+/// Fills `buf` completely; false at a clean end of file before its first byte.
+fn read_exact_or_end(r: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
     let mut filled = 0;
-    while filled < HEADER {
-        let n = r.read(&mut header[filled..]).map_err(spill_err)?;
+    while filled < buf.len() {
+        let n = r.read(&mut buf[filled..]).map_err(spill_err)?;
         if n == 0 {
             if filled == 0 {
                 return Ok(false);
@@ -148,29 +323,6 @@ fn read_header(r: &mut impl Read, header: &mut [u8; HEADER]) -> Result<bool> {
     Ok(true)
 }
 
-fn parse_header(h: &[u8; HEADER]) -> (bool, u128, u64, u32) {
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&h[1..17]);
-    let mut p = [0u8; 8];
-    p.copy_from_slice(&h[17..25]);
-    let mut l = [0u8; 4];
-    l.copy_from_slice(&h[25..29]);
-    (
-        h[0] == 1,
-        u128::from_le_bytes(k),
-        u64::from_le_bytes(p),
-        u32::from_le_bytes(l),
-    )
-}
-
-fn set_bit(bits: &mut Vec<u64>, i: u32) {
-    let w = (i / 64) as usize;
-    if bits.len() <= w {
-        bits.resize(w + 1, 0);
-    }
-    bits[w] |= 1 << (i % 64);
-}
-
 fn get_bit(bits: &[u64], i: u32) -> bool {
     bits.get((i / 64) as usize)
         .is_some_and(|w| w & (1 << (i % 64)) != 0)
@@ -179,6 +331,18 @@ fn get_bit(bits: &[u64], i: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn drain(s: Spill) -> (Vec<String>, u64) {
+        let mut out = Vec::new();
+        let dups = s
+            .drain_deduplicated(|r| {
+                out.push(String::from_utf8(r.to_vec()).unwrap());
+                true
+            })
+            .unwrap();
+        out.sort();
+        (out, dups)
+    }
 
     #[test]
     fn keeps_the_latest_version_of_each_key_and_every_keyless_record() {
@@ -192,15 +356,56 @@ mod tests {
         s.push(Some(3 + BUCKETS as u128), 5, b"c-first\n").unwrap();
         s.push(Some(3 + BUCKETS as u128), 5, b"c-tie-later\n")
             .unwrap();
-        let mut out = Vec::new();
-        let dups = s
-            .drain_deduplicated(|r| {
-                out.push(String::from_utf8(r.to_vec()).unwrap());
-                true
-            })
-            .unwrap();
-        out.sort();
+        let (out, dups) = drain(s);
         assert_eq!(out, ["a-new\n", "b\n", "c-tie-later\n", "x\n", "x\n"]);
         assert_eq!(dups, 3);
+    }
+
+    #[test]
+    fn a_bucket_bigger_than_the_memory_bound_is_deduplicated_in_rounds() {
+        let mut a = SpillWriter::new().unwrap();
+        let mut b = SpillWriter::new().unwrap();
+        let mut seq = 0;
+        // 1,000 keys in one bucket (far over the 64 entries of a round in tests), each key
+        // delivered three times across both shards; the version with processing time 2 wins.
+        for version in [1u64, 2, 0] {
+            for k in 0..1000u128 {
+                let key = (k.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835) << 5) | 3;
+                let w = if (k + u128::from(version)) % 2 == 0 {
+                    &mut a
+                } else {
+                    &mut b
+                };
+                w.push(
+                    Some(key),
+                    version,
+                    seq,
+                    format!("{k}-{version}\n").as_bytes(),
+                )
+                .unwrap();
+                seq += 1;
+            }
+        }
+        let (out, dups) = drain(Spill::from_shards(vec![a, b]));
+        assert_eq!(dups, 2000);
+        assert_eq!(out.len(), 1000);
+        assert!(out.iter().all(|r| r.ends_with("-2\n")), "{out:?}");
+    }
+
+    #[test]
+    fn shards_decide_ties_by_delivery_sequence() {
+        let mut a = SpillWriter::new().unwrap();
+        let mut b = SpillWriter::new().unwrap();
+        // Delivery order: seq 1 (shard b), 2 (shard a), 3 (shard b), 4 (shard a).
+        b.push(Some(7), 5, 1, b"k-1\n").unwrap();
+        a.push(Some(7), 5, 2, b"k-2\n").unwrap();
+        b.push(Some(9), 6, 3, b"m-3\n").unwrap();
+        a.push(Some(9), 5, 4, b"m-4-older\n").unwrap();
+        a.push(None, 0, 5, b"z\n").unwrap();
+        let big = "r".repeat(300_000) + "\n";
+        b.push(Some(11), 1, 6, big.as_bytes()).unwrap();
+        let (out, dups) = drain(Spill::from_shards(vec![a, b]));
+        assert_eq!(out, ["k-2\n", "m-3\n", big.as_str(), "z\n"]);
+        assert_eq!(dups, 2);
     }
 }

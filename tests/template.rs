@@ -803,7 +803,7 @@ fn the_function_storage_and_alarms_are_as_documented() {
     );
     assert_eq!(
         default_of(&params["FunctionEphemeralStorage"]).as_deref(),
-        Some("4096")
+        Some("10240")
     );
     assert_eq!(p["LoggingConfig"]["LogGroup"], json!({"Ref": "LogGroup"}));
     assert_eq!(
@@ -885,8 +885,17 @@ fn the_function_storage_and_alarms_are_as_documented() {
     );
     assert_eq!(glue["Parameters"]["projection.date.type"], "date");
     assert_eq!(glue["PartitionKeys"][0]["Name"], "date");
+    // Read through the commit's symlink manifests: only committed parts.
     assert_eq!(
         glue["StorageDescriptor"]["Location"]["Fn::Sub"][0],
-        "s3://${BucketName}/${OutputPrefix}/export/"
+        "s3://${BucketName}/${OutputPrefix}/export/_symlink/"
+    );
+    assert_eq!(
+        glue["StorageDescriptor"]["InputFormat"],
+        "org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat"
+    );
+    assert_eq!(
+        glue["Parameters"]["storage.location.template"]["Fn::Sub"][0],
+        "s3://${BucketName}/${OutputPrefix}/export/_symlink/date=${!date}/"
     );
 }

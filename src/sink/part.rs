@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use flate2::write::GzEncoder;
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::config::Compression;
 
@@ -11,7 +13,7 @@ use crate::config::Compression;
 pub const GZIP_LEVEL: u32 = 3;
 
 /// Compressed bytes gathered before they are handed to the uploader.
-const CHUNK_BYTES: usize = 1 << 20;
+const CHUNK_BYTES: usize = 256 * 1024;
 
 /// What the writer asks of the uploader, in order.
 #[derive(Debug)]
@@ -43,13 +45,21 @@ impl Encoder {
     }
 }
 
+/// Where part numbers come from.
+enum PartIndex {
+    /// This writer numbers its parts.
+    Own(u32),
+    /// Writers of one partition share the numbers.
+    Shared(Arc<AtomicU32>),
+}
+
 /// Splits a stream of records into compressed parts `{stem}-{NNNNN}.{ext}`.
 pub struct PartWriter<F: FnMut(PartEvent) -> bool> {
     emit: F,
     stem: String,
     compression: Compression,
     max_raw_bytes: u64,
-    index: u32,
+    index: PartIndex,
     current: Option<(String, Encoder, u64, u64)>,
     /// Set when the uploader went away: everything after is dropped.
     closed: bool,
@@ -81,7 +91,27 @@ impl<F: FnMut(PartEvent) -> bool> PartWriter<F> {
             stem,
             compression,
             max_raw_bytes,
-            index: first_index,
+            index: PartIndex::Own(first_index),
+            current: None,
+            closed: false,
+        }
+    }
+
+    /// A writer of parts `part-{attempt}-{NNNNN}` whose numbers come from `next`, shared with
+    /// other writers of the same partition (parallel workers), so names never collide.
+    pub fn shared(
+        attempt: &str,
+        next: Arc<AtomicU32>,
+        compression: Compression,
+        max_raw_bytes: u64,
+        emit: F,
+    ) -> Self {
+        PartWriter {
+            emit,
+            stem: format!("part-{attempt}"),
+            compression,
+            max_raw_bytes,
+            index: PartIndex::Shared(next),
             current: None,
             closed: false,
         }
@@ -93,13 +123,19 @@ impl<F: FnMut(PartEvent) -> bool> PartWriter<F> {
             return false;
         }
         if self.current.is_none() {
+            let index = match &mut self.index {
+                PartIndex::Own(i) => {
+                    *i += 1;
+                    *i - 1
+                }
+                PartIndex::Shared(next) => next.fetch_add(1, Ordering::Relaxed),
+            };
             let name = format!(
                 "{}-{:05}.{}",
                 self.stem,
-                self.index,
+                index,
                 self.compression.extension()
             );
-            self.index += 1;
             let enc = match self.compression {
                 Compression::Gzip => Encoder::Gzip(Box::new(GzEncoder::new(
                     Vec::with_capacity(CHUNK_BYTES + 64 * 1024),
@@ -171,7 +207,10 @@ impl<F: FnMut(PartEvent) -> bool> PartWriter<F> {
 
     /// The index the next part will get.
     pub fn next_index(&self) -> u32 {
-        self.index
+        match &self.index {
+            PartIndex::Own(i) => *i,
+            PartIndex::Shared(next) => next.load(Ordering::Relaxed),
+        }
     }
 }
 

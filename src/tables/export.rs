@@ -168,6 +168,25 @@ impl Transformer {
         }
     }
 
+    /// A transformer for another worker of the same slice: same window, column filter and dedup
+    /// key hashing, nothing seen yet. Merge it back with [`Transformer::merge`].
+    pub fn fork(&self) -> Self {
+        Transformer {
+            tz: self.tz.clone(),
+            mode: self.mode,
+            start: self.start,
+            end: self.end,
+            columns: self.columns.fork(),
+            hasher: self.hasher.clone(),
+            props: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Adds the columns a forked transformer saw.
+    pub fn merge(&mut self, other: Transformer) {
+        self.columns.merge(other.columns);
+    }
+
     /// Transforms one line (without its newline) and appends the record and a `\n` to `out`.
     pub fn transform(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<LineOutcome> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -317,18 +336,41 @@ fn parse_u64(raw: &str) -> Option<u64> {
 
 /// `YYYY-MM-DDTHH:MM:SSZ`.
 fn write_rfc3339(out: &mut Vec<u8>, ts: Timestamp) {
-    use std::io::Write;
     let dt = ts.to_zoned_datetime(TimeZone::UTC).datetime();
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        dt.year(),
-        dt.month(),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second()
-    );
+    let year = dt.year();
+    if !(0..=9999).contains(&year) {
+        use std::io::Write;
+        let _ = write!(
+            out,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            year,
+            dt.month(),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second()
+        );
+        return;
+    }
+    let two = |n: i8| [b'0' + (n / 10) as u8, b'0' + (n % 10) as u8];
+    let y = year as u16;
+    let mut b = [0u8; 20];
+    b[0] = b'0' + (y / 1000) as u8;
+    b[1] = b'0' + (y / 100 % 10) as u8;
+    b[2] = b'0' + (y / 10 % 10) as u8;
+    b[3] = b'0' + (y % 10) as u8;
+    b[4] = b'-';
+    b[5..7].copy_from_slice(&two(dt.month()));
+    b[7] = b'-';
+    b[8..10].copy_from_slice(&two(dt.day()));
+    b[10] = b'T';
+    b[11..13].copy_from_slice(&two(dt.hour()));
+    b[13] = b':';
+    b[14..16].copy_from_slice(&two(dt.minute()));
+    b[16] = b':';
+    b[17..19].copy_from_slice(&two(dt.second()));
+    b[19] = b'Z';
+    out.extend_from_slice(&b);
 }
 
 /// The parts of an event line kept by reference into the line.

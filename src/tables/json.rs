@@ -68,8 +68,19 @@ fn type_bits(raw: &str) -> u8 {
 pub struct Columns {
     /// Only these property keys (as sent) are kept, when set.
     allowed: Option<HashSet<String>>,
-    /// Property keys seen (as sent) and their JSON types.
-    seen: HashMap<String, u8>,
+    /// Property keys seen (as sent), with their output prefix and JSON types.
+    seen: HashMap<String, Column, foldhash::fast::RandomState>,
+}
+
+/// A property key seen: one lookup gives all that writing it needs.
+#[derive(Debug)]
+struct Column {
+    /// JSON types seen.
+    bits: u8,
+    /// Whether the schema keeps it.
+    keep: bool,
+    /// `,"output name":`, ready to copy.
+    prefix: Box<[u8]>,
 }
 
 impl Columns {
@@ -77,31 +88,57 @@ impl Columns {
     pub fn new(known: Option<&Schema>) -> Self {
         Columns {
             allowed: known.map(|s| s.columns.keys().map(|c| source_key(c)).collect()),
-            seen: HashMap::new(),
+            seen: HashMap::default(),
+        }
+    }
+
+    /// The same filter with nothing seen yet (for another worker of the same slice).
+    pub fn fork(&self) -> Self {
+        Columns {
+            allowed: self.allowed.clone(),
+            seen: HashMap::default(),
+        }
+    }
+
+    /// Adds what `other` saw (a forked worker's columns).
+    pub fn merge(&mut self, other: Columns) {
+        for (k, c) in other.seen {
+            match self.seen.get_mut(&k) {
+                Some(mine) => mine.bits |= c.bits,
+                None => {
+                    self.seen.insert(k, c);
+                }
+            }
         }
     }
 
     /// Writes `,"name":value` for one property unless the schema excludes it.
     pub fn push(&mut self, out: &mut Vec<u8>, key: &str, value: &RawValue) {
-        if let Some(allowed) = &self.allowed
-            && !allowed.contains(key)
-        {
+        let raw = value.get();
+        let column = match self.seen.get_mut(key) {
+            Some(c) => c,
+            None => {
+                let keep = self.allowed.as_ref().is_none_or(|a| a.contains(key));
+                let mut prefix = Vec::with_capacity(key.len() + 16);
+                prefix.extend_from_slice(b",\"");
+                if key.starts_with('$') {
+                    prefix.extend_from_slice(b"mp_reserved_");
+                }
+                write_escaped(&mut prefix, key.strip_prefix('$').unwrap_or(key));
+                prefix.extend_from_slice(b"\":");
+                self.seen.entry(key.to_string()).or_insert(Column {
+                    bits: 0,
+                    keep,
+                    prefix: prefix.into_boxed_slice(),
+                })
+            }
+        };
+        if !column.keep {
             return;
         }
-        let bits = type_bits(value.get());
-        match self.seen.get_mut(key) {
-            Some(b) => *b |= bits,
-            None => {
-                self.seen.insert(key.to_string(), bits);
-            }
-        }
-        out.extend_from_slice(b",\"");
-        if key.starts_with('$') {
-            out.extend_from_slice(b"mp_reserved_");
-        }
-        write_escaped(out, key.strip_prefix('$').unwrap_or(key));
-        out.extend_from_slice(b"\":");
-        out.extend_from_slice(value.get().as_bytes());
+        column.bits |= type_bits(raw);
+        out.extend_from_slice(&column.prefix);
+        out.extend_from_slice(raw.as_bytes());
     }
 
     /// The columns seen (output names and JSON types) plus `fixed` ones.
@@ -110,8 +147,10 @@ impl Columns {
         for (name, ty) in fixed {
             columns.insert(name.to_string(), ty.to_string());
         }
-        for (k, bits) in &self.seen {
-            columns.insert(output_key(k).into_owned(), type_name(*bits).to_string());
+        for (k, c) in &self.seen {
+            if c.keep {
+                columns.insert(output_key(k).into_owned(), type_name(c.bits).to_string());
+            }
         }
         Schema { columns }
     }
@@ -192,15 +231,26 @@ pub fn fixed_schema(columns: &[(&str, &str)]) -> Schema {
 
 /// Writes the inside of a JSON string.
 pub fn write_escaped(out: &mut Vec<u8>, s: &str) {
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
-            _ => out.push(b),
-        }
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escaped);
+        start = i + 1;
     }
+    out.extend_from_slice(&bytes[start..]);
 }

@@ -2,5 +2,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod chaos;
 pub mod harness;
 pub mod moto;
+pub mod proxy;
