@@ -159,6 +159,9 @@ struct Pass1 {
 /// Raw bytes of export lines handed to a transform worker at a time (cut at a line end).
 const BLOCK_BYTES: usize = 256 * 1024;
 
+/// The longest export line accepted.
+const MAX_LINE_BYTES: usize = 16 << 20;
+
 /// Blocks queued for each transform worker.
 const BLOCKS_QUEUED: usize = 2;
 
@@ -214,6 +217,17 @@ async fn fetch_into_spill(
             })?;
             raw_bytes += chunk.len() as u64;
             block.extend_from_slice(&chunk);
+            // Mixpanel events are at most about 1 MB: a line past the cap is garbage, and
+            // reading on would hold it whole in memory.
+            if block.len() > MAX_LINE_BYTES && memchr::memchr(b'\n', &block).is_none() {
+                return Err(Error::new(
+                    ErrorKind::BadResponse,
+                    format!(
+                        "the export body has a line longer than {} MiB; no Mixpanel event is that large",
+                        MAX_LINE_BYTES >> 20
+                    ),
+                ));
+            }
             if block.len() >= BLOCK_BYTES
                 && let Some(end) = memchr::memrchr(b'\n', &block)
             {

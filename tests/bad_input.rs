@@ -426,3 +426,17 @@ fn every_malformed_setting_is_named_with_what_is_expected() {
         assert_eq!(e.to_string(), *message);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mb_line_is_refused_without_holding_it() {
+    let body = format!(
+        "{{\"event\":\"a\",\"properties\":{{\"time\":1,\"pad\":\"{}\"}}}}\n",
+        "x".repeat(50 << 20)
+    );
+    let (kind, msg) = export_answering(200, &body).await;
+    assert_eq!(kind, ErrorKind::BadResponse);
+    assert_eq!(
+        msg,
+        "the export body has a line longer than 16 MiB; no Mixpanel event is that large"
+    );
+}
