@@ -406,8 +406,10 @@ async fn finish(
         app.store.merge_schema(table, columns).await?
     };
     commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
-    commit::complete(app.store.as_ref(), lease).await?;
+    // Abandoned and old snapshots go before the completion: a failure or a crash before it
+    // leaves the slice to an invocation that prunes again.
     prune(app, table, snapshot).await?;
+    commit::complete(app.store.as_ref(), lease).await?;
     Ok(Outcome::Done(SliceResult {
         records: manifest.records,
         bytes: manifest.files.iter().map(|f| f.bytes).sum(),

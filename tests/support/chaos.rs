@@ -828,19 +828,40 @@ async fn expire_dynamo_leases(
             let (Some(pk), Some(sk)) = (item.get("pk"), item.get("sk")) else {
                 continue;
             };
-            client
+            let expire = client
                 .update_item()
                 .table_name(table)
                 .key("pk", pk.clone())
                 .key("sk", sk.clone())
                 .update_expression("SET lease_expires_ms = :one")
-                .condition_expression("#status = :leased")
+                .condition_expression("#status = :leased AND lease_owner = :owner")
                 .expression_attribute_names("#status", "status")
                 .expression_attribute_values(":one", AttributeValue::N("1".into()))
                 .expression_attribute_values(":leased", AttributeValue::S("leased".into()))
+                .expression_attribute_values(
+                    ":owner",
+                    item.get("lease_owner")
+                        .cloned()
+                        .unwrap_or(AttributeValue::Null(true)),
+                )
                 .send()
-                .await
-                .map_err(|e| format!("{}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))?;
+                .await;
+            match expire {
+                Ok(_) => {}
+                // The slice moved on meanwhile: nothing to expire.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "expiring a lease: {}",
+                        aws_sdk_dynamodb::error::DisplayErrorContext(&e)
+                    ));
+                }
+            }
             expired += 1;
         }
     }
@@ -1584,6 +1605,7 @@ async fn drive_killed(
         }
         if let Some(p) = &world.proxy {
             p.release();
+            p.settle().await;
             p.set_schedule(world.plan.schedule(100 + i as u64));
         }
         // The killed processes are gone: their leases would expire in time.

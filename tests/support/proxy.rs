@@ -112,6 +112,9 @@ struct Shared {
     stats: ProxyStats,
     /// The faults injected, in order (`#index call: action`), for failure reports.
     log: Mutex<Vec<String>>,
+    /// Requests on their way to moto (delayed or being forwarded), whether or not their client
+    /// is still there: a killed process's last request may still land.
+    in_flight: AtomicU64,
 }
 
 /// A running proxy; it stops when dropped.
@@ -140,6 +143,7 @@ impl Proxy {
             released: watch::channel(0).0,
             stats: ProxyStats::default(),
             log: Mutex::new(Vec::new()),
+            in_flight: AtomicU64::new(0),
         });
         let accept = shared.clone();
         let task = tokio::spawn(async move {
@@ -181,6 +185,17 @@ impl Proxy {
     pub fn release(&self) {
         *self.shared.holding.lock().unwrap() = false;
         self.shared.released.send_modify(|n| *n += 1);
+    }
+
+    /// Waits (up to 10 s) until no request is on its way to moto any more: after a kill, the
+    /// killed process's last requests have landed or died.
+    pub async fn settle(&self) {
+        for _ in 0..1000 {
+            if self.shared.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// What the proxy did so far.
@@ -386,6 +401,10 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             .unwrap()
             .push(format!("#{index} {}: {action}", info.call()));
     }
+    let forwarded = matches!(action, Action::Pass | Action::Delay(_) | Action::DropAfter);
+    if forwarded {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
     match action {
         Action::Pass => forward(client, &buf, head_end, &shared, false).await,
         Action::Delay(d) => {
@@ -419,6 +438,9 @@ async fn serve(mut client: TcpStream, shared: Arc<Shared>) {
             let _ = released.changed().await;
             reset(client);
         }
+    }
+    if forwarded {
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
