@@ -314,6 +314,8 @@ async fn page_through(
                 restart(progress, parts).await?;
                 continue;
             }
+            // Out of time (or budget) before the page came: save the place and answer partial.
+            Err(e) if e.kind() == ErrorKind::Deadline => return Ok(false),
             Err(e) => return Err(e),
         };
         let page = engage::parse_page(&body)?;

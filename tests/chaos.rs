@@ -397,7 +397,11 @@ async fn a_listing_restart_that_fails_keeps_the_parts_its_saved_progress_names()
         times: 1,
         fault,
     };
-    // 1. Page 0 answers after the deadline: progress is saved at page 1 of its session.
+    // 1. Page 0 answers at once, page 1 after the deadline: progress is saved at page 1 of
+    //    page 0's session.
+    sim.push_fault(engage(mixpanel_sim::Fault::SlowFirstByte {
+        delay: Duration::ZERO,
+    }));
     sim.push_fault(engage(mixpanel_sim::Fault::SlowFirstByte {
         delay: Duration::from_millis(1500),
     }));

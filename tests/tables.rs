@@ -326,3 +326,50 @@ async fn with_select_properties_off_engage_keeps_the_properties_known_at_first_d
     );
     assert_eq!(rows, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engage_page_slower_than_the_deadline_answers_partial_on_time_and_resumes() {
+    let mut cfg = sim_config("UTC", 1, 10);
+    cfg.profiles = 2500;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let engage = |delay| mixpanel_sim::FaultRule {
+        path: "/api/2.0/engage".into(),
+        from_date: None,
+        times: 1,
+        fault: mixpanel_sim::Fault::SlowFirstByte { delay },
+    };
+    // Page 0 at once, page 1 ten seconds late.
+    sim.push_fault(engage(std::time::Duration::ZERO));
+    sim.push_fault(engage(std::time::Duration::from_secs(10)));
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let started = std::time::Instant::now();
+    let short = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let r = handler::handle(&app, json!({"table": "engage"}), short)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "answered by its deadline: {:?}",
+        started.elapsed()
+    );
+    let r = handler::handle(&app, json!({"table": "engage"}), deadline())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    let (_, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
+    assert_eq!(rows, canonical(sim.engage_ground_truth()));
+    // The second invocation resumed at page 1 of the saved session: page 0 was read once.
+    let pages: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/api/2.0/engage")
+        .collect();
+    assert_eq!(
+        pages.iter().filter(|r| r.query.contains("page=0")).count(),
+        1,
+        "{pages:?}"
+    );
+}

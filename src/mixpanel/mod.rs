@@ -205,6 +205,24 @@ impl MixpanelClient {
         params: &[(&str, String)],
         deadline: Instant,
     ) -> Result<bytes::Bytes> {
+        // A query answer slower than the deadline must not hold the invocation past it.
+        tokio::time::timeout_at(deadline, self.query_until(url, shown, params, deadline))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Deadline,
+                    format!("the invocation's deadline came before {shown} answered; the work stays pending"),
+                )
+            })?
+    }
+
+    async fn query_until(
+        &self,
+        url: &str,
+        shown: &str,
+        params: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<bytes::Bytes> {
         let (resp, permit) = self
             .send(url, shown, Family::Query, deadline, |project_id| {
                 let mut p: Vec<(String, String)> = params
