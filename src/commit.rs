@@ -72,9 +72,10 @@ pub async fn commit(
     folder: &str,
     partition: &str,
     files: Vec<FileEntry>,
+    result: Option<&str>,
 ) -> Result<Manifest> {
     let manifest = write_manifest(store, sink, lease, folder, partition, files).await?;
-    complete(store, lease).await?;
+    complete(store, lease, result).await?;
     Ok(manifest)
 }
 
@@ -165,15 +166,16 @@ async fn remove_other_parts(
     Ok(())
 }
 
-/// The second half of a commit: marks the slice committed if `lease` still holds it.
+/// The second half of a commit: marks the slice committed, with `result`, if `lease` still
+/// holds it.
 ///
 /// A completion whose answer was lost (a dropped connection after DynamoDB applied it, retried
 /// by the SDK into a failed condition or an error) is recognised by reading the slice back:
 /// committed with this attempt as its last owner means this attempt committed it, since only a
 /// completion under this lease sets that.
-pub async fn complete(store: &dyn StateStore, lease: &Lease) -> Result<()> {
+pub async fn complete(store: &dyn StateStore, lease: &Lease, result: Option<&str>) -> Result<()> {
     let outcome = store
-        .complete(lease, Timestamp::now().as_millisecond() as u64)
+        .complete(lease, Timestamp::now().as_millisecond() as u64, result)
         .await;
     if matches!(outcome, Ok(true)) {
         return Ok(());
@@ -200,6 +202,11 @@ pub async fn complete(store: &dyn StateStore, lease: &Lease) -> Result<()> {
         Err(e) => Err(e),
         Ok(_) => Err(lost(lease)),
     }
+}
+
+/// Whether `e` says that the lease was lost (another attempt owns the slice now).
+pub fn lease_lost(e: &Error) -> bool {
+    e.kind() == ErrorKind::State && e.message().starts_with("lost the lease")
 }
 
 fn lost(lease: &Lease) -> Error {

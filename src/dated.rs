@@ -163,6 +163,7 @@ async fn replicate(
             &folder,
             &partition,
             files,
+            None,
         )
         .await?;
         total.records += m.records;

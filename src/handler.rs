@@ -12,8 +12,8 @@ use crate::app::App;
 use crate::config::parse_date;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan;
-use crate::replicate::{self, SliceResult};
-use crate::state::{Lease, SliceId};
+use crate::replicate::SliceResult;
+use crate::state::Lease;
 use crate::tables::Table;
 use crate::tables::export::project_today;
 
@@ -251,17 +251,13 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
                     "`date` {d} is after today ({today}) in the project's timezone"
                 )));
             }
-            // An explicit day is replicated again even if it was committed.
-            app.store
-                .enqueue(t, SliceId::Day(d), Some(u64::MAX))
-                .await?;
+            // An explicit day is replicated again even if it was committed (a day split into
+            // hours: its hours, then the day's commit from them).
+            let slices = store.slices(t).await?;
+            plan::requeue_day(store, &slices, t, d, u64::MAX).await?;
             let owner = new_attempt_id();
             let (now_ms, until) = lease_times(deadline);
-            match app
-                .store
-                .claim(t, SliceId::Day(d), &owner, now_ms, until)
-                .await?
-            {
+            match plan::claim_next_of(store, t, Some(d), &owner, now_ms, until).await? {
                 Some(lease) => run_slice(app, &lease, deadline).await,
                 None => {
                     let mut r = Response::new(Status::Idle, t);
@@ -297,7 +293,7 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
 }
 
 /// Now and the end of a lease that outlives this invocation (so it is never taken while we run).
-fn lease_times(deadline: Instant) -> (u64, u64) {
+pub(crate) fn lease_times(deadline: Instant) -> (u64, u64) {
     let now_ms = Timestamp::now().as_millisecond() as u64;
     let left = deadline.saturating_duration_since(Instant::now());
     (now_ms, now_ms + left.as_millis() as u64 + 60_000)
@@ -329,9 +325,12 @@ pub async fn run_slice(app: &App, lease: &Lease, deadline: Instant) -> Result<Re
     let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
     let result = match lease.table {
         Table::Export => match first_discovery(app, work_deadline).await {
-            Ok(()) => replicate::export_slice(app, lease, work_deadline)
+            Ok(()) => crate::split::run(app, lease, work_deadline)
                 .await
-                .map(|r| Ran::Done(r, None)),
+                .map(|r| match r {
+                    crate::split::Ran::Done(r, label) => Ran::Done(r, Some(label)),
+                    crate::split::Ran::Partial(why) => Ran::Partial(why),
+                }),
             Err(e) => Err(e),
         },
         Table::Funnels | Table::Revenue => crate::dated::run(app, lease, work_deadline)

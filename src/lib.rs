@@ -23,5 +23,6 @@ pub mod secrets;
 pub mod sink;
 pub mod snapshot;
 pub mod spill;
+pub mod split;
 pub mod state;
 pub mod tables;

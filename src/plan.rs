@@ -85,14 +85,45 @@ pub async fn queue_days(
     for &d in days {
         let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
         if needs_queue(rec, stale_before)
-            && store
-                .enqueue(table, SliceId::Day(d), Some(stale_before))
-                .await?
+            && requeue_day(store, &existing, table, d, stale_before).await?
         {
             queued.push(d);
         }
     }
     Ok(queued)
+}
+
+/// The hour slices of day `d` (a day too big for one invocation), by first hour.
+pub fn hours_of(slices: &[SliceRecord], d: Date) -> Vec<&SliceRecord> {
+    slices
+        .iter()
+        .filter(|r| matches!(r.slice, SliceId::Hours { day, .. } if day == d))
+        .collect()
+}
+
+/// Queues day `d` (unknown, or committed before `before_ms`) for another round. A day split into
+/// hours gets its hours queued again first, those committed with the day's last commit or
+/// before: the day then waits for them and lists their new parts. Returns whether the day is
+/// now pending because of this call.
+pub async fn requeue_day(
+    store: &dyn StateStore,
+    slices: &[SliceRecord],
+    table: Table,
+    d: Date,
+    before_ms: u64,
+) -> Result<bool> {
+    let day = slices.iter().find(|r| r.slice == SliceId::Day(d));
+    if let Some(day) = day.filter(|r| r.status == SliceStatus::Committed) {
+        let day_committed = day.committed_at_ms.unwrap_or(0);
+        if day_committed < before_ms {
+            for hour in hours_of(slices, d) {
+                store
+                    .enqueue(table, hour.slice, Some(day_committed.saturating_add(1)))
+                    .await?;
+            }
+        }
+    }
+    store.enqueue(table, SliceId::Day(d), Some(before_ms)).await
 }
 
 /// What planning would queue, without changing anything.
@@ -107,7 +138,7 @@ pub async fn preview(
     let now_ms = now.as_millisecond() as u64;
     let mut out: Vec<SliceRecord> = existing
         .iter()
-        .filter(|r| claimable(r, now_ms))
+        .filter(|r| claimable(r, now_ms) && !waits_for_hours(&existing, r))
         .cloned()
         .collect();
     let wanted: Vec<SliceId> = if table.is_date_sliced() {
@@ -131,6 +162,7 @@ pub async fn preview(
                 committed_at_ms: rec.and_then(|r| r.committed_at_ms),
                 attempts: rec.map(|r| r.attempts).unwrap_or(0),
                 progress: None,
+                result: rec.and_then(|r| r.result.clone()),
             });
         }
     }
@@ -151,6 +183,17 @@ pub fn claimable(r: &SliceRecord, now_ms: u64) -> bool {
     }
 }
 
+/// Whether `r` is a day split into hour slices that are not all committed yet: its commit
+/// (the manifest of every hour's parts) waits for them.
+pub fn waits_for_hours(slices: &[SliceRecord], r: &SliceRecord) -> bool {
+    match r.slice {
+        SliceId::Day(d) => hours_of(slices, d)
+            .iter()
+            .any(|h| h.status != SliceStatus::Committed),
+        _ => false,
+    }
+}
+
 /// Claims the oldest claimable slice of `table`; concurrent callers each get a different one.
 pub async fn claim_next(
     store: &dyn StateStore,
@@ -159,8 +202,24 @@ pub async fn claim_next(
     now_ms: u64,
     lease_until_ms: u64,
 ) -> Result<Option<Lease>> {
+    claim_next_of(store, table, None, owner, now_ms, lease_until_ms).await
+}
+
+/// Claims the oldest claimable slice of `table` (of `day` only, when given).
+pub async fn claim_next_of(
+    store: &dyn StateStore,
+    table: Table,
+    day: Option<Date>,
+    owner: &str,
+    now_ms: u64,
+    lease_until_ms: u64,
+) -> Result<Option<Lease>> {
     let slices = store.slices(table).await?;
-    for r in slices.iter().filter(|r| claimable(r, now_ms)) {
+    for r in slices.iter().filter(|r| {
+        claimable(r, now_ms)
+            && day.is_none_or(|d| r.slice.day() == Some(d))
+            && !waits_for_hours(&slices, r)
+    }) {
         if let Some(lease) = store
             .claim(table, r.slice, owner, now_ms, lease_until_ms)
             .await?

@@ -4,12 +4,14 @@
 //! Nothing reaches the sink before the whole body was read and every line parsed, so a
 //! `terminated early` or cut body never leaves parts behind; the slice is simply fetched again.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -19,7 +21,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
 use crate::sink::part::{PartEvent, PartWriter};
 use crate::spill::{Spill, SpillWriter};
-use crate::state::{Lease, Schema};
+use crate::state::{Lease, Schema, SliceId};
 use crate::tables::Table;
 use crate::tables::export::{self, LineOutcome, Transformer};
 
@@ -38,11 +40,60 @@ pub struct SliceResult {
     pub raw_bytes: u64,
 }
 
+/// What a committed export slice records in the state store (its `result`): how big and how
+/// slow it was, which plans the next round of its day and its neighbours, and for an hour
+/// slice the parts that its day's manifest will list once every hour is done.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    /// Raw bytes of the export body.
+    pub raw_bytes: u64,
+    /// Milliseconds of reading, deduplicating and writing.
+    pub ms: u64,
+    /// Records written.
+    pub records: u64,
+    /// Duplicate deliveries dropped.
+    pub duplicates: u64,
+    /// The parts of an hour slice (a day's parts are in its manifest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileEntry>,
+}
+
+impl Recorded {
+    /// Reads a slice's recorded result; `None` when there is none or it is not ours.
+    pub fn parse(result: Option<&str>) -> Option<Recorded> {
+        serde_json::from_str(result?).ok()
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// How an export slice ended.
+#[derive(Debug)]
+pub enum Exported {
+    /// Written and committed (an hour slice: recorded for its day).
+    Done(SliceResult),
+    /// The deadline came while the body was flowing or the parts were written: the slice is too
+    /// big for one invocation. Nothing was committed.
+    TooBig(String),
+}
+
 /// How many times a slice's body is fetched again after a transient failure in one invocation.
 const FETCH_ATTEMPTS: u32 = 3;
 
+/// How the OS says that a file system is full (ENOSPC).
+const NO_SPACE: &str = "No space left on device";
+
+/// Raw bytes per second that pass 2 (deduplicate, compress, upload) surely keeps up on one
+/// slow core: a tenth of what it measures (BENCHMARKS.md).
+const PASS2_SLOW_BYTES_PER_SEC: f64 = 25e6;
+
 /// Replicates and commits the export slice held by `lease`, stopping before `deadline`.
-pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result<SliceResult> {
+///
+/// A day is committed with its manifest; an hour slice of a day too big for one invocation is
+/// recorded in the state store with its parts, and its day is committed when every hour is.
+pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result<Exported> {
     let s = &app.settings;
     let now = Timestamp::now();
     let today = export::export_today(&s.timezone, s.export_time_mode, now);
@@ -61,7 +112,9 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
 
     let mut attempt = 0;
     let started = Instant::now();
-    let pass1 = loop {
+    let read = AtomicU64::new(0);
+    let (pass1, body_began) = loop {
+        let began = OnceLock::new();
         attempt += 1;
         let transformer = Transformer::new(
             s.timezone.clone(),
@@ -69,8 +122,33 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
             &window,
             known.as_ref(),
         );
-        match fetch_into_spill(app, &window.query, transformer, deadline).await {
-            Ok(p) => break p,
+        match fetch_into_spill(app, &window.query, transformer, deadline, &read, &began).await {
+            Ok(p) => break (p, began.get().copied().unwrap_or(started)),
+            // The body flowed for most of the invocation and did not end: too big. (A slow
+            // answer, retries or rate-limit waits say nothing of the size: the slice is then
+            // simply tried again whole.)
+            Err(e)
+                if e.kind() == ErrorKind::Deadline
+                    && read.load(Ordering::Relaxed) > 0
+                    && began
+                        .get()
+                        .is_some_and(|b| b.elapsed() >= started.elapsed() / 2) =>
+            {
+                return Ok(Exported::TooBig(format!(
+                    "the export body of {} did not end within the invocation ({:.1} MB read in {:.1} s)",
+                    lease.slice,
+                    read.load(Ordering::Relaxed) as f64 / 1e6,
+                    started.elapsed().as_secs_f64()
+                )));
+            }
+            // The spill (about the raw size) outgrew the temporary storage: an hour's fits.
+            Err(e) if e.kind() == ErrorKind::Storage && e.message().contains(NO_SPACE) => {
+                return Ok(Exported::TooBig(format!(
+                    "the spill of {} outgrew the temporary storage ({:.1} MB read): {e}",
+                    lease.slice,
+                    read.load(Ordering::Relaxed) as f64 / 1e6
+                )));
+            }
             Err(e)
                 if e.kind() == ErrorKind::Transient
                     && attempt < FETCH_ATTEMPTS
@@ -104,7 +182,32 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
 
     let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
     let pass1_done = Instant::now();
-    let (files, duplicates) = write_parts(app, &lease.owner, &folder, pass1.spill).await?;
+    // Writing the parts takes about as long as reading did when reading was bound by our CPU,
+    // and less when Mixpanel's sending was slower (then at most the time of a slow writer):
+    // when that no longer fits, the slice is too big for one invocation, and starting would
+    // only leave parts to remove. (Should it still run late, pass 2 stops at the deadline.)
+    let pass1_took = pass1_done - body_began;
+    let pass2_needs = pass1_took.min(
+        Duration::from_secs_f64(pass1.raw_bytes as f64 / PASS2_SLOW_BYTES_PER_SEC)
+            + Duration::from_millis(200),
+    );
+    if pass1_done + pass2_needs > deadline {
+        return Ok(Exported::TooBig(format!(
+            "{} took {:.1} s to read ({:.1} MB) and the invocation has {:.1} s left to write it",
+            lease.slice,
+            pass1_took.as_secs_f64(),
+            pass1.raw_bytes as f64 / 1e6,
+            deadline.saturating_duration_since(pass1_done).as_secs_f64()
+        )));
+    }
+    let (files, duplicates) =
+        match write_parts(app, &lease.owner, &folder, pass1.spill, deadline).await {
+            Ok(written) => written,
+            Err(e) if e.kind() == ErrorKind::Deadline => {
+                return Ok(Exported::TooBig(format!("{}: {e}", lease.slice)));
+            }
+            Err(e) => return Err(e),
+        };
     tracing::debug!(
         table = "export",
         slice = %lease.slice,
@@ -121,32 +224,56 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
         duplicates,
         raw_bytes: pass1.raw_bytes,
     };
-    let committed = commit::commit(
-        app.store.as_ref(),
-        app.sink.as_ref(),
-        lease,
-        &folder,
-        &partition,
-        files.clone(),
-    )
-    .await;
-    if let Err(e) = committed {
-        // Once this attempt's manifest is written its parts are what the day's readers follow:
-        // they stay, whatever failed after (the slice is replicated again, and that commit
-        // replaces them). Before that, they are this attempt's leftovers.
-        if !manifest_is_ours(app, &folder, &lease.owner).await {
-            remove_parts(app, &folder, &files).await;
+    let mut recorded = Recorded {
+        raw_bytes: result.raw_bytes,
+        // The time the size took (from the first byte on), not waits for answers or retries.
+        ms: body_began.elapsed().as_millis() as u64,
+        records: result.records,
+        duplicates,
+        files: Vec::new(),
+    };
+    if let SliceId::Hours { .. } = lease.slice {
+        // An hour's parts wait, recorded with the hour, for the day's manifest.
+        recorded.files = files.clone();
+        if let Err(e) = commit::complete(app.store.as_ref(), lease, Some(&recorded.to_json())).await
+        {
+            // Lost the lease: the hour is another attempt's, these parts are leftovers. Any
+            // other failure may have recorded them after all: they stay, and the day's commit
+            // removes whatever its manifest does not list.
+            if commit::lease_lost(&e) {
+                remove_parts(app, &folder, &files).await;
+            }
+            return Err(e);
         }
-        return Err(e);
+    } else {
+        let committed = commit::commit(
+            app.store.as_ref(),
+            app.sink.as_ref(),
+            lease,
+            &folder,
+            &partition,
+            files.clone(),
+            Some(&recorded.to_json()),
+        )
+        .await;
+        if let Err(e) = committed {
+            // Once this attempt's manifest is written its parts are what the day's readers
+            // follow: they stay, whatever failed after (the slice is replicated again, and
+            // that commit replaces them). Before that, they are this attempt's leftovers.
+            if !manifest_is_ours(app, &folder, &lease.owner).await {
+                remove_parts(app, &folder, &files).await;
+            }
+            return Err(e);
+        }
+        commit::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
     }
-    commit::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
     if s.select_properties_by_default {
         let schema = app.store.merge_schema(Table::Export, &observed).await?;
         commit::write_schema(app.sink.as_ref(), &app.prefix, Table::Export, &schema).await?;
     } else if let Some(schema) = app.store.schema(Table::Export).await? {
         commit::write_schema(app.sink.as_ref(), &app.prefix, Table::Export, &schema).await?;
     }
-    Ok(result)
+    Ok(Exported::Done(result))
 }
 
 /// The spill and what pass 1 learned.
@@ -183,10 +310,13 @@ async fn fetch_into_spill(
     query: &crate::mixpanel::ExportQuery,
     transformer: Transformer,
     deadline: Instant,
+    read_so_far: &AtomicU64,
+    body_began: &OnceLock<Instant>,
 ) -> Result<Pass1> {
     let resp = tokio::time::timeout_at(deadline, app.mixpanel.export(query, deadline))
         .await
         .map_err(|_| deadline_error())??;
+    let _ = body_began.set(Instant::now());
     let n = workers();
     // One queue that every worker takes from, so that a busy worker never holds up the others.
     let (sender, rx) = mpsc::channel::<(u64, Bytes)>(BLOCKS_QUEUED * n);
@@ -216,6 +346,7 @@ async fn fetch_into_spill(
                 Error::transient(format!("the export body broke off: {}", without_url(&e)))
             })?;
             raw_bytes += chunk.len() as u64;
+            read_so_far.store(raw_bytes, Ordering::Relaxed);
             block.extend_from_slice(&chunk);
             // Mixpanel events are at most about 1 MB: a line past the cap is garbage, and
             // reading on would hold it whole in memory.
@@ -351,6 +482,7 @@ async fn write_parts(
     attempt: &str,
     folder: &str,
     spill: Spill,
+    deadline: Instant,
 ) -> Result<(Vec<FileEntry>, u64)> {
     let buckets = tokio::task::spawn_blocking(move || spill.into_buckets())
         .await
@@ -359,6 +491,14 @@ async fn write_parts(
     let queue = Arc::new(Mutex::new(buckets.into_iter()));
     let next_index = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    // At the deadline every writer stops; the parts written so far are then removed.
+    let watchdog = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::time::sleep_until(deadline).await;
+            stop.store(true, Ordering::Relaxed);
+        }
+    });
     let mut producers = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for _ in 0..n {
@@ -369,41 +509,44 @@ async fn write_parts(
         let queue = queue.clone();
         let next_index = next_index.clone();
         let stop = stop.clone();
-        producers.push(tokio::task::spawn_blocking(move || -> Result<u64> {
-            let compress = || -> Result<u64> {
-                let emit = |e| !stop.load(Ordering::Relaxed) && tx.blocking_send(e).is_ok();
-                let mut writer = PartWriter::shared(
-                    &attempt_id,
-                    next_index,
-                    s.compression,
-                    s.max_file_bytes,
-                    emit,
-                );
-                let mut open = true;
-                let mut duplicates = 0;
-                loop {
-                    let bucket = queue.lock().map(|mut q| q.next()).unwrap_or(None);
-                    let Some(bucket) = bucket else { break };
-                    duplicates += bucket.drain_deduplicated(|record| {
-                        open = writer.write(record);
-                        open
-                    })?;
-                    if !open {
-                        break;
+        producers.push(tokio::task::spawn_blocking(
+            move || -> Result<(u64, bool)> {
+                let compress = || -> Result<(u64, bool)> {
+                    let emit = |e| !stop.load(Ordering::Relaxed) && tx.blocking_send(e).is_ok();
+                    let mut writer = PartWriter::shared(
+                        &attempt_id,
+                        next_index,
+                        s.compression,
+                        s.max_file_bytes,
+                        emit,
+                    );
+                    let mut open = true;
+                    let mut duplicates = 0;
+                    loop {
+                        let bucket = queue.lock().map(|mut q| q.next()).unwrap_or(None);
+                        let Some(bucket) = bucket else { break };
+                        duplicates += bucket.drain_deduplicated(|record| {
+                            open = writer.write(record);
+                            open
+                        })?;
+                        if !open {
+                            break;
+                        }
                     }
+                    if open {
+                        writer.finish();
+                    }
+                    // Whether every record of this worker's buckets went into a finished part.
+                    Ok((duplicates, open))
+                };
+                let result = compress();
+                if result.is_err() {
+                    // The other workers stop too; this worker's open part is aborted by its loop.
+                    stop.store(true, Ordering::Relaxed);
                 }
-                if open {
-                    writer.finish();
-                }
-                Ok(duplicates)
-            };
-            let result = compress();
-            if result.is_err() {
-                // The other workers stop too; this worker's open part is aborted by its loop.
-                stop.store(true, Ordering::Relaxed);
-            }
-            result
-        }));
+                result
+            },
+        ));
     }
 
     let uploads = receivers
@@ -419,9 +562,13 @@ async fn write_parts(
         }
     }
     let mut duplicates = 0;
+    let mut complete = true;
     for p in producers {
         match p.await {
-            Ok(Ok(d)) => duplicates += d,
+            Ok(Ok((d, whole))) => {
+                duplicates += d;
+                complete &= whole;
+            }
             Ok(Err(e)) => {
                 failure.get_or_insert(e);
             }
@@ -429,6 +576,13 @@ async fn write_parts(
                 failure.get_or_insert(Error::storage(format!("part writer failed: {e}")));
             }
         }
+    }
+    watchdog.abort();
+    if failure.is_none() && !complete {
+        failure = Some(Error::new(
+            ErrorKind::Deadline,
+            "the invocation's deadline came while the parts were written",
+        ));
     }
     if let Some(e) = failure {
         remove_parts(app, folder, &files).await;

@@ -411,7 +411,7 @@ async fn finish(
     // Abandoned and old snapshots go before the completion: a failure or a crash before it
     // leaves the slice to an invocation that prunes again.
     prune(app, table, snapshot).await?;
-    commit::complete(app.store.as_ref(), lease).await?;
+    commit::complete(app.store.as_ref(), lease, None).await?;
     Ok(Outcome::Done(SliceResult {
         records: manifest.records,
         bytes: manifest.files.iter().map(|f| f.bytes).sum(),

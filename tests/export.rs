@@ -734,3 +734,181 @@ async fn with_select_properties_off_the_first_discovery_asks_mixpanel_which_prop
         assert_eq!(rows, expected, "{day}");
     }
 }
+
+/// Every `part-` object in a date partition, by name.
+async fn parts_in(app: &mixpanel_replicator::app::App, day: jiff::civil::Date) -> Vec<String> {
+    let mut names: Vec<String> = app
+        .sink
+        .list(&format!("export/date={day}/"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| o.key.rsplit('/').next().map(String::from))
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_committed_once() {
+    // Two days whose bodies come at 1,500 lines/s: ~3.3 s a day, against invocations that have
+    // 2.5 s (2 s of work after the commit margin).
+    let cfg = sim_config("UTC", 2, 4800);
+    let (d1, d2) = (cfg.first_day, cfg.first_day.tomorrow().unwrap());
+    let project = Project::start(cfg).await;
+    project.simulator().push_fault(FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: None,
+        times: 100_000,
+        fault: Fault::SlowBody {
+            lines_per_second: 1500,
+        },
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let short = || tokio::time::Instant::now() + std::time::Duration::from_millis(2500);
+    let scheduled = json!({"table": "export"});
+
+    // The first day does not fit: abandoned cleanly and re-planned as 24 hours.
+    let r = handler::handle(&app, scheduled.clone(), short())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    assert_eq!(r.slice.as_deref(), Some(d1.to_string().as_str()));
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.contains("did not end within the invocation")
+            && reason.contains("re-planned as 24 hour slices"),
+        "{reason}"
+    );
+    let slices = app.store.slices(Table::Export).await.unwrap();
+    let hours: Vec<String> = slices
+        .iter()
+        .filter(|s| matches!(s.slice, SliceId::Hours { .. }))
+        .map(|s| s.slice.to_string())
+        .collect();
+    let expected: Vec<String> = (0..24)
+        .map(|h| format!("{d1}T{h:02}-{:02}", h + 1))
+        .collect();
+    assert_eq!(hours, expected);
+    assert!(slices.iter().all(|s| s.status == SliceStatus::Pending));
+    assert!(
+        parts_in(&app, d1).await.is_empty(),
+        "nothing of the day is written"
+    );
+    assert!(read_partition(&app.sink, "", "export", d1).await.is_none());
+
+    // The next invocations replicate several hours each, then commit the day from them.
+    let mut labels = Vec::new();
+    for _ in 0..40 {
+        let r = handler::handle(&app, scheduled.clone(), short())
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Done, "{r:?}");
+        let label = r.slice.clone().unwrap();
+        labels.push(label.clone());
+        if label == d1.to_string() {
+            break;
+        }
+    }
+    assert_eq!(labels.last(), Some(&d1.to_string()), "{labels:?}");
+    let hour_labels: Vec<&str> = labels
+        .iter()
+        .flat_map(|l| l.split(','))
+        .filter(|l| l.contains('T'))
+        .collect();
+    // (The invocation that commits the day answers for the day, not its last hours.)
+    assert_eq!(
+        hour_labels,
+        expected[..hour_labels.len()],
+        "each hour once, in order"
+    );
+    assert!(
+        labels.len() < 12,
+        "an invocation goes on with the next hours while its time allows: {labels:?}"
+    );
+    let asked: Vec<String> = project
+        .simulator()
+        .requests()
+        .iter()
+        .filter(|q| q.path == "/api/2.0/export" && q.query.contains(&d1.to_string()))
+        .map(|q| q.query.clone())
+        .collect();
+    assert_eq!(
+        asked.len(),
+        25,
+        "the whole day once, then each hour once: {asked:#?}"
+    );
+    assert_exact(&app, project.simulator(), d1, d1, None).await;
+    let (manifest, _) = read_partition(&app.sink, "", "export", d1).await.unwrap();
+    let listed: Vec<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
+    assert_eq!(
+        parts_in(&app, d1).await,
+        listed,
+        "exactly the manifest's parts"
+    );
+    assert_symlink(&app.sink, &format!("export/date={d1}"), &manifest).await;
+    assert_eq!(app.store.bookmark(Table::Export).await.unwrap(), Some(d1));
+
+    // The second day is split before it is fetched: its neighbour took longer than an
+    // invocation has. No whole-day request is made, and no invocation is wasted.
+    let before = project.simulator().requests().len();
+    let r = handler::handle(&app, scheduled.clone(), short())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert!(
+        r.slice
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("{d2}T00-01")),
+        "{r:?}"
+    );
+    for _ in 0..40 {
+        let r = handler::handle(&app, scheduled.clone(), short())
+            .await
+            .unwrap();
+        if r.slice.as_deref() == Some(d2.to_string().as_str()) {
+            break;
+        }
+    }
+    let asked: Vec<String> = project.simulator().requests()[before..]
+        .iter()
+        .filter(|q| q.path == "/api/2.0/export" && q.query.contains(&d2.to_string()))
+        .map(|q| q.query.clone())
+        .collect();
+    assert_eq!(asked.len(), 24, "one request per hour: {asked:#?}");
+    assert!(asked.iter().all(|q| q.contains("where=")), "{asked:#?}");
+    assert_exact(&app, project.simulator(), d1, d2, None).await;
+    assert_eq!(app.store.bookmark(Table::Export).await.unwrap(), Some(d2));
+
+    // Replicating the first day again (an explicit event) runs its hours again and replaces
+    // the day's parts with theirs in one commit.
+    let old = parts_in(&app, d1).await;
+    let event = json!({"table": "export", "date": d1.to_string()});
+    let mut last = None;
+    for _ in 0..40 {
+        let r = handler::handle(&app, event.clone(), short()).await.unwrap();
+        assert_eq!(r.status, Status::Done, "{r:?}");
+        last = r.slice.clone();
+        if last.as_deref() == Some(d1.to_string().as_str()) {
+            break;
+        }
+        // Until the day is committed again, its readers keep the previous commit (the new
+        // hours' parts wait beside it, listed by no manifest yet).
+        let body = app
+            .sink
+            .get(&format!("export/date={d1}/_manifest.json"))
+            .await
+            .unwrap()
+            .unwrap();
+        let m: mixpanel_replicator::commit::Manifest = serde_json::from_slice(&body).unwrap();
+        assert_eq!(m, manifest);
+    }
+    assert_eq!(last.as_deref(), Some(d1.to_string().as_str()));
+    let new = parts_in(&app, d1).await;
+    assert!(new.iter().all(|n| !old.contains(n)), "old parts removed");
+    assert_exact(&app, project.simulator(), d1, d2, None).await;
+    assert_layout(&app).await;
+}

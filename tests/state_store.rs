@@ -76,6 +76,7 @@ conformance!(
     confirm_and_complete_fail_once_the_lease_expired,
     release_returns_the_slice_and_keeps_its_progress,
     complete_commits_and_ends_the_work,
+    complete_records_a_result_that_outlives_a_requeue,
     bookmark_never_moves_backwards,
     init_schema_keeps_the_first_schema,
     merge_schema_adds_missing_columns,
@@ -134,7 +135,7 @@ async fn enqueue_requeues_only_committed_slices_older_than_the_threshold(
         store.enqueue(T, slice, None).await.unwrap();
     }
     let lease = store.claim(T, done, "a", 100, 200).await.unwrap().unwrap();
-    assert!(store.complete(&lease, 150).await.unwrap());
+    assert!(store.complete(&lease, 150, None).await.unwrap());
     store
         .claim(T, busy, "b", 100, 10_000)
         .await
@@ -185,10 +186,9 @@ async fn slices_are_listed_in_slice_order_per_table(store: Arc<dyn StateStore>) 
         .into_iter()
         .map(|r| r.slice)
         .collect();
-    let mut expected = queued.to_vec();
-    expected.sort();
+    // By day; a day's hour slices beside it, by first hour.
+    let expected = [hours(0, 12), day(1), hours(12, 24), day(2), day(9), day(10)];
     assert_eq!(listed, expected);
-    assert_eq!(listed[0], day(1));
 
     let engage = store.slices(Table::Engage).await.unwrap();
     assert_eq!(engage.len(), 1);
@@ -210,7 +210,7 @@ async fn remove_pending_removes_only_pending_slices(store: Arc<dyn StateStore>) 
         .await
         .unwrap()
         .unwrap();
-    store.complete(&lease, 10).await.unwrap();
+    store.complete(&lease, 10, None).await.unwrap();
 
     assert!(store.remove_pending(T, pending).await.unwrap());
     assert!(!store.remove_pending(T, pending).await.unwrap());
@@ -293,7 +293,7 @@ async fn an_expired_lease_goes_to_another_owner_and_fences_the_first(store: Arc<
     // The first owner is fenced out, whatever time it believes it is.
     assert!(!store.confirm(&first, 1500, 9000).await.unwrap());
     assert!(!store.save_progress(&first, Some("page 9")).await.unwrap());
-    assert!(!store.complete(&first, 1500).await.unwrap());
+    assert!(!store.complete(&first, 1500, None).await.unwrap());
     store.release(&first).await.unwrap();
     let r = record(&*store, slice).await;
     assert_eq!(
@@ -308,7 +308,7 @@ async fn an_expired_lease_goes_to_another_owner_and_fences_the_first(store: Arc<
     // The second owner still holds it.
     assert!(store.confirm(&second, 2500, 6000).await.unwrap());
     assert_eq!(record(&*store, slice).await.lease_expires_ms, Some(6000));
-    assert!(store.complete(&second, 5500).await.unwrap());
+    assert!(store.complete(&second, 5500, None).await.unwrap());
     let r = record(&*store, slice).await;
     assert_eq!(
         (r.status, r.committed_at_ms),
@@ -330,10 +330,10 @@ async fn confirm_and_complete_fail_once_the_lease_expired(store: Arc<dyn StateSt
         "held at its last millisecond"
     );
     assert!(!store.confirm(&lease, 3001, 9000).await.unwrap());
-    assert!(!store.complete(&lease, 3001).await.unwrap());
+    assert!(!store.complete(&lease, 3001, None).await.unwrap());
     assert_eq!(record(&*store, slice).await.status, SliceStatus::Leased);
     // Nobody else claimed it, so it is still this attempt's to complete in time.
-    assert!(store.complete(&lease, 2999).await.unwrap());
+    assert!(store.complete(&lease, 2999, None).await.unwrap());
 }
 
 async fn release_returns_the_slice_and_keeps_its_progress(store: Arc<dyn StateStore>) {
@@ -385,7 +385,7 @@ async fn complete_commits_and_ends_the_work(store: Arc<dyn StateStore>) {
         .unwrap()
         .unwrap();
     store.save_progress(&lease, Some("halfway")).await.unwrap();
-    assert!(store.complete(&lease, 500).await.unwrap());
+    assert!(store.complete(&lease, 500, None).await.unwrap());
 
     let r = &store.slices(table).await.unwrap()[0];
     assert_eq!(
@@ -400,12 +400,63 @@ async fn complete_commits_and_ends_the_work(store: Arc<dyn StateStore>) {
             .unwrap()
             .is_none()
     );
-    assert!(!store.complete(&lease, 600).await.unwrap());
+    assert!(!store.complete(&lease, 600, None).await.unwrap());
     store.release(&lease).await.unwrap();
     assert_eq!(
         store.slices(table).await.unwrap()[0].status,
         SliceStatus::Committed
     );
+}
+
+async fn complete_records_a_result_that_outlives_a_requeue(store: Arc<dyn StateStore>) {
+    let slice = day(3);
+    store.enqueue(T, slice, None).await.unwrap();
+    let lease = store.claim(T, slice, "a", 0, 1000).await.unwrap().unwrap();
+    let first = r#"{"raw_bytes":10,"ms":5}"#;
+    assert!(store.complete(&lease, 100, Some(first)).await.unwrap());
+    assert_eq!(
+        record(store.as_ref(), slice).await.result.as_deref(),
+        Some(first)
+    );
+
+    // Queued again: the new round starts with the last round's result still readable.
+    assert!(store.enqueue(T, slice, Some(200)).await.unwrap());
+    let r = record(store.as_ref(), slice).await;
+    assert_eq!(
+        (r.status, r.result.as_deref()),
+        (SliceStatus::Pending, Some(first))
+    );
+    let lease = store
+        .claim(T, slice, "b", 300, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    store.release(&lease).await.unwrap();
+    assert_eq!(
+        record(store.as_ref(), slice).await.result.as_deref(),
+        Some(first)
+    );
+
+    // The next commit replaces it; a commit without one removes it.
+    let lease = store
+        .claim(T, slice, "c", 400, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = r#"{"raw_bytes":20,"ms":9}"#;
+    assert!(store.complete(&lease, 500, Some(second)).await.unwrap());
+    assert_eq!(
+        record(store.as_ref(), slice).await.result.as_deref(),
+        Some(second)
+    );
+    assert!(store.enqueue(T, slice, Some(600)).await.unwrap());
+    let lease = store
+        .claim(T, slice, "d", 700, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.complete(&lease, 800, None).await.unwrap());
+    assert_eq!(record(store.as_ref(), slice).await.result, None);
 }
 
 async fn bookmark_never_moves_backwards(store: Arc<dyn StateStore>) {
@@ -521,7 +572,7 @@ async fn local_store_process_worker() {
     for i in 1..=WORKER_SLICES {
         let slice = day(i);
         if let Some(lease) = store.claim(T, slice, owner, 0, u64::MAX).await.unwrap() {
-            assert!(store.complete(&lease, 1).await.unwrap());
+            assert!(store.complete(&lease, 1, None).await.unwrap());
             println!("CLAIMED {slice}");
         }
         let column = format!("{owner}_{i}");

@@ -144,6 +144,12 @@ pub enum Fault {
         /// Time before the first byte.
         delay: Duration,
     },
+    /// An export body sent no faster than `lines_per_second` (a big day over a slow link).
+    /// Query API endpoints answer normally.
+    SlowBody {
+        /// Lines sent per second.
+        lines_per_second: u32,
+    },
     /// Any literal answer.
     Status {
         /// The HTTP status.

@@ -272,7 +272,9 @@ async fn respond(
                 .with_status(status);
         }
         Some(Fault::SlowFirstByte { delay }) => tokio::time::sleep(delay).await,
-        Some(f @ (Fault::TerminatedEarly { .. } | Fault::CutBody { .. })) => stream_fault = Some(f),
+        Some(
+            f @ (Fault::TerminatedEarly { .. } | Fault::CutBody { .. } | Fault::SlowBody { .. }),
+        ) => stream_fault = Some(f),
     }
     if let Some(e) = body_error {
         return json_error(StatusCode::BAD_REQUEST, Some(request), e);
@@ -281,7 +283,9 @@ async fn respond(
         let reply = api::answer(sim, &ep, params, request);
         let gzip = wants_gzip(headers);
         return match stream_fault {
-            Some(f) if reply.status == 200 => broken_json(reply.body, gzip, &f),
+            Some(f) if reply.status == 200 && !matches!(f, Fault::SlowBody { .. }) => {
+                broken_json(reply.body, gzip, &f)
+            }
             _ => json_reply(reply, gzip),
         };
     }
@@ -588,6 +592,11 @@ fn produce(
         Some(Fault::CutBody { after_lines }) => (None, Some(after_lines)),
         _ => (None, None),
     };
+    let pace = match fault {
+        Some(Fault::SlowBody { lines_per_second }) => Some(f64::from(lines_per_second.max(1))),
+        _ => None,
+    };
+    let began = Instant::now();
     let filter = Filter {
         names: sim.inner.generator.name_mask(p.events.as_deref()),
         export_lo: p.time_lo,
@@ -612,7 +621,16 @@ fn produce(
             return false;
         }
         lines += 1;
-        if buf.len() >= CHUNK {
+        if let Some(rate) = pace {
+            // Each line on its own, when its time comes (flushed through gzip too).
+            let due = began + std::time::Duration::from_secs_f64(lines as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if !out.send(buf) || !out.flush() {
+                client_gone = true;
+                return false;
+            }
+            buf.clear();
+        } else if buf.len() >= CHUNK {
             if !out.send(buf) {
                 client_gone = true;
                 return false;

@@ -5,7 +5,7 @@
 //!
 //! Items (partition key `pk`, sort key `sk`, both strings):
 //! - slice: `pk = "slice#{table}"`, `sk = {slice id}`; `status`, `lease_owner`,
-//!   `lease_expires_ms`, `committed_at_ms`, `attempts`, `progress`;
+//!   `lease_expires_ms`, `committed_at_ms`, `attempts`, `progress`, `result`;
 //! - bookmark: `pk = "bookmark"`, `sk = {table}`; `day` (`YYYY-MM-DD`);
 //! - schema: `pk = "schema"`, `sk = {table}`; `columns` (a map of strings, or a JSON string),
 //!   `version` (a counter that makes read-modify-write merges safe).
@@ -237,6 +237,7 @@ impl DynamoStore {
             committed_at_ms: number(item, "committed_at_ms").map_err(bad)?,
             attempts: number(item, "attempts").map_err(bad)?.unwrap_or(0),
             progress: string(item, "progress").map(str::to_owned),
+            result: string(item, "result").map(str::to_owned),
         })
     }
 }
@@ -387,14 +388,25 @@ impl StateStore for DynamoStore {
         self.conditional(&op, request).await
     }
 
-    async fn complete(&self, lease: &Lease, now_ms: u64) -> Result<bool> {
+    async fn complete(&self, lease: &Lease, now_ms: u64, result: Option<&str>) -> Result<bool> {
         let request = self
             .update_leased(lease, Some(now_ms))
-            .update_expression(
-                "SET #status = :committed, committed_at_ms = :now \
-                 REMOVE lease_expires_ms, progress",
-            )
             .expression_attribute_values(":committed", s(SliceStatus::Committed.as_str()));
+        let request = match result {
+            Some(r) => request
+                .update_expression(
+                    "SET #status = :committed, committed_at_ms = :now, #result = :result \
+                     REMOVE lease_expires_ms, progress",
+                )
+                .expression_attribute_names("#result", "result")
+                .expression_attribute_values(":result", s(r)),
+            None => request
+                .update_expression(
+                    "SET #status = :committed, committed_at_ms = :now \
+                 REMOVE lease_expires_ms, progress, #result",
+                )
+                .expression_attribute_names("#result", "result"),
+        };
         let op = format!("completing slice {} of {}", lease.slice, lease.table);
         self.conditional(&op, request).await
     }

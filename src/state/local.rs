@@ -65,6 +65,8 @@ struct SliceEntry {
     attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     progress: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    result: Option<String>,
 }
 
 impl SliceEntry {
@@ -76,6 +78,7 @@ impl SliceEntry {
             committed_at_ms: None,
             attempts: 0,
             progress: None,
+            result: None,
         }
     }
 
@@ -214,6 +217,7 @@ impl StateStore for LocalStore {
                         committed_at_ms: e.committed_at_ms,
                         attempts: e.attempts,
                         progress: e.progress.clone(),
+                        result: e.result.clone(),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -326,14 +330,16 @@ impl StateStore for LocalStore {
             .await
     }
 
-    async fn complete(&self, lease: &Lease, now_ms: u64) -> Result<bool> {
+    async fn complete(&self, lease: &Lease, now_ms: u64, result: Option<&str>) -> Result<bool> {
         let lease = lease.clone();
+        let result = result.map(str::to_owned);
         self.write(move |state| {
             Ok(state.with_held(&lease, Some(now_ms), |e| {
                 e.status = SliceStatus::Committed;
                 e.committed_at_ms = Some(now_ms);
                 e.lease_expires_ms = None;
                 e.progress = None;
+                e.result = result;
             }))
         })
         .await

@@ -18,7 +18,9 @@ use crate::error::Result;
 use crate::tables::Table;
 
 /// A unit of work of one table: a project-local day, some hours of one, or a whole snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Slices order by day, and a day's hour slices sit beside it (by first hour, then the day).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SliceId {
     /// One project-local day.
     Day(Date),
@@ -42,6 +44,33 @@ impl SliceId {
             SliceId::Day(d) | SliceId::Hours { day: d, .. } => Some(d),
             SliceId::Full => None,
         }
+    }
+}
+
+impl SliceId {
+    /// The sort key: the day, then the first and last hour (a whole day is hours 0 to 24).
+    fn order_key(&self) -> (Option<Date>, u8, u8) {
+        match *self {
+            SliceId::Day(d) => (Some(d), 0, 24),
+            SliceId::Hours {
+                day,
+                from_hour,
+                to_hour,
+            } => (Some(day), from_hour, to_hour),
+            SliceId::Full => (None, 0, 0),
+        }
+    }
+}
+
+impl Ord for SliceId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order_key().cmp(&other.order_key())
+    }
+}
+
+impl PartialOrd for SliceId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -139,6 +168,9 @@ pub struct SliceRecord {
     pub attempts: u32,
     /// Resumable progress of the current snapshot (engage pages), opaque JSON.
     pub progress: Option<String>,
+    /// What the last commit recorded (an hour slice's parts; a day's size and time), opaque
+    /// JSON. Kept when the slice is queued again, so the next round can plan from it.
+    pub result: Option<String>,
 }
 
 /// A lease on a slice: proof that one attempt may write it until `expires_ms`.
@@ -199,8 +231,9 @@ pub trait StateStore: Send + Sync {
     /// Saves resumable progress under a held lease. Returns whether the lease was still held.
     async fn save_progress(&self, lease: &Lease, progress: Option<&str>) -> Result<bool>;
 
-    /// Marks the slice committed at `now_ms` if `lease` is still held. Returns whether it was.
-    async fn complete(&self, lease: &Lease, now_ms: u64) -> Result<bool>;
+    /// Marks the slice committed at `now_ms` with `result` (replacing the previous one) if
+    /// `lease` is still held. Returns whether it was.
+    async fn complete(&self, lease: &Lease, now_ms: u64, result: Option<&str>) -> Result<bool>;
 
     /// Gives a held slice back to the queue as pending (an attempt that failed or ran out of
     /// time). Does nothing if the lease is no longer held.

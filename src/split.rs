@@ -1,0 +1,319 @@
+//! Export days too big for one invocation: hour slices, and the day's commit from them.
+//!
+//! A day whose body did not end, or whose parts could not be written, before the deadline is
+//! abandoned cleanly (nothing of it is committed) and re-planned as 24 hour slices: the same
+//! export request with a `where` on `properties["$time"]` for each local hour. A day whose
+//! neighbours (or its own last round) took longer than this invocation has is split before it
+//! is fetched at all. Each hour is replicated like a day: fetched, deduplicated (Mixpanel's key
+//! holds the event's second, so a duplicate never crosses an hour) and written as parts; then
+//! recorded, parts and all, in the state store. When every hour is, the day is committed from
+//! them: one manifest listing every hour's parts, other parts removed, the bookmark moved. An
+//! invocation that finishes an hour goes on with the next hours of the same day while its
+//! time allows, so a day slightly too big takes two invocations, not twenty-four.
+
+use std::time::Duration;
+
+use jiff::civil::Date;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::commit::{self, FileEntry};
+use crate::error::{Error, ErrorKind, Result};
+use crate::plan;
+use crate::replicate::{self, Exported, Recorded, SliceResult};
+use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
+use crate::tables::Table;
+
+/// How an export invocation ended.
+pub enum Ran {
+    /// Slices were committed: their results, and the label of what they covered.
+    Done(SliceResult, String),
+    /// Nothing was committed; the work stays pending (the reason).
+    Partial(String),
+}
+
+/// A day is split before it is fetched when its neighbours took more than this share of the
+/// time the invocation has.
+const PREDICT_SHARE: f64 = 0.8;
+
+/// Runs the export slice held by `lease`, then, while time allows, the next slices of its day.
+pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Ran> {
+    let day = lease
+        .slice
+        .day()
+        .ok_or_else(|| Error::event("the export table is sliced by day, not snapshotted"))?;
+    let mut done: Vec<(SliceId, SliceResult)> = Vec::new();
+    let mut slowest = Duration::ZERO;
+    let mut current = lease.clone();
+    let mut predicted_hour = Duration::ZERO;
+    let mut first = true;
+    loop {
+        let started = Instant::now();
+        let step = step(app, &current, day, deadline).await;
+        let outcome = match step {
+            Ok(o) => o,
+            // The first slice's failure is the invocation's (the handler gives it back); a
+            // later one's goes back to the queue here, and what was done stays done.
+            Err(e) if first => return Err(e),
+            Err(e) => {
+                give_back(app, &current).await;
+                tracing::warn!(table = "export", slice = %current.slice, kind = %e.kind(), error = %e, "slice failed; it stays pending");
+                break;
+            }
+        };
+        match outcome {
+            Step::Done(r) => {
+                slowest = slowest.max(started.elapsed());
+                let whole_day = current.slice == SliceId::Day(day);
+                done.push((current.slice, r));
+                if whole_day {
+                    break;
+                }
+            }
+            Step::Split { predicted } => {
+                predicted_hour = predicted / 24;
+            }
+            Step::Partial(why) => {
+                if first {
+                    return Ok(Ran::Partial(why));
+                }
+                give_back(app, &current).await;
+                break;
+            }
+        }
+        first = false;
+        // The next slice of the same day, if one more surely fits.
+        let estimate = slowest.max(predicted_hour).mul_f64(1.5) + Duration::from_millis(250);
+        if Instant::now() + estimate > deadline {
+            break;
+        }
+        // A fresh attempt id: it names the slice's parts.
+        let (now_ms, until) = crate::handler::lease_times(deadline);
+        let next = plan::claim_next_of(
+            app.store.as_ref(),
+            Table::Export,
+            Some(day),
+            &crate::handler::new_attempt_id(),
+            now_ms,
+            until,
+        )
+        .await;
+        match next {
+            Ok(Some(l)) => current = l,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(table = "export", error = %e, "could not claim the next slice of the day");
+                break;
+            }
+        }
+    }
+    if done.is_empty() {
+        return Ok(Ran::Partial(format!(
+            "{day} was re-planned as hour slices; the next invocations replicate them"
+        )));
+    }
+    let mut total = SliceResult::default();
+    for (_, r) in &done {
+        total.records += r.records;
+        total.bytes += r.bytes;
+        total.files += r.files;
+        total.duplicates += r.duplicates;
+        total.raw_bytes += r.raw_bytes;
+    }
+    // The day's commit reports the whole day; hours report themselves.
+    let label = match done.last() {
+        Some((SliceId::Day(d), r)) => {
+            total = r.clone();
+            d.to_string()
+        }
+        _ => done
+            .iter()
+            .map(|(s, _)| s.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    Ok(Ran::Done(total, label))
+}
+
+/// What one slice of the chain did.
+enum Step {
+    Done(SliceResult),
+    /// The day was split into hours before any work (the time its neighbours predict).
+    Split {
+        predicted: Duration,
+    },
+    /// Nothing committed; the slice is to be given back.
+    Partial(String),
+}
+
+async fn step(app: &App, lease: &Lease, day: Date, deadline: Instant) -> Result<Step> {
+    let slices = app.store.slices(Table::Export).await?;
+    let split = !plan::hours_of(&slices, day).is_empty();
+    match lease.slice {
+        SliceId::Day(_) if split => assemble(app, lease, day, &slices).await,
+        SliceId::Day(_) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(predicted) = predicted(&slices, day)
+                && predicted.as_secs_f64() > left.as_secs_f64() * PREDICT_SHARE
+            {
+                split_day(app, lease, day).await?;
+                tracing::info!(
+                    table = "export", slice = %day, predicted_s = predicted.as_secs_f64(), left_s = left.as_secs_f64(),
+                    "day predicted too big for one invocation; split into hour slices"
+                );
+                return Ok(Step::Split { predicted });
+            }
+            match replicate::export_slice(app, lease, deadline).await? {
+                Exported::Done(r) => Ok(Step::Done(r)),
+                Exported::TooBig(why) => {
+                    split_day(app, lease, day).await?;
+                    tracing::warn!(table = "export", slice = %day, reason = %why, "day too big for one invocation; split into hour slices");
+                    Ok(Step::Partial(format!(
+                        "{why}; the day is re-planned as 24 hour slices"
+                    )))
+                }
+            }
+        }
+        SliceId::Hours { .. } => match replicate::export_slice(app, lease, deadline).await? {
+            Exported::Done(r) => Ok(Step::Done(r)),
+            Exported::TooBig(why) => {
+                tracing::error!(
+                    table = "export", slice = %lease.slice, reason = %why,
+                    "an hour slice does not fit in one invocation: give the function more time or memory"
+                );
+                Ok(Step::Partial(why))
+            }
+        },
+        SliceId::Full => Err(Error::event(
+            "the export table is sliced by day, not snapshotted",
+        )),
+    }
+}
+
+/// Days smaller than this predict nothing: their time is mostly latency, not size.
+const PREDICT_MIN_BYTES: u64 = 1 << 20;
+
+/// The longest time that the day itself (last round) or a neighbour took, from their records.
+fn predicted(slices: &[SliceRecord], day: Date) -> Option<Duration> {
+    let near = [day.yesterday().ok(), Some(day), day.tomorrow().ok()];
+    slices
+        .iter()
+        .filter(|r| matches!(r.slice, SliceId::Day(d) if near.contains(&Some(d))))
+        .filter_map(|r| Recorded::parse(r.result.as_deref()))
+        .filter(|rec| rec.raw_bytes >= PREDICT_MIN_BYTES)
+        .map(|rec| Duration::from_millis(rec.ms))
+        .max()
+}
+
+/// Queues the day's 24 hour slices, then gives the day back: it now waits for them.
+async fn split_day(app: &App, lease: &Lease, day: Date) -> Result<()> {
+    for h in 0..24u8 {
+        let hour = SliceId::Hours {
+            day,
+            from_hour: h,
+            to_hour: h + 1,
+        };
+        app.store.enqueue(Table::Export, hour, None).await?;
+    }
+    app.store.release(lease).await
+}
+
+async fn give_back(app: &App, lease: &Lease) {
+    if let Err(e) = app.store.release(lease).await {
+        tracing::warn!(error = %e, "could not give the slice back; its lease will expire");
+    }
+}
+
+/// Commits a split day from its hours: every hour recorded with its parts, the parts present,
+/// then one manifest listing them all.
+async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -> Result<Step> {
+    let hours = plan::hours_of(slices, day);
+    if let Some(h) = hours.iter().find(|h| h.status != SliceStatus::Committed) {
+        return Ok(Step::Partial(format!(
+            "{day} waits for its hour slice {} to be committed",
+            h.slice
+        )));
+    }
+    // The hours must be the day's 24 hours: a split cut short (a crash, a failed write) is
+    // completed first, and the day waits for the hours it adds.
+    let hour = |h: u8| SliceId::Hours {
+        day,
+        from_hour: h,
+        to_hour: h + 1,
+    };
+    if let Some(other) = hours.iter().find(|r| !(0..24).any(|h| r.slice == hour(h))) {
+        return Err(Error::state(format!(
+            "{} is not one hour of {day}: the day's hour slices are {day}T00-01 to {day}T23-24",
+            other.slice
+        )));
+    }
+    if hours.len() < 24 {
+        split_day(app, lease, day).await?;
+        return Ok(Step::Partial(format!(
+            "the split of {day} into hours was cut short; its missing hours are queued now"
+        )));
+    }
+    let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
+    let present: std::collections::HashMap<String, u64> = app
+        .sink
+        .list(&format!("{folder}/"))
+        .await?
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    let mut files: Vec<FileEntry> = Vec::new();
+    let mut total = Recorded::default();
+    let mut again = Vec::new();
+    for h in &hours {
+        let rec = Recorded::parse(h.result.as_deref());
+        let whole = rec.as_ref().is_some_and(|rec| {
+            rec.files
+                .iter()
+                .all(|f| present.get(&format!("{folder}/{}", f.name)) == Some(&f.bytes))
+        });
+        match rec {
+            Some(rec) if whole => {
+                total.raw_bytes += rec.raw_bytes;
+                total.ms += rec.ms;
+                total.records += rec.records;
+                total.duplicates += rec.duplicates;
+                files.extend(rec.files);
+            }
+            // Its record or its parts are gone: that hour is replicated again.
+            _ => again.push(h.slice),
+        }
+    }
+    if !again.is_empty() {
+        for h in &again {
+            app.store.enqueue(Table::Export, *h, Some(u64::MAX)).await?;
+        }
+        let named: Vec<String> = again.iter().map(ToString::to_string).collect();
+        tracing::warn!(table = "export", slice = %day, hours = %named.join(","), "hour parts missing; those hours are replicated again");
+        return Ok(Step::Partial(format!(
+            "the parts of {} were missing; those hours are replicated again",
+            named.join(", ")
+        )));
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    let result = SliceResult {
+        records: total.records,
+        bytes: files.iter().map(|f| f.bytes).sum(),
+        files: files.len() as u64,
+        duplicates: total.duplicates,
+        raw_bytes: total.raw_bytes,
+    };
+    let body =
+        serde_json::to_string(&total).map_err(|e| Error::new(ErrorKind::State, e.to_string()))?;
+    commit::commit(
+        app.store.as_ref(),
+        app.sink.as_ref(),
+        lease,
+        &folder,
+        &partition,
+        files,
+        Some(&body),
+    )
+    .await?;
+    commit::advance_bookmark(app.store.as_ref(), Table::Export, app.settings.start_date).await?;
+    Ok(Step::Done(result))
+}
