@@ -125,6 +125,12 @@ pub struct SyncReport {
     pub failed: u64,
 }
 
+/// The first wait of `sync` after a slice failed on Mixpanel's rate limit; it doubles while
+/// the limit holds, up to [`RATE_WAIT_MAX`].
+const RATE_WAIT_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait of `sync` on Mixpanel's rate limit (its limits are per hour and per second).
+const RATE_WAIT_MAX: Duration = Duration::from_secs(120);
+
 /// Plans and replicates the tables (all supported ones when empty) until nothing is pending.
 pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
     let chosen: Vec<Table> = if tables.is_empty() {
@@ -144,6 +150,9 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
         // day that answers partial three times in a row does not fit the budget.
         let partial_limit = if table.is_date_sliced() { 3 } else { 100_000 };
         let mut partial_in_a_row = 0;
+        // Mixpanel still said 429 after the client's own retries (which honour Retry-After):
+        // wait, longer each time in a row, before the next slice.
+        let mut rate_wait = RATE_WAIT_FIRST;
         loop {
             let deadline = Instant::now() + app.settings.time_budget;
             let owner = handler::new_attempt_id();
@@ -160,6 +169,7 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
                     match resp.status {
                         Status::Done => {
                             partial_in_a_row = 0;
+                            rate_wait = RATE_WAIT_FIRST;
                             report.slices += 1;
                             report.records += resp.records;
                             report.bytes += resp.bytes;
@@ -184,8 +194,9 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::RateLimited => {
-                    tracing::warn!(error = %e, "waiting out Mixpanel's rate limit");
-                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    tracing::warn!(error = %e, wait_s = rate_wait.as_secs(), "waiting out Mixpanel's rate limit");
+                    tokio::time::sleep(rate_wait).await;
+                    rate_wait = (rate_wait * 2).min(RATE_WAIT_MAX);
                 }
                 Err(e) => return Err(e),
             }

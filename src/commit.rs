@@ -163,6 +163,10 @@ async fn remove_other_parts(
     if !stale.is_empty() {
         sink.delete(&stale).await?;
     }
+    // What killed writers left half written goes too (a local folder; S3 has its lifecycle).
+    if let Err(e) = sink.sweep(folder).await {
+        tracing::warn!(folder, error = %e, "could not remove temporary files of killed runs");
+    }
     Ok(())
 }
 

@@ -22,6 +22,8 @@ pub fn init(json: bool) {
             .with_current_span(false)
             .try_init();
     } else {
-        let _ = builder.compact().try_init();
+        // Colours only for a person at a terminal, not in a file or a pipe.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let _ = builder.compact().with_ansi(ansi).try_init();
     }
 }

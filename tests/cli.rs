@@ -143,3 +143,41 @@ fn demo_replicates_the_bundled_simulator_and_checks_it() {
             .exists()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_waits_out_a_rate_limit_that_outlasts_the_clients_retries_then_finishes() {
+    let cfg = sim_config("UTC", 1, 30);
+    let day = cfg.first_day;
+    let project = Project::start(cfg).await;
+    // Six 429s in a row: every attempt of the first invocation's client.
+    project.simulator().push_fault(mixpanel_sim::FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: Some(day),
+        times: 6,
+        fault: mixpanel_sim::Fault::RateLimited {
+            retry_after_secs: Some(0),
+        },
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(&project, dir.path())
+        .args(["sync", "--table", "export"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let waits: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("waiting out Mixpanel's rate limit"))
+        .collect();
+    assert_eq!(waits.len(), 1, "{stderr}");
+    assert!(waits[0].contains("wait_s=5"), "{}", waits[0]);
+    let (_, rows) = read_manifest_rows(
+        &(std::sync::Arc::new(mixpanel_replicator::sink::local::LocalSink::new(
+            dir.path().join("mixpanel-data"),
+        )) as std::sync::Arc<dyn mixpanel_replicator::sink::ObjectSink>),
+        &format!("export/date={day}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows, truth(project.simulator(), day, None));
+}

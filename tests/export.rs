@@ -912,3 +912,41 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
     assert_exact(&app, project.simulator(), d1, d2, None).await;
     assert_layout(&app).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_removes_temporary_files_that_a_killed_run_left_in_the_folder() {
+    let cfg = sim_config("UTC", 1, 20);
+    let day = cfg.first_day;
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = project.local_app(dir.path(), &[]).await;
+    let folder = dir.path().join(format!("export/date={day}"));
+    std::fs::create_dir_all(&folder).unwrap();
+    let left = folder.join(".part-0123456789ab-00000.jsonl.gz.tmp-0f0f0f");
+    let writing = folder.join(".part-ba9876543210-00000.jsonl.gz.tmp-1e1e1e");
+    for f in [&left, &writing] {
+        std::fs::write(f, b"half a part").unwrap();
+    }
+    // Untouched for two hours: its writer is gone. The other one is still being written.
+    std::fs::File::options()
+        .write(true)
+        .open(&left)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
+
+    let r = handler::handle(
+        &app,
+        json!({"table": "export", "date": day.to_string()}),
+        deadline(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert!(!left.exists(), "the abandoned temporary file is removed");
+    assert!(
+        writing.exists(),
+        "a temporary file still being written stays"
+    );
+    assert_exact(&app, project.simulator(), day, day, None).await;
+}

@@ -22,10 +22,17 @@ pub struct LocalSink {
     root: PathBuf,
 }
 
+/// How long a temporary file stays untouched before it counts as abandoned.
+pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl LocalSink {
     /// A sink writing under the folder `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalSink { root: root.into() }
+        // Absolute, so that addresses written into files (the symlink manifests) hold from
+        // anywhere, not only from the folder the command ran in.
+        let root = root.into();
+        let root = std::path::absolute(&root).unwrap_or(root);
+        LocalSink { root }
     }
 
     /// The path of `key`; a key that could leave the root or name a hidden file is refused.
@@ -90,6 +97,43 @@ impl ObjectSink for LocalSink {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("reading", &path, e)),
         }
+    }
+
+    async fn sweep(&self, prefix: &str) -> Result<()> {
+        let folder = match self.path_of(prefix.trim_end_matches('/')) {
+            Ok(folder) => folder,
+            Err(_) => return Ok(()),
+        };
+        blocking(move || {
+            let entries = match fs::read_dir(&folder) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_error("listing", &folder, e)),
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !(name.starts_with('.') && name.contains(".tmp-")) {
+                    continue;
+                }
+                // A writer touches its temporary file with every chunk: one untouched this
+                // long belongs to a process that was killed.
+                let abandoned = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= ABANDONED_AFTER);
+                if abandoned {
+                    match fs::remove_file(entry.path()) {
+                        Ok(()) => tracing::info!(file = %entry.path().display(), "removed a temporary file a killed run left"),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_error("removing", &entry.path(), e)),
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {

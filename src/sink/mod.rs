@@ -39,6 +39,13 @@ pub trait ObjectSink: Send + Sync {
     /// Starts a streamed upload of one object; it becomes visible only on [`Upload::finish`].
     async fn start_upload(&self, key: &str, content_type: &str) -> Result<Box<dyn Upload>>;
 
+    /// Removes what killed writers left in the folder `prefix` names (objects half written
+    /// and never finished), once nothing can still be writing it. S3 needs nothing: its
+    /// lifecycle rule aborts abandoned multipart uploads.
+    async fn sweep(&self, _prefix: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Where the objects go, for people (`s3://bucket` or a folder).
     fn location(&self) -> String;
 

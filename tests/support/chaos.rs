@@ -283,7 +283,7 @@ impl Plan {
             let table = rng.pick(&tables);
             let path = path_of(&mut rng, table);
             // More failures in a row than the client retries would only fail invocations, and a
-            // 429 left to `sync` makes it wait a minute: keep each path's run of faults short.
+            // 429 left to `sync` makes it wait seconds: keep each path's run of faults short.
             let used = per_path.entry(path).or_default();
             if *used >= 3 {
                 continue;
@@ -291,7 +291,7 @@ impl Plan {
             let from_date = (table == Table::Export && rng.chance(0.6))
                 .then(|| minus(today, rng.range(0, u64::from(days)) as i64));
             let fault = match rng.range(0, 7) {
-                // `sync` waits a minute after a 429 the client gave up on (near a deadline):
+                // `sync` waits 5 s and more after a 429 the client gave up on (near a deadline):
                 // 429s are for the in-process workers, which answer the error instead.
                 0 if !killed => Fault::RateLimited {
                     retry_after_secs: rng.pick(&[None, Some(0), Some(1)]),
