@@ -950,3 +950,74 @@ async fn a_commit_removes_temporary_files_that_a_killed_run_left_in_the_folder()
     );
     assert_exact(&app, project.simulator(), day, day, None).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_split_into_hours_commits_exactly_on_s3_with_its_hours_recorded_in_dynamodb() {
+    let cfg = sim_config("UTC", 1, 4800);
+    let day = cfg.first_day;
+    let secret = json!({"api_secret": cfg.api_secret}).to_string();
+    let project = Project::start(cfg).await;
+    project.simulator().push_fault(FaultRule {
+        path: "/api/2.0/export".into(),
+        from_date: None,
+        times: 100_000,
+        fault: Fault::SlowBody {
+            lines_per_second: 1500,
+        },
+    });
+    let aws = Aws::start().await;
+    aws.provision("out-bucket", "state", "mixpanel/creds", &secret)
+        .await;
+    let app = aws
+        .app(&project, "out-bucket", "state", "mixpanel/creds", &[])
+        .await;
+    let short = || tokio::time::Instant::now() + std::time::Duration::from_millis(2500);
+    let event = json!({"table": "export", "date": day.to_string()});
+
+    let r = handler::handle(&app, event.clone(), short()).await.unwrap();
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    let mut committed = false;
+    for _ in 0..40 {
+        let r = handler::handle(&app, event.clone(), short()).await.unwrap();
+        assert_eq!(r.status, Status::Done, "{r:?}");
+        if r.slice.as_deref() == Some(day.to_string().as_str()) {
+            assert_eq!(
+                r.records,
+                truth(project.simulator(), day, None).len() as u64
+            );
+            committed = true;
+            break;
+        }
+    }
+    assert!(committed, "the day is committed from its hours");
+    assert_exact(&app, project.simulator(), day, day, None).await;
+    let (manifest, _) = read_partition(&app.sink, &app.prefix, "export", day)
+        .await
+        .unwrap();
+
+    // DynamoDB holds each hour with the parts it recorded: together, the manifest's parts.
+    let slices = app.store.slices(Table::Export).await.unwrap();
+    let mut recorded: Vec<String> = Vec::new();
+    for s in slices
+        .iter()
+        .filter(|s| matches!(s.slice, SliceId::Hours { .. }))
+    {
+        assert_eq!(s.status, SliceStatus::Committed, "{s:?}");
+        let r: serde_json::Value = serde_json::from_str(s.result.as_deref().unwrap()).unwrap();
+        for f in r["files"].as_array().into_iter().flatten() {
+            recorded.push(f["name"].as_str().unwrap().to_string());
+        }
+    }
+    recorded.sort();
+    let listed: Vec<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
+    assert_eq!(recorded, listed);
+    let day_record = slices
+        .iter()
+        .find(|s| s.slice == SliceId::Day(day))
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_str(day_record.result.as_deref().unwrap()).unwrap();
+    assert_eq!(r["records"], manifest.records);
+    assert!(r["raw_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+    assert_eq!(app.store.bookmark(Table::Export).await.unwrap(), Some(day));
+    assert_layout(&app).await;
+}
