@@ -33,9 +33,23 @@ async fn read_rows(app: &App, folder: &str, m: &Manifest) -> Result<Vec<String>>
 
 /// Runs the demo into `out`.
 pub async fn run(out: PathBuf) -> Result<ExitCode> {
+    const TIMEZONE: &str = "America/Los_Angeles";
+    const DAYS: u32 = 10;
+    // Ten whole days that ended yesterday in the project's timezone: today's events are not all
+    // in the past yet, so no day of the ground truth may lie partly in the future.
+    let today = jiff::Timestamp::now()
+        .to_zoned_datetime(
+            jiff::tz::TimeZone::get(TIMEZONE).map_err(|e| Error::setting("timezone", e))?,
+        )
+        .date();
+    let first_day = today
+        .checked_sub(jiff::Span::new().days(i64::from(DAYS)))
+        .map_err(|e| Error::setting("start date", e))?;
     let config = SimConfig {
-        timezone: "America/Los_Angeles".into(),
+        timezone: TIMEZONE.into(),
         events_per_day: 2000,
+        first_day,
+        days: DAYS,
         ..SimConfig::default()
     };
     let sim = Simulator::new(config.clone());
