@@ -82,6 +82,10 @@ pub enum Exported {
 /// How many times a slice's body is fetched again after a transient failure in one invocation.
 const FETCH_ATTEMPTS: u32 = 3;
 
+/// A slice that runs out of time while its parts are written is split into hours only from
+/// this size on.
+const SPLIT_ON_WRITE_MIN_BYTES: u64 = 1 << 20;
+
 /// How the OS says that a file system is full (ENOSPC).
 const NO_SPACE: &str = "No space left on device";
 
@@ -192,6 +196,14 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
             + Duration::from_millis(200),
     );
     if pass1_done + pass2_needs > deadline {
+        if pass1_took < pass1_done.duration_since(started) / 2 {
+            // Most of the time went to waiting (answers, retries, a busy machine), not to this
+            // slice's data: it is tried again whole.
+            return Err(Error::new(
+                ErrorKind::Deadline,
+                "the invocation's deadline is too near to write the slice; it stays pending",
+            ));
+        }
         return Ok(Exported::TooBig(format!(
             "{} took {:.1} s to read ({:.1} MB) and the invocation has {:.1} s left to write it",
             lease.slice,
@@ -204,6 +216,13 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
         match write_parts(app, &lease.owner, &folder, pass1.spill, deadline).await {
             Ok(written) => written,
             Err(e) if e.kind() == ErrorKind::Deadline => {
+                // Writing a small slice late says the storage is slow, not that it is big:
+                // smaller slices would only make more uploads.
+                if body_began.elapsed() < started.elapsed() / 2
+                    || pass1.raw_bytes < SPLIT_ON_WRITE_MIN_BYTES
+                {
+                    return Err(e);
+                }
                 return Ok(Exported::TooBig(format!("{}: {e}", lease.slice)));
             }
             Err(e) => return Err(e),
@@ -492,11 +511,14 @@ async fn write_parts(
     let next_index = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     // At the deadline every writer stops; the parts written so far are then removed.
+    let timed_out = Arc::new(AtomicBool::new(false));
     let watchdog = tokio::spawn({
         let stop = stop.clone();
+        let timed_out = timed_out.clone();
         async move {
             tokio::time::sleep_until(deadline).await;
-            stop.store(true, Ordering::Relaxed);
+            timed_out.store(true, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
         }
     });
     let mut producers = Vec::with_capacity(n);
@@ -534,7 +556,8 @@ async fn write_parts(
                         }
                     }
                     if open {
-                        writer.finish();
+                        // A refused end (the uploader stopped) leaves the last part unfinished.
+                        open = writer.finish();
                     }
                     // Whether every record of this worker's buckets went into a finished part.
                     Ok((duplicates, open))
@@ -578,7 +601,9 @@ async fn write_parts(
         }
     }
     watchdog.abort();
-    if failure.is_none() && !complete {
+    // Once the stop was given, a writer may have lost its last part's end (its events are then
+    // refused): whatever seems written, the slice is incomplete.
+    if failure.is_none() && (!complete || timed_out.load(Ordering::SeqCst)) {
         failure = Some(Error::new(
             ErrorKind::Deadline,
             "the invocation's deadline came while the parts were written",
