@@ -1,19 +1,26 @@
 //! Versus the incumbent (issue 6, target 1): Singer `tap-mixpanel` 1.8.0 (PyPI) and this
-//! replicator on the same simulated export day, served by the same simulator.
+//! replicator on the same simulated export day.
 //!
 //! `cargo bench --bench incumbent` (`BENCH_EVENTS`, default 200,000). It installs the tap with
 //! `benches/incumbent/setup.sh` (its own venv, pinned) and runs it through
-//! `benches/incumbent/run_tap.py`, which points the tap's hard-coded Mixpanel URLs at the
-//! simulator. The simulator runs in this process on core 1; each measured process runs alone on
-//! core 0 (`taskset -c 0`). The tap writes its Singer messages to /dev/null; the replicator does
-//! its whole job (dedup, gzip, local folder, commit). Events/s counts the day's deliveries (the
-//! lines of the export body), the same number for both.
+//! `benches/incumbent/run_tap.py`, which points the tap's hard-coded Mixpanel URLs elsewhere.
+//! The tap's discovery (not timed) reads the simulator; the timed runs read the simulator's day,
+//! gzip-compressed once, from a static server in this process on core 1, so that no measured
+//! run shares a core with the simulator's generator. Each measured process runs on core 0
+//! (`taskset -c 0`); the replicator also on both cores. The tap writes its Singer messages to
+//! /dev/null; the replicator does its whole job (dedup, gzip, local folder, commit). Events/s
+//! counts the day's deliveries (the lines of the export body), the same number for both.
+//!
+//! Two more rows give the floor of this project's core: `mixpanel-replicator --version` (the
+//! binary's own resident memory before any work) and `examples/read_export.rs` (tokio + reqwest
+//! reading and gunzipping the same body and discarding it).
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use common::*;
 
@@ -33,14 +40,11 @@ fn main() {
 
     let day = bench_day();
     let sim = simulator(day, events);
-    let mut counter = std::io::sink();
-    let raw = sim
-        .write_export_body(day, day, None, None, &mut counter)
-        .unwrap();
-    let mut lines = LineCount(0);
-    sim.write_export_body(day, day, None, None, &mut lines)
-        .unwrap();
-    let deliveries = lines.0;
+    let body = raw_body(&sim, day);
+    let raw = body.len();
+    let deliveries = memchr::memchr_iter(b'\n', &body).count() as u64;
+    let server = StaticServer::start(Arc::new(gzip(&body, 6)), day, vec![1]);
+    drop(body);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .on_thread_start(|| pin_thread(&[1]))
@@ -102,7 +106,7 @@ fn main() {
         .arg(&config_path)
         .arg("--catalog")
         .arg(&catalog_path)
-        .env("MIXPANEL_SIM_URL", &url);
+        .env("MIXPANEL_SIM_URL", &server.url);
     let tap = measure(
         cmd,
         Stdio::null(),
@@ -119,12 +123,46 @@ fn main() {
 
     // The replicator, alone on core 0, then on both cores (sharing core 1 with the simulator).
     let ours = |cpus: &str| {
-        let (u, records) = run_replicator(&url, day, cpus, &[("MIXPANEL_API_SECRET", &secret)]);
+        let (u, records) = run_replicator(&server.url, day, cpus, &[]);
         assert_eq!(records, events as u64, "exactly the distinct events");
         u
     };
     let one = ours("0");
     let two = ours("0,1");
+
+    // The floor of the core: the binary doing nothing, and tokio + reqwest only reading the day.
+    let mut version = Command::new("taskset");
+    version.args(["-c", "0", BIN, "--version"]);
+    let idle = measure(version, Stdio::null(), Stdio::inherit());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(&cargo)
+        .args(["build", "--release", "--example", "read_export"])
+        .current_dir(root)
+        .status()
+        .expect("build examples/read_export.rs");
+    assert!(built.success(), "building examples/read_export.rs failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let reader = target.join("release/examples/read_export");
+    let floor_out = work.path().join("floor.txt");
+    let mut floor_cmd = Command::new("taskset");
+    floor_cmd.args(["-c", "0"]).arg(&reader).arg(format!(
+        "{}/api/2.0/export?from_date={day}&to_date={day}",
+        server.url
+    ));
+    let floor = measure(
+        floor_cmd,
+        Stdio::from(std::fs::File::create(&floor_out).unwrap()),
+        Stdio::inherit(),
+    );
+    let floor_lines: u64 = std::fs::read_to_string(&floor_out)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("read_export prints its line count");
+    assert_eq!(floor_lines, deliveries, "read_export read every delivery");
 
     let eps = |u: &Usage| deliveries as f64 / u.seconds;
     println!(
@@ -139,6 +177,7 @@ fn main() {
         ("tap-mixpanel 1.8.0 → /dev/null", "1", &tap),
         ("mixpanel-replicator → local gzip parts", "1", &one),
         ("mixpanel-replicator → local gzip parts", "2", &two),
+        ("floor: tokio + reqwest read + gunzip only", "1", &floor),
     ] {
         println!(
             "| {name} | {cores} | {:.2} | {:.0} | {:.2} | {:.1} | {:.0}× | 1/{:.1} |",
@@ -150,18 +189,12 @@ fn main() {
             tap.max_rss_mib / u.max_rss_mib
         );
     }
+    println!(
+        "| floor: `mixpanel-replicator --version` | 1 | {:.2} | — | {:.2} | {:.1} | — | 1/{:.1} |",
+        idle.seconds,
+        idle.cpu_seconds,
+        idle.max_rss_mib,
+        tap.max_rss_mib / idle.max_rss_mib
+    );
     drop(running);
-}
-
-/// Counts the lines written to it.
-struct LineCount(u64);
-
-impl std::io::Write for LineCount {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += memchr::memchr_iter(b'\n', buf).count() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
