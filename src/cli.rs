@@ -158,12 +158,12 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
             let owner = handler::new_attempt_id();
             let now_ms = Timestamp::now().as_millisecond() as u64;
             let until = now_ms + app.settings.time_budget.as_millis() as u64 + 60_000;
-            let Some(lease) =
+            let Some(claim) =
                 plan::claim_next(app.store.as_ref(), table, &owner, now_ms, until).await?
             else {
                 break;
             };
-            match handler::run_slice(app, &lease, deadline).await {
+            match handler::run_slice(app, &claim, deadline).await {
                 Ok(resp) => {
                     progress.slice_done(json_lines, &resp);
                     match resp.status {
@@ -186,7 +186,7 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
                                     ErrorKind::Deadline,
                                     format!(
                                         "{table} {} did not finish within INVOCATION_TIME_BUDGET_SECONDS three times",
-                                        lease.slice
+                                        claim.lease.slice
                                     ),
                                 ));
                             }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::sink::ObjectSink;
-use crate::state::{Lease, Schema, SliceId, SliceStatus, StateStore};
+use crate::state::{Lease, Schema, SliceId, SliceRecord, SliceStatus, StateStore};
 use crate::tables::Table;
 
 /// A committed part as the manifest lists it.
@@ -231,6 +231,16 @@ pub async fn advance_bookmark(
     start: jiff::civil::Date,
 ) -> Result<()> {
     let slices = store.slices(table).await?;
+    advance_bookmark_over(store, table, start, &slices).await
+}
+
+/// [`advance_bookmark`] given the table's slices as just read.
+pub async fn advance_bookmark_over(
+    store: &dyn StateStore,
+    table: Table,
+    start: jiff::civil::Date,
+    slices: &[SliceRecord],
+) -> Result<()> {
     let mut committed: Vec<jiff::civil::Date> = slices
         .iter()
         .filter(|s| s.status == SliceStatus::Committed)

@@ -13,7 +13,6 @@ use crate::config::parse_date;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan;
 use crate::replicate::SliceResult;
-use crate::state::Lease;
 use crate::tables::Table;
 use crate::tables::export::project_today;
 
@@ -240,7 +239,7 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
                     r.reason = Some("nothing pending".into());
                     r
                 }
-                Some(lease) => run_slice(app, &lease, deadline).await?,
+                Some(claim) => run_slice(app, &claim, deadline).await?,
             };
             resp.queued = queued;
             Ok(resp)
@@ -258,7 +257,7 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
             let owner = new_attempt_id();
             let (now_ms, until) = lease_times(deadline);
             match plan::claim_next_of(store, t, Some(d), &owner, now_ms, until).await? {
-                Some(lease) => run_slice(app, &lease, deadline).await,
+                Some(claim) => run_slice(app, &claim, deadline).await,
                 None => {
                     let mut r = Response::new(Status::Idle, t);
                     r.slice = Some(d.to_string());
@@ -320,12 +319,13 @@ enum Ran {
 }
 
 /// Replicates a claimed slice; on failure the slice goes back to the queue.
-pub async fn run_slice(app: &App, lease: &Lease, deadline: Instant) -> Result<Response> {
+pub async fn run_slice(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Response> {
+    let lease = &claim.lease;
     let started = Instant::now();
     let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
     let result = match lease.table {
         Table::Export => match first_discovery(app, work_deadline).await {
-            Ok(()) => crate::split::run(app, lease, work_deadline)
+            Ok(()) => crate::split::run(app, claim, work_deadline)
                 .await
                 .map(|r| match r {
                     crate::split::Ran::Done(r, label) => Ran::Done(r, Some(label)),

@@ -45,9 +45,14 @@ pub async fn queue_table(
     if table.is_date_sliced() {
         // The bookmark moves after each commit; moving it here too makes up for an invocation
         // that stopped between its last commit and the bookmark.
-        crate::commit::advance_bookmark(store, table, settings.start_date).await?;
+        let existing = store.slices(table).await?;
+        crate::commit::advance_bookmark_over(store, table, settings.start_date, &existing).await?;
         let days = planned_days(store, settings, table, now).await?;
-        Ok(queue_days(store, settings, table, &days, now).await?.len() as u64)
+        Ok(
+            queue_days_over(store, settings, table, &days, now, &existing)
+                .await?
+                .len() as u64,
+        )
     } else {
         let stale_before = stale_before_ms(settings, now);
         let existing = store.slices(table).await?;
@@ -79,13 +84,25 @@ pub async fn queue_days(
     days: &[Date],
     now: Timestamp,
 ) -> Result<Vec<Date>> {
-    let stale_before = stale_before_ms(settings, now);
     let existing = store.slices(table).await?;
+    queue_days_over(store, settings, table, days, now, &existing).await
+}
+
+/// [`queue_days`] given the table's slices as just read.
+async fn queue_days_over(
+    store: &dyn StateStore,
+    settings: &Settings,
+    table: Table,
+    days: &[Date],
+    now: Timestamp,
+    existing: &[SliceRecord],
+) -> Result<Vec<Date>> {
+    let stale_before = stale_before_ms(settings, now);
     let mut queued = Vec::new();
     for &d in days {
         let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
         if needs_queue(rec, stale_before)
-            && requeue_day(store, &existing, table, d, stale_before).await?
+            && requeue_day(store, existing, table, d, stale_before).await?
         {
             queued.push(d);
         }
@@ -194,6 +211,13 @@ pub fn waits_for_hours(slices: &[SliceRecord], r: &SliceRecord) -> bool {
     }
 }
 
+/// A claimed slice, with the table's slices as read for the claim (the claimed one as it was
+/// before), so that the work which follows need not read them again.
+pub struct Claim {
+    pub lease: Lease,
+    pub slices: Vec<SliceRecord>,
+}
+
 /// Claims the oldest claimable slice of `table`; concurrent callers each get a different one.
 pub async fn claim_next(
     store: &dyn StateStore,
@@ -201,7 +225,7 @@ pub async fn claim_next(
     owner: &str,
     now_ms: u64,
     lease_until_ms: u64,
-) -> Result<Option<Lease>> {
+) -> Result<Option<Claim>> {
     claim_next_of(store, table, None, owner, now_ms, lease_until_ms).await
 }
 
@@ -213,7 +237,7 @@ pub async fn claim_next_of(
     owner: &str,
     now_ms: u64,
     lease_until_ms: u64,
-) -> Result<Option<Lease>> {
+) -> Result<Option<Claim>> {
     let slices = store.slices(table).await?;
     for r in slices.iter().filter(|r| {
         claimable(r, now_ms)
@@ -224,7 +248,7 @@ pub async fn claim_next_of(
             .claim(table, r.slice, owner, now_ms, lease_until_ms)
             .await?
         {
-            return Ok(Some(lease));
+            return Ok(Some(Claim { lease, slices }));
         }
     }
     Ok(None)

@@ -36,8 +36,9 @@ pub enum Ran {
 /// time the invocation has.
 const PREDICT_SHARE: f64 = 0.8;
 
-/// Runs the export slice held by `lease`, then, while time allows, the next slices of its day.
-pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Ran> {
+/// Runs the export slice claimed, then, while time allows, the next slices of its day.
+pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ran> {
+    let lease = &claim.lease;
     let day = lease
         .slice
         .day()
@@ -45,11 +46,13 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Ran> {
     let mut done: Vec<(SliceId, SliceResult)> = Vec::new();
     let mut slowest = Duration::ZERO;
     let mut current = lease.clone();
+    // The table's slices as read for the current slice's claim.
+    let mut slices = claim.slices.clone();
     let mut predicted_hour = Duration::ZERO;
     let mut first = true;
     loop {
         let started = Instant::now();
-        let step = step(app, &current, day, deadline).await;
+        let step = step(app, &current, day, &slices, deadline).await;
         let outcome = match step {
             Ok(o) => o,
             // The first slice's failure is the invocation's (the handler gives it back); a
@@ -99,7 +102,7 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Ran> {
         )
         .await;
         match next {
-            Ok(Some(l)) => current = l,
+            Ok(Some(next)) => (current, slices) = (next.lease, next.slices),
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(table = "export", error = %e, "could not claim the next slice of the day");
@@ -146,14 +149,19 @@ enum Step {
     Partial(String),
 }
 
-async fn step(app: &App, lease: &Lease, day: Date, deadline: Instant) -> Result<Step> {
-    let slices = app.store.slices(Table::Export).await?;
-    let split = !plan::hours_of(&slices, day).is_empty();
+async fn step(
+    app: &App,
+    lease: &Lease,
+    day: Date,
+    slices: &[SliceRecord],
+    deadline: Instant,
+) -> Result<Step> {
+    let split = !plan::hours_of(slices, day).is_empty();
     match lease.slice {
-        SliceId::Day(_) if split => assemble(app, lease, day, &slices).await,
+        SliceId::Day(_) if split => assemble(app, lease, day, slices).await,
         SliceId::Day(_) => {
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Some(predicted) = predicted(&slices, day)
+            if let Some(predicted) = predicted(slices, day)
                 && predicted.as_secs_f64() > left.as_secs_f64() * PREDICT_SHARE
             {
                 split_day(app, lease, day).await?;
