@@ -10,8 +10,7 @@ use mixpanel_replicator::error::ErrorKind;
 use mixpanel_replicator::handler::{self, Status};
 use mixpanel_replicator::state::SliceStatus;
 use mixpanel_replicator::tables::Table;
-use mixpanel_sim::{Fault, FaultRule};
-use serde_json::json;
+use mixpanel_sim::Fault;
 use support::harness::*;
 
 fn deadline() -> tokio::time::Instant {
@@ -24,24 +23,16 @@ async fn export_answering(status: u16, body: &str) -> (ErrorKind, String) {
     let cfg = sim_config("UTC", 1, 5);
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
-    project.simulator().push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: None,
-        times: 100,
-        fault: Fault::Status {
+    project.fault_export(
+        None,
+        100,
+        Fault::Status {
             status,
             body: body.into(),
         },
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
-    let e = handler::handle(
-        &app,
-        json!({"table": "export", "date": day.to_string()}),
-        deadline(),
-    )
-    .await
-    .unwrap_err();
+    );
+    let (_dir, app) = project.temp_app(&[]).await;
+    let e = handle_export_day(&app, day, deadline()).await.unwrap_err();
     let slices = app.store.slices(Table::Export).await.unwrap();
     assert_eq!(
         slices[0].status,
@@ -113,24 +104,16 @@ async fn an_empty_body_is_an_empty_day() {
     let cfg = sim_config("UTC", 1, 5);
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
-    project.simulator().push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: None,
-        times: 1,
-        fault: Fault::Status {
+    project.fault_export(
+        None,
+        1,
+        Fault::Status {
             status: 200,
             body: String::new(),
         },
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
-    let r = handler::handle(
-        &app,
-        json!({"table": "export", "date": day.to_string()}),
-        deadline(),
-    )
-    .await
-    .unwrap();
+    );
+    let (_dir, app) = project.temp_app(&[]).await;
+    let r = handle_export_day(&app, day, deadline()).await.unwrap();
     assert_eq!((r.status, r.records, r.files), (Status::Done, 0, 0));
     let (m, rows) = read_partition(&app.sink, "", "export", day).await.unwrap();
     assert!(m.files.is_empty() && rows.is_empty());
@@ -167,17 +150,9 @@ async fn a_body_that_is_not_the_gzip_it_claims_fails_clearly() {
         ("MIXPANEL_API_URL", url),
     ]);
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Settings::from_lookup(RunMode::Local, |k| vars.get(k).cloned()).unwrap();
-    s.output_dir = Some(dir.path().to_path_buf());
-    s.state_file = Some(dir.path().join(".state.json"));
-    let app = mixpanel_replicator::app::App::build(s, None).await.unwrap();
-    let e = handler::handle(
-        &app,
-        json!({"table": "export", "date": day.to_string()}),
-        deadline(),
-    )
-    .await
-    .unwrap_err();
+    let s = Settings::from_lookup(RunMode::Local, |k| vars.get(k).cloned()).unwrap();
+    let app = local_app_in(s, dir.path()).await;
+    let e = handle_export_day(&app, day, deadline()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Transient);
     assert!(
         e.to_string()
@@ -200,7 +175,7 @@ async fn secrets_that_do_not_exist_or_have_the_wrong_shape_are_named_without_the
         r#"{"user": "hunter2-value"}"#,
     )
     .await;
-    let event = json!({"table": "export", "date": day.to_string()});
+    let event = export_day(day);
 
     let app = aws
         .app(

@@ -6,14 +6,9 @@ use std::process::Command;
 
 use support::harness::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mixpanel-replicator");
-
 fn command(project: &Project, dir: &std::path::Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(&project.vars);
+    let mut cmd = project.command(None);
+    cmd.current_dir(dir);
     cmd
 }
 
@@ -28,11 +23,7 @@ async fn plan_lists_pending_days_without_changing_anything_then_sync_commits_the
         .args(["plan", "--table", "export"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let expected: String = days(first, today_in("UTC"))
         .iter()
         .map(|d| format!("export\t{d}\tnew\n"))
@@ -51,11 +42,7 @@ async fn plan_lists_pending_days_without_changing_anything_then_sync_commits_the
         .args(["sync"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // One JSON summary line per slice on stdout (not a terminal).
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -105,11 +92,7 @@ async fn invoke_prints_the_handler_response_on_stdout() {
         .arg(&event)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let resp: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = truth(project.simulator(), day, None).len() as u64;
     assert_eq!(resp["status"], "done");
@@ -150,14 +133,13 @@ async fn sync_waits_out_a_rate_limit_that_outlasts_the_clients_retries_then_fini
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
     // Six 429s in a row: every attempt of the first invocation's client.
-    project.simulator().push_fault(mixpanel_sim::FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: Some(day),
-        times: 6,
-        fault: mixpanel_sim::Fault::RateLimited {
+    project.fault_export(
+        Some(day),
+        6,
+        mixpanel_sim::Fault::RateLimited {
             retry_after_secs: Some(0),
         },
-    });
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = command(&project, dir.path())
         .args(["sync", "--table", "export"])
@@ -172,9 +154,7 @@ async fn sync_waits_out_a_rate_limit_that_outlasts_the_clients_retries_then_fini
     assert_eq!(waits.len(), 1, "{stderr}");
     assert!(waits[0].contains("wait_s=5"), "{}", waits[0]);
     let (_, rows) = read_manifest_rows(
-        &(std::sync::Arc::new(mixpanel_replicator::sink::local::LocalSink::new(
-            dir.path().join("mixpanel-data"),
-        )) as std::sync::Arc<dyn mixpanel_replicator::sink::ObjectSink>),
+        &local_sink(&dir.path().join("mixpanel-data")),
         &format!("export/date={day}"),
     )
     .await

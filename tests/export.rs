@@ -3,18 +3,14 @@
 
 mod support;
 
-use std::process::Command;
-
 use mixpanel_replicator::cli::sync;
 use mixpanel_replicator::error::ErrorKind;
 use mixpanel_replicator::handler::{self, Status};
 use mixpanel_replicator::state::{SliceId, SliceStatus};
 use mixpanel_replicator::tables::Table;
-use mixpanel_sim::{Fault, FaultRule, ServiceAccount, TimeMode};
+use mixpanel_sim::{Fault, ServiceAccount, TimeMode};
 use serde_json::json;
 use support::harness::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mixpanel-replicator");
 
 fn deadline() -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_secs(120)
@@ -25,8 +21,7 @@ async fn ten_adversarial_days_replicate_exactly_into_a_local_folder() {
     let cfg = sim_config("UTC", 10, 300);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    let (dir, app) = project.temp_app(&[]).await;
 
     let report = sync(&app, &[Table::Export]).await.unwrap();
     let today = today_in("UTC");
@@ -58,14 +53,8 @@ async fn ten_adversarial_days_replicate_exactly_into_a_local_folder() {
 async fn ten_adversarial_days_replicate_exactly_into_s3_with_dynamodb_state_and_a_secret() {
     let cfg = sim_config("UTC", 10, 300);
     let first = cfg.first_day;
-    let secret = json!({"api_secret": cfg.api_secret}).to_string();
     let project = Project::start(cfg).await;
-    let aws = Aws::start().await;
-    aws.provision("out-bucket", "state", "mixpanel/creds", &secret)
-        .await;
-    let app = aws
-        .app(&project, "out-bucket", "state", "mixpanel/creds", &[])
-        .await;
+    let (_aws, app) = aws_app(&project, "out-bucket", "state", "mixpanel/creds", &[]).await;
 
     let report = sync(&app, &[Table::Export]).await.unwrap();
     assert_eq!((report.slices, report.failed), (11, 0));
@@ -92,12 +81,11 @@ async fn late_events_replace_their_days_and_leave_older_days_untouched() {
     let cfg = sim_config("UTC", 10, 200);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
     let extra = [
         ("MIXPANEL_REFRESH_MINUTES", "0"),
         ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "5"),
     ];
-    let app = project.local_app(dir.path(), &extra).await;
+    let (_dir, app) = project.temp_app(&extra).await;
     sync(&app, &[Table::Export]).await.unwrap();
 
     let today = today_in("UTC");
@@ -137,26 +125,18 @@ async fn terminated_early_and_cut_bodies_are_fetched_again_and_end_exact() {
     let sim = project.simulator();
     let early_day = first;
     let cut_day = first.tomorrow().unwrap();
-    sim.push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: Some(early_day),
-        times: 1,
-        fault: Fault::TerminatedEarly { after_lines: 50 },
-    });
-    sim.push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: Some(cut_day),
-        times: 1,
-        fault: Fault::CutBody { after_lines: 80 },
-    });
-    sim.push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: Some(minus(today_in("UTC"), 1)),
-        times: 2,
-        fault: Fault::ServerError { status: 503 },
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    project.fault_export(
+        Some(early_day),
+        1,
+        Fault::TerminatedEarly { after_lines: 50 },
+    );
+    project.fault_export(Some(cut_day), 1, Fault::CutBody { after_lines: 80 });
+    project.fault_export(
+        Some(minus(today_in("UTC"), 1)),
+        2,
+        Fault::ServerError { status: 503 },
+    );
+    let (_dir, app) = project.temp_app(&[]).await;
     let report = sync(&app, &[Table::Export]).await.unwrap();
     assert_eq!(report.failed, 0);
     assert_exact(&app, sim, first, today_in("UTC"), None).await;
@@ -184,14 +164,8 @@ async fn terminated_early_and_cut_bodies_are_fetched_again_and_end_exact() {
 async fn two_workers_on_one_queue_replicate_each_slice_once() {
     let cfg = sim_config("UTC", 10, 200);
     let first = cfg.first_day;
-    let secret = json!({"api_secret": cfg.api_secret}).to_string();
     let project = Project::start(cfg).await;
-    let aws = Aws::start().await;
-    aws.provision("shared-bucket", "shared-state", "creds", &secret)
-        .await;
-    let a = aws
-        .app(&project, "shared-bucket", "shared-state", "creds", &[])
-        .await;
+    let (aws, a) = aws_app(&project, "shared-bucket", "shared-state", "creds", &[]).await;
     let b = aws
         .app(&project, "shared-bucket", "shared-state", "creds", &[])
         .await;
@@ -220,17 +194,10 @@ async fn a_wrong_secret_fails_clearly_commits_nothing_and_never_shows_the_secret
     let project = Project::start(cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let wrong = "wr0ng-S3CRET-value-123";
-    let out = Command::new(BIN)
+    let out = project
+        .command(Some("MIXPANEL_API_SECRET"))
         .args(["sync", "--table", "export", "--out"])
         .arg(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(
-            project
-                .vars
-                .iter()
-                .filter(|(k, _)| *k != "MIXPANEL_API_SECRET"),
-        )
         .env("MIXPANEL_API_SECRET", wrong)
         .env("RUST_LOG", "trace")
         .output()
@@ -276,8 +243,7 @@ async fn local_midnight_and_last_second_land_in_their_los_angeles_days() {
     let cfg = sim_config(tz, 4, 200);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    let (_dir, app) = project.temp_app(&[]).await;
     sync(&app, &[Table::Export]).await.unwrap();
     let yesterday = minus(today_in(tz), 1);
     assert_exact(&app, project.simulator(), first, yesterday, None).await;
@@ -312,8 +278,7 @@ async fn a_legacy_project_local_time_is_converted_to_true_utc() {
     cfg.time_mode = TimeMode::ProjectLocal;
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    let (_dir, app) = project.temp_app(&[]).await;
     sync(&app, &[Table::Export]).await.unwrap();
     assert_exact(
         &app,
@@ -336,7 +301,7 @@ async fn a_service_account_sends_project_id_and_an_event_filter_is_applied() {
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = project
+    let s = project
         .settings(&[
             (
                 "MIXPANEL_SERVICE_ACCOUNT_USERNAME",
@@ -348,9 +313,7 @@ async fn a_service_account_sends_project_id_and_an_event_filter_is_applied() {
         ])
         .unwrap();
     // The service account wins over the API secret the project variables also hold.
-    s.output_dir = Some(dir.path().to_path_buf());
-    s.state_file = Some(dir.path().join(".state.json"));
-    let app = mixpanel_replicator::app::App::build(s, None).await.unwrap();
+    let app = local_app_in(s, dir.path()).await;
     sync(&app, &[Table::Export]).await.unwrap();
     let events = vec!["Purchase".to_string(), "Signed Up".to_string()];
     assert_exact(
@@ -379,8 +342,7 @@ async fn a_service_account_sends_project_id_and_an_event_filter_is_applied() {
 async fn a_range_event_fans_out_one_event_per_day_and_replanning_queues_nothing_twice() {
     let cfg = sim_config("UTC", 5, 50);
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    let (_dir, app) = project.temp_app(&[]).await;
     let from = minus(today_in("UTC"), 4);
     let to = minus(today_in("UTC"), 2);
     let event = json!({"table": "export", "from": from.to_string(), "to": to.to_string()});
@@ -427,29 +389,13 @@ async fn bad_events_and_settings_fail_clearly_and_change_nothing() {
     let project = Project::start(cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let run = |event: &str, drop_var: Option<&str>| {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["invoke", "--event", "-"])
-            .current_dir(dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(
-                project
-                    .vars
-                    .iter()
-                    .filter(|(k, _)| Some(k.as_str()) != drop_var),
-            )
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(event.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(
+            project
+                .command(drop_var)
+                .args(["invoke", "--event", "-"])
+                .current_dir(dir.path()),
+            Some(event),
+        );
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -502,29 +448,16 @@ async fn rate_limits_and_server_errors_are_retried_honouring_retry_after() {
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
     let sim = project.simulator();
-    sim.push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: Some(day),
-        times: 1,
-        fault: Fault::RateLimited {
+    project.fault_export(
+        Some(day),
+        1,
+        Fault::RateLimited {
             retry_after_secs: Some(2),
         },
-    });
-    sim.push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: Some(day),
-        times: 1,
-        fault: Fault::ServerError { status: 502 },
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
-    let r = handler::handle(
-        &app,
-        json!({"table": "export", "date": day.to_string()}),
-        deadline(),
-    )
-    .await
-    .unwrap();
+    );
+    project.fault_export(Some(day), 1, Fault::ServerError { status: 502 });
+    let (_dir, app) = project.temp_app(&[]).await;
+    let r = handle_export_day(&app, day, deadline()).await.unwrap();
     assert_eq!(
         (r.status, r.records),
         (Status::Done, truth(sim, day, None).len() as u64)
@@ -550,24 +483,16 @@ async fn a_plan_without_export_gives_skipped_and_keeps_the_day_pending() {
     let cfg = sim_config("UTC", 1, 20);
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
-    project.simulator().push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: None,
-        times: 1,
-        fault: Fault::Status {
+    project.fault_export(
+        None,
+        1,
+        Fault::Status {
             status: 402,
             body: r#"{"error": "Your plan does not allow API calls. Upgrade at mixpanel.com/pricing"}"#.into(),
         },
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
-    let r = handler::handle(
-        &app,
-        json!({"table": "export", "date": day.to_string()}),
-        deadline(),
-    )
-    .await
-    .unwrap();
+    );
+    let (_dir, app) = project.temp_app(&[]).await;
+    let r = handle_export_day(&app, day, deadline()).await.unwrap();
     assert_eq!(r.status, Status::Skipped);
     assert!(
         r.reason.as_deref().unwrap().contains("plan does not allow"),
@@ -583,17 +508,15 @@ async fn a_body_slower_than_the_budget_answers_partial_and_the_next_invocation_f
     let cfg = sim_config("UTC", 1, 50);
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
-    project.simulator().push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: Some(day),
-        times: 1,
-        fault: Fault::SlowFirstByte {
+    project.fault_export(
+        Some(day),
+        1,
+        Fault::SlowFirstByte {
             delay: std::time::Duration::from_secs(5),
         },
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
-    let event = json!({"table": "export", "date": day.to_string()});
+    );
+    let (_dir, app) = project.temp_app(&[]).await;
+    let event = export_day(day);
     let short = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
     let r = handler::handle(&app, event.clone(), short).await.unwrap();
     assert_eq!(r.status, Status::Partial, "{r:?}");
@@ -624,7 +547,7 @@ async fn a_rotated_secret_is_picked_up_after_mixpanel_rejects_the_old_one() {
     let app = aws
         .app(&project, "rotation-bucket", "rotation-state", "creds", &[])
         .await;
-    let event = json!({"table": "export", "date": day.to_string()});
+    let event = export_day(day);
     let e = handler::handle(&app, event.clone(), deadline())
         .await
         .unwrap_err();
@@ -647,12 +570,8 @@ async fn with_select_properties_off_only_the_first_discovered_columns_are_kept()
     let cfg = sim_config("UTC", 2, 100);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = project
-        .local_app(
-            dir.path(),
-            &[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")],
-        )
+    let (_dir, app) = project
+        .temp_app(&[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")])
         .await;
     // The table was first discovered with only these properties.
     let mut known = mixpanel_replicator::state::Schema::default();
@@ -675,18 +594,9 @@ async fn with_select_properties_off_only_the_first_discovered_columns_are_kept()
     ];
     for day in days(first, minus(today_in("UTC"), 1)) {
         let (_, rows) = read_partition(&app.sink, "", "export", day).await.unwrap();
-        let mut expected: Vec<String> = project
-            .simulator()
-            .export_ground_truth(day, None)
-            .into_iter()
-            .map(|mut v| {
-                v.as_object_mut()
-                    .unwrap()
-                    .retain(|k, _| keep.contains(&k.as_str()));
-                v.to_string()
-            })
-            .collect();
-        expected.sort();
+        let expected = canonical_keeping(project.simulator().export_ground_truth(day, None), |k| {
+            keep.contains(&k)
+        });
         assert_eq!(rows, expected, "{day}");
     }
 }
@@ -696,12 +606,8 @@ async fn with_select_properties_off_the_first_discovery_asks_mixpanel_which_prop
     let cfg = sim_config("UTC", 2, 100);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = project
-        .local_app(
-            dir.path(),
-            &[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")],
-        )
+    let (_dir, app) = project
+        .temp_app(&[("MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT", "false")])
         .await;
     sync(&app, &[Table::Export]).await.unwrap();
     let sim = project.simulator();
@@ -720,17 +626,9 @@ async fn with_select_properties_off_the_first_discovery_asks_mixpanel_which_prop
     );
     for day in days(first, minus(today_in("UTC"), 1)) {
         let (_, rows) = read_partition(&app.sink, "", "export", day).await.unwrap();
-        let mut expected: Vec<String> = sim
-            .export_ground_truth(day, None)
-            .into_iter()
-            .map(|mut v| {
-                v.as_object_mut()
-                    .unwrap()
-                    .retain(|k, _| schema.columns.contains_key(k));
-                v.to_string()
-            })
-            .collect();
-        expected.sort();
+        let expected = canonical_keeping(sim.export_ground_truth(day, None), |k| {
+            schema.columns.contains_key(k)
+        });
         assert_eq!(rows, expected, "{day}");
     }
 }
@@ -757,16 +655,14 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
     let cfg = sim_config("UTC", 2, 4800);
     let (d1, d2) = (cfg.first_day, cfg.first_day.tomorrow().unwrap());
     let project = Project::start(cfg).await;
-    project.simulator().push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: None,
-        times: 100_000,
-        fault: Fault::SlowBody {
+    project.fault_export(
+        None,
+        100_000,
+        Fault::SlowBody {
             lines_per_second: 1500,
         },
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    );
+    let (_dir, app) = project.temp_app(&[]).await;
     let short = || tokio::time::Instant::now() + std::time::Duration::from_millis(2500);
     let scheduled = json!({"table": "export"});
 
@@ -886,7 +782,7 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
     // Replicating the first day again (an explicit event) runs its hours again and replaces
     // the day's parts with theirs in one commit.
     let old = parts_in(&app, d1).await;
-    let event = json!({"table": "export", "date": d1.to_string()});
+    let event = export_day(d1);
     let mut last = None;
     for _ in 0..40 {
         let r = handler::handle(&app, event.clone(), short()).await.unwrap();
@@ -918,8 +814,7 @@ async fn a_commit_removes_temporary_files_that_a_killed_run_left_in_the_folder()
     let cfg = sim_config("UTC", 1, 20);
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    let (dir, app) = project.temp_app(&[]).await;
     let folder = dir.path().join(format!("export/date={day}"));
     std::fs::create_dir_all(&folder).unwrap();
     let left = folder.join(".part-0123456789ab-00000.jsonl.gz.tmp-0f0f0f");
@@ -935,13 +830,7 @@ async fn a_commit_removes_temporary_files_that_a_killed_run_left_in_the_folder()
         .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
         .unwrap();
 
-    let r = handler::handle(
-        &app,
-        json!({"table": "export", "date": day.to_string()}),
-        deadline(),
-    )
-    .await
-    .unwrap();
+    let r = handle_export_day(&app, day, deadline()).await.unwrap();
     assert_eq!(r.status, Status::Done, "{r:?}");
     assert!(!left.exists(), "the abandoned temporary file is removed");
     assert!(
@@ -955,24 +844,17 @@ async fn a_commit_removes_temporary_files_that_a_killed_run_left_in_the_folder()
 async fn a_day_split_into_hours_commits_exactly_on_s3_with_its_hours_recorded_in_dynamodb() {
     let cfg = sim_config("UTC", 1, 4800);
     let day = cfg.first_day;
-    let secret = json!({"api_secret": cfg.api_secret}).to_string();
     let project = Project::start(cfg).await;
-    project.simulator().push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: None,
-        times: 100_000,
-        fault: Fault::SlowBody {
+    project.fault_export(
+        None,
+        100_000,
+        Fault::SlowBody {
             lines_per_second: 1500,
         },
-    });
-    let aws = Aws::start().await;
-    aws.provision("out-bucket", "state", "mixpanel/creds", &secret)
-        .await;
-    let app = aws
-        .app(&project, "out-bucket", "state", "mixpanel/creds", &[])
-        .await;
+    );
+    let (_aws, app) = aws_app(&project, "out-bucket", "state", "mixpanel/creds", &[]).await;
     let short = || tokio::time::Instant::now() + std::time::Duration::from_millis(2500);
-    let event = json!({"table": "export", "date": day.to_string()});
+    let event = export_day(day);
 
     let r = handler::handle(&app, event.clone(), short()).await.unwrap();
     assert_eq!(r.status, Status::Partial, "{r:?}");

@@ -5,43 +5,21 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 
 use base64::Engine as _;
 use mixpanel_sim::{Fault, FaultRule};
 use support::harness::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mixpanel-replicator");
-
 fn run(project: &Project, dir: &Path, secret: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(
-            project
-                .vars
-                .iter()
-                .filter(|(k, _)| *k != "MIXPANEL_API_SECRET"),
-        )
-        .env("MIXPANEL_API_SECRET", secret)
-        .env("RUST_LOG", "trace")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if let Some(input) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        project
+            .command(Some("MIXPANEL_API_SECRET"))
+            .args(args)
+            .current_dir(dir)
+            .env("MIXPANEL_API_SECRET", secret)
+            .env("RUST_LOG", "trace"),
+        stdin,
+    );
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -102,44 +80,28 @@ async fn no_command_or_failure_ever_shows_the_secret() {
     printed += &run(&project, dir.path(), secret, &["sync"], None);
     printed += &run(&project, dir.path(), secret, &["plan"], None);
     let event = format!(r#"{{"table": "export", "date": "{day}"}}"#);
-    printed += &run(
-        &project,
-        dir.path(),
-        secret,
-        &["invoke", "--event", "-"],
-        Some(&event),
-    );
-    printed += &run(
-        &project,
-        dir.path(),
-        secret,
-        &["invoke", "--event", "-"],
-        Some(r#"{"table": "nope"}"#),
-    );
+    let invoke = |secret: &str, event: &str| {
+        run(
+            &project,
+            dir.path(),
+            secret,
+            &["invoke", "--event", "-"],
+            Some(event),
+        )
+    };
+    printed += &invoke(secret, &event);
+    printed += &invoke(secret, r#"{"table": "nope"}"#);
     // Mixpanel rejecting a wrong secret, and rejecting the right one (an answer quoting the request).
-    printed += &run(
-        &project,
-        dir.path(),
-        "Wr0ng-S3cret-Value-0xBAD",
-        &["invoke", "--event", "-"],
-        Some(&event),
-    );
-    sim.push_fault(FaultRule {
-        path: "/api/2.0/export".into(),
-        from_date: None,
-        times: 10,
-        fault: Fault::Status {
+    printed += &invoke("Wr0ng-S3cret-Value-0xBAD", &event);
+    project.fault_export(
+        None,
+        10,
+        Fault::Status {
             status: 403,
             body: r#"{"error": "Forbidden"}"#.into(),
         },
-    });
-    printed += &run(
-        &project,
-        dir.path(),
-        secret,
-        &["invoke", "--event", "-"],
-        Some(&event),
     );
+    printed += &invoke(secret, &event);
     assert!(
         printed.contains("slice committed"),
         "the runs did real work:\n{printed}"

@@ -9,7 +9,7 @@ use jiff::civil::{Date, date};
 use mixpanel_replicator::error::ErrorKind;
 use mixpanel_replicator::state::dynamo::DynamoStore;
 use mixpanel_replicator::state::local::LocalStore;
-use mixpanel_replicator::state::{Schema, SliceId, SliceStatus, StateStore};
+use mixpanel_replicator::state::{Lease, Schema, SliceId, SliceStatus, StateStore};
 use mixpanel_replicator::tables::Table;
 use support::aws::create_state_table;
 use support::moto::Moto;
@@ -109,6 +109,22 @@ async fn record(store: &dyn StateStore, slice: SliceId) -> mixpanel_replicator::
         .unwrap_or_else(|| panic!("slice {slice} is not queued"))
 }
 
+/// Claims `slice` of `table` for `owner` from `now_ms` until `until_ms`; the claim must succeed.
+async fn claimed(
+    store: &dyn StateStore,
+    table: Table,
+    slice: SliceId,
+    owner: &str,
+    now_ms: u64,
+    until_ms: u64,
+) -> Lease {
+    store
+        .claim(table, slice, owner, now_ms, until_ms)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn enqueue_queues_a_new_slice_once(store: Arc<dyn StateStore>) {
     let slice = SliceId::Day(DAY);
     assert!(store.enqueue(T, slice, None).await.unwrap());
@@ -134,13 +150,9 @@ async fn enqueue_requeues_only_committed_slices_older_than_the_threshold(
     for slice in [done, busy] {
         store.enqueue(T, slice, None).await.unwrap();
     }
-    let lease = store.claim(T, done, "a", 100, 200).await.unwrap().unwrap();
+    let lease = claimed(&*store, T, done, "a", 100, 200).await;
     assert!(store.complete(&lease, 150, None).await.unwrap());
-    store
-        .claim(T, busy, "b", 100, 10_000)
-        .await
-        .unwrap()
-        .unwrap();
+    claimed(&*store, T, busy, "b", 100, 10_000).await;
 
     // Committed at 150: not before 150, and never without a threshold.
     assert!(!store.enqueue(T, done, Some(150)).await.unwrap());
@@ -204,12 +216,8 @@ async fn remove_pending_removes_only_pending_slices(store: Arc<dyn StateStore>) 
     for slice in [pending, leased, committed] {
         store.enqueue(T, slice, None).await.unwrap();
     }
-    store.claim(T, leased, "a", 0, 1000).await.unwrap().unwrap();
-    let lease = store
-        .claim(T, committed, "a", 0, 1000)
-        .await
-        .unwrap()
-        .unwrap();
+    claimed(&*store, T, leased, "a", 0, 1000).await;
+    let lease = claimed(&*store, T, committed, "a", 0, 1000).await;
     store.complete(&lease, 10, None).await.unwrap();
 
     assert!(store.remove_pending(T, pending).await.unwrap());
@@ -262,11 +270,7 @@ async fn only_one_of_many_concurrent_claimers_wins(store: Arc<dyn StateStore>) {
 async fn an_expired_lease_goes_to_another_owner_and_fences_the_first(store: Arc<dyn StateStore>) {
     let slice = SliceId::Day(DAY);
     store.enqueue(T, slice, None).await.unwrap();
-    let first = store
-        .claim(T, slice, "first", 1000, 2000)
-        .await
-        .unwrap()
-        .unwrap();
+    let first = claimed(&*store, T, slice, "first", 1000, 2000).await;
 
     // Held until 2000 inclusive.
     assert!(
@@ -283,11 +287,7 @@ async fn an_expired_lease_goes_to_another_owner_and_fences_the_first(store: Arc<
             .unwrap()
             .is_none()
     );
-    let second = store
-        .claim(T, slice, "second", 2001, 5000)
-        .await
-        .unwrap()
-        .unwrap();
+    let second = claimed(&*store, T, slice, "second", 2001, 5000).await;
     assert_eq!(second.owner, "second");
 
     // The first owner is fenced out, whatever time it believes it is.
@@ -319,11 +319,7 @@ async fn an_expired_lease_goes_to_another_owner_and_fences_the_first(store: Arc<
 async fn confirm_and_complete_fail_once_the_lease_expired(store: Arc<dyn StateStore>) {
     let slice = SliceId::Day(DAY);
     store.enqueue(T, slice, None).await.unwrap();
-    let lease = store
-        .claim(T, slice, "a", 1000, 2000)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = claimed(&*store, T, slice, "a", 1000, 2000).await;
 
     assert!(
         store.confirm(&lease, 2000, 3000).await.unwrap(),
@@ -340,11 +336,7 @@ async fn release_returns_the_slice_and_keeps_its_progress(store: Arc<dyn StateSt
     let slice = SliceId::Full;
     let table = Table::Engage;
     store.enqueue(table, slice, None).await.unwrap();
-    let lease = store
-        .claim(table, slice, "a", 0, 1000)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = claimed(&*store, table, slice, "a", 0, 1000).await;
     assert!(
         store
             .save_progress(&lease, Some(r#"{"page":3}"#))
@@ -361,11 +353,7 @@ async fn release_returns_the_slice_and_keeps_its_progress(store: Arc<dyn StateSt
     assert!(!store.confirm(&lease, 10, 1000).await.unwrap());
 
     // The next attempt claims it at once and resumes.
-    let next = store
-        .claim(table, slice, "b", 10, 1000)
-        .await
-        .unwrap()
-        .unwrap();
+    let next = claimed(&*store, table, slice, "b", 10, 1000).await;
     let r = &store.slices(table).await.unwrap()[0];
     assert_eq!(
         (r.attempts, r.progress.as_deref()),
@@ -379,11 +367,7 @@ async fn complete_commits_and_ends_the_work(store: Arc<dyn StateStore>) {
     let slice = SliceId::Full;
     let table = Table::Cohorts;
     store.enqueue(table, slice, None).await.unwrap();
-    let lease = store
-        .claim(table, slice, "a", 0, 1000)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = claimed(&*store, table, slice, "a", 0, 1000).await;
     store.save_progress(&lease, Some("halfway")).await.unwrap();
     assert!(store.complete(&lease, 500, None).await.unwrap());
 
@@ -411,7 +395,7 @@ async fn complete_commits_and_ends_the_work(store: Arc<dyn StateStore>) {
 async fn complete_records_a_result_that_outlives_a_requeue(store: Arc<dyn StateStore>) {
     let slice = day(3);
     store.enqueue(T, slice, None).await.unwrap();
-    let lease = store.claim(T, slice, "a", 0, 1000).await.unwrap().unwrap();
+    let lease = claimed(&*store, T, slice, "a", 0, 1000).await;
     let first = r#"{"raw_bytes":10,"ms":5}"#;
     assert!(store.complete(&lease, 100, Some(first)).await.unwrap());
     assert_eq!(
@@ -426,11 +410,7 @@ async fn complete_records_a_result_that_outlives_a_requeue(store: Arc<dyn StateS
         (r.status, r.result.as_deref()),
         (SliceStatus::Pending, Some(first))
     );
-    let lease = store
-        .claim(T, slice, "b", 300, 1000)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = claimed(&*store, T, slice, "b", 300, 1000).await;
     store.release(&lease).await.unwrap();
     assert_eq!(
         record(store.as_ref(), slice).await.result.as_deref(),
@@ -438,11 +418,7 @@ async fn complete_records_a_result_that_outlives_a_requeue(store: Arc<dyn StateS
     );
 
     // The next commit replaces it; a commit without one removes it.
-    let lease = store
-        .claim(T, slice, "c", 400, 1000)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = claimed(&*store, T, slice, "c", 400, 1000).await;
     let second = r#"{"raw_bytes":20,"ms":9}"#;
     assert!(store.complete(&lease, 500, Some(second)).await.unwrap());
     assert_eq!(
@@ -450,11 +426,7 @@ async fn complete_records_a_result_that_outlives_a_requeue(store: Arc<dyn StateS
         Some(second)
     );
     assert!(store.enqueue(T, slice, Some(600)).await.unwrap());
-    let lease = store
-        .claim(T, slice, "d", 700, 1000)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = claimed(&*store, T, slice, "d", 700, 1000).await;
     assert!(store.complete(&lease, 800, None).await.unwrap());
     assert_eq!(record(store.as_ref(), slice).await.result, None);
 }

@@ -1,17 +1,24 @@
 //! A simulated Mixpanel project and a replicator app pointed at it, locally or on moto.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use jiff::civil::Date;
 use mixpanel_replicator::app::App;
 use mixpanel_replicator::commit::Manifest;
 use mixpanel_replicator::config::{RunMode, Settings};
+use mixpanel_replicator::handler::{self, Response};
 use mixpanel_replicator::sink::ObjectSink;
-use mixpanel_sim::{RunningSim, SimConfig, Simulator};
+use mixpanel_replicator::sink::local::LocalSink;
+use mixpanel_sim::{Fault, FaultRule, RunningSim, SimConfig, Simulator};
 
 use super::moto::Moto;
+
+/// The replicator binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_mixpanel-replicator");
 
 /// The project-local "today" of a timezone.
 pub fn today_in(tz: &str) -> Date {
@@ -87,12 +94,96 @@ impl Project {
     }
 
     /// An app writing into a local folder with a local state file.
-    pub async fn local_app(&self, dir: &std::path::Path, extra: &[(&str, &str)]) -> App {
-        let mut s = self.settings(extra).unwrap();
-        s.output_dir = Some(dir.to_path_buf());
-        s.state_file = Some(dir.join(".state.json"));
-        App::build(s, None).await.unwrap()
+    pub async fn local_app(&self, dir: &Path, extra: &[(&str, &str)]) -> App {
+        local_app_in(self.settings(extra).unwrap(), dir).await
     }
+
+    /// A local app in a new temporary folder; keep the folder for as long as the app is used.
+    pub async fn temp_app(&self, extra: &[(&str, &str)]) -> (tempfile::TempDir, App) {
+        let dir = tempfile::tempdir().unwrap();
+        let app = self.local_app(dir.path(), extra).await;
+        (dir, app)
+    }
+
+    /// Makes the next `times` export requests (only those of `from_date`, if given) meet `fault`.
+    pub fn fault_export(&self, from_date: Option<Date>, times: u32, fault: Fault) {
+        self.simulator().push_fault(FaultRule {
+            path: "/api/2.0/export".into(),
+            from_date,
+            times,
+            fault,
+        });
+    }
+
+    /// The credentials secret of the project as stored in Secrets Manager: `{"api_secret": …}`.
+    pub fn secret_json(&self) -> String {
+        serde_json::json!({"api_secret": self.simulator().config().api_secret}).to_string()
+    }
+
+    /// The binary with only `PATH` and the project's variables (less `drop_var`) in its
+    /// environment.
+    pub fn command(&self, drop_var: Option<&str>) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(
+                self.vars
+                    .iter()
+                    .filter(|(k, _)| Some(k.as_str()) != drop_var),
+            );
+        cmd
+    }
+}
+
+/// An app with `settings`, writing into `dir` with its state file there.
+pub async fn local_app_in(mut settings: Settings, dir: &Path) -> App {
+    settings.output_dir = Some(dir.to_path_buf());
+    settings.state_file = Some(dir.join(".state.json"));
+    App::build(settings, None).await.unwrap()
+}
+
+/// A local folder as an object sink.
+pub fn local_sink(dir: &Path) -> Arc<dyn ObjectSink> {
+    Arc::new(LocalSink::new(dir))
+}
+
+/// Runs `cmd` with `input` written to its stdin (closed at once without), capturing its output.
+pub fn output_with_stdin(cmd: &mut Command, input: Option<&str>) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(input) = input {
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// Asserts that a command succeeded, showing its stderr if not.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The event that replicates the export table's `day`.
+pub fn export_day(day: Date) -> serde_json::Value {
+    serde_json::json!({"table": "export", "date": day.to_string()})
+}
+
+/// Handles the event that replicates the export table's `day`.
+pub async fn handle_export_day(
+    app: &App,
+    day: Date,
+    deadline: tokio::time::Instant,
+) -> mixpanel_replicator::error::Result<Response> {
+    handler::handle(app, export_day(day), deadline).await
 }
 
 /// AWS resources on moto: a bucket, a state table and the credentials secret.
@@ -123,6 +214,14 @@ impl Aws {
         .await;
     }
 
+    /// Starts moto with `bucket`, `table` and a secret `secret_id` holding the project's secret.
+    pub async fn start_for(project: &Project, bucket: &str, table: &str, secret_id: &str) -> Aws {
+        let aws = Aws::start().await;
+        aws.provision(bucket, table, secret_id, &project.secret_json())
+            .await;
+        aws
+    }
+
     /// An app on S3 + DynamoDB + Secrets Manager (credentials come only from the secret).
     pub async fn app(
         &self,
@@ -143,6 +242,19 @@ impl Aws {
         let s = Settings::from_lookup(RunMode::Lambda, |k| vars.get(k).cloned()).unwrap();
         App::build(s, Some(self.sdk.clone())).await.unwrap()
     }
+}
+
+/// Moto provisioned for `project` (see [`Aws::start_for`]) and an app on it.
+pub async fn aws_app(
+    project: &Project,
+    bucket: &str,
+    table: &str,
+    secret_id: &str,
+    extra: &[(&str, &str)],
+) -> (Aws, App) {
+    let aws = Aws::start_for(project, bucket, table, secret_id).await;
+    let app = aws.app(project, bucket, table, secret_id, extra).await;
+    (aws, app)
 }
 
 /// Reads a committed date partition: its manifest and its rows (canonical JSON strings, sorted).
@@ -198,6 +310,22 @@ pub fn truth(sim: &Simulator, day: Date, events: Option<&[String]>) -> Vec<Strin
         .collect();
     t.sort();
     t
+}
+
+/// `values` with only the properties `keep` accepts, as sorted canonical JSON strings.
+pub fn canonical_keeping(
+    values: Vec<serde_json::Value>,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    canonical(
+        values
+            .into_iter()
+            .map(|mut v| {
+                v.as_object_mut().unwrap().retain(|k, _| keep(k));
+                v
+            })
+            .collect(),
+    )
 }
 
 /// Every day from `from` to `to`, inclusive.
