@@ -11,9 +11,10 @@
 //! /dev/null; the replicator does its whole job (dedup, gzip, local folder, commit). Events/s
 //! counts the day's deliveries (the lines of the export body), the same number for both.
 //!
-//! Two more rows give the floor of this project's core: `mixpanel-replicator --version` (the
+//! Three more rows give the floor of this project's core: `mixpanel-replicator --version` (the
 //! binary's own resident memory before any work) and `examples/read_export.rs` (tokio + reqwest
-//! reading and gunzipping the same body and discarding it).
+//! reading and gunzipping the same body and discarding it), on tokio's multi-thread runtime and
+//! on a single-threaded one.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -145,24 +146,32 @@ fn main() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
     let reader = target.join("release/examples/read_export");
-    let floor_out = work.path().join("floor.txt");
-    let mut floor_cmd = Command::new("taskset");
-    floor_cmd.args(["-c", "0"]).arg(&reader).arg(format!(
-        "{}/api/2.0/export?from_date={day}&to_date={day}",
-        server.url
-    ));
-    let floor = measure(
-        floor_cmd,
-        Stdio::from(std::fs::File::create(&floor_out).unwrap()),
-        Stdio::inherit(),
-    );
-    let floor_lines: u64 = std::fs::read_to_string(&floor_out)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .expect("read_export prints its line count");
-    assert_eq!(floor_lines, deliveries, "read_export read every delivery");
+    let read_only = |extra: &[&str]| {
+        let out = work.path().join("floor.txt");
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "0"])
+            .arg(&reader)
+            .arg(format!(
+                "{}/api/2.0/export?from_date={day}&to_date={day}",
+                server.url
+            ))
+            .args(extra);
+        let u = measure(
+            cmd,
+            Stdio::from(std::fs::File::create(&out).unwrap()),
+            Stdio::inherit(),
+        );
+        let lines: u64 = std::fs::read_to_string(&out)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("read_export prints its line count");
+        assert_eq!(lines, deliveries, "read_export read every delivery");
+        u
+    };
+    let floor = read_only(&[]);
+    let floor_one_thread = read_only(&["--current-thread"]);
 
     let eps = |u: &Usage| deliveries as f64 / u.seconds;
     println!(
@@ -178,6 +187,11 @@ fn main() {
         ("mixpanel-replicator → local gzip parts", "1", &one),
         ("mixpanel-replicator → local gzip parts", "2", &two),
         ("floor: tokio + reqwest read + gunzip only", "1", &floor),
+        (
+            "floor: the same on a single-threaded runtime",
+            "1",
+            &floor_one_thread,
+        ),
     ] {
         println!(
             "| {name} | {cores} | {:.2} | {:.0} | {:.2} | {:.1} | {:.0}× | 1/{:.1} |",

@@ -3,15 +3,31 @@
 //! transform, deduplication, compression or output.
 //!
 //! `benches/incumbent.rs` runs it beside the replicator and the incumbent to show the memory and
-//! speed floor of that core: `cargo run --release --example read_export -- URL`.
+//! speed floor of that core: `cargo run --release --example read_export -- URL
+//! [--current-thread]` (tokio's multi-thread runtime, as the replicator uses, unless
+//! `--current-thread`).
 
 use futures_util::StreamExt;
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::args()
-        .nth(1)
-        .ok_or("usage: read_export URL (an export request's full URL)")?;
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let url = args
+        .next()
+        .ok_or("usage: read_export URL [--current-thread]")?;
+    let runtime = match args.next().as_deref() {
+        Some("--current-thread") => tokio::runtime::Builder::new_current_thread(),
+        None => tokio::runtime::Builder::new_multi_thread(),
+        Some(other) => return Err(format!("unknown argument {other:?}").into()),
+    }
+    .enable_all()
+    .build()?;
+    let (lines, bytes) = runtime.block_on(read(&url))?;
+    println!("{lines} {bytes}");
+    Ok(())
+}
+
+/// Reads the body at `url`: its lines and its (gunzipped) bytes.
+async fn read(url: &str) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     let client = reqwest::Client::builder().build()?;
     let response = client.get(url).send().await?.error_for_status()?;
     let mut body = response.bytes_stream();
@@ -21,6 +37,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         bytes += chunk.len() as u64;
         lines += memchr::memchr_iter(b'\n', &chunk).count() as u64;
     }
-    println!("{lines} {bytes}");
-    Ok(())
+    Ok((lines, bytes))
 }
