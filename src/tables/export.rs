@@ -548,6 +548,90 @@ mod tests {
         assert_eq!(w.query.to_date, d("2026-11-01"));
     }
 
+    /// The 24 hour slices of a day tile the day's instants exactly, on the days the clocks
+    /// change too (23 and 25 hours): no instant is in two hours or in none.
+    #[test]
+    fn hour_slices_tile_their_day_across_clock_changes() {
+        let today = d("2027-01-01");
+        for (tz, day, hours) in [
+            (la(), "2026-03-08", 23),
+            (la(), "2026-11-01", 25),
+            (la(), "2026-07-01", 24),
+            (TimeZone::UTC, "2026-11-01", 24),
+        ] {
+            let whole =
+                window(SliceId::Day(d(day)), &tz, ExportTimeMode::Utc, today, None).unwrap();
+            assert_eq!(whole.end - whole.start, hours * 3600, "{day}");
+            let mut next = whole.start;
+            for h in 0..24u8 {
+                let w = window(
+                    SliceId::Hours {
+                        day: d(day),
+                        from_hour: h,
+                        to_hour: h + 1,
+                    },
+                    &tz,
+                    ExportTimeMode::Utc,
+                    today,
+                    None,
+                )
+                .unwrap();
+                assert_eq!(
+                    w.start, next,
+                    "{day} hour {h} starts where hour {h} - 1 ended"
+                );
+                assert!(w.end >= w.start, "{day} hour {h}");
+                // Every hour asks with its own `where`, for UTC days that hold its instants.
+                assert_eq!(
+                    w.query.where_clause.as_deref(),
+                    Some(time_where(w.start, w.end).as_str())
+                );
+                let utc_day = |s: i64| {
+                    Timestamp::from_second(s)
+                        .unwrap()
+                        .to_zoned_datetime(TimeZone::UTC)
+                        .date()
+                };
+                assert!(w.query.from_date <= utc_day(w.start), "{day} hour {h}");
+                assert!(
+                    w.query.to_date >= utc_day((w.end - 1).max(w.start)),
+                    "{day} hour {h}"
+                );
+                next = w.end;
+            }
+            assert_eq!(next, whole.end, "{day}: the last hour ends the day");
+        }
+        // A legacy project's local `time`: the hours of a 25-hour day are 24 wall-clock hours.
+        let mut next = None;
+        for h in 0..24u8 {
+            let w = window(
+                SliceId::Hours {
+                    day: d("2026-11-01"),
+                    from_hour: h,
+                    to_hour: h + 1,
+                },
+                &la(),
+                ExportTimeMode::ProjectLocal,
+                today,
+                None,
+            )
+            .unwrap();
+            assert_eq!(
+                (w.query.from_date, w.query.to_date),
+                (d("2026-11-01"), d("2026-11-01"))
+            );
+            let enc = 1_793_491_200 + i64::from(h) * 3600; // 2026-11-01T00:00 encoded as UTC
+            assert_eq!(
+                w.query.where_clause.as_deref(),
+                Some(time_where(enc, enc + 3600).as_str())
+            );
+            if let Some(n) = next {
+                assert_eq!(w.start, n, "hour {h}");
+            }
+            next = Some(w.end);
+        }
+    }
+
     #[test]
     fn transform_flattens_renames_and_keeps_raw_values() {
         let tz = TimeZone::UTC;
