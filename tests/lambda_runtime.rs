@@ -251,10 +251,8 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
     let first = cfg.first_day;
     let today = today_in("UTC");
     let yesterday = minus(today, 1);
-    let secret = json!({"api_secret": cfg.api_secret}).to_string();
     let project = Project::start(cfg).await;
-    let aws = Aws::start().await;
-    aws.provision(BUCKET, STATE_TABLE, SECRET_ID, &secret).await;
+    let aws = Aws::start_for(&project, BUCKET, STATE_TABLE, SECRET_ID).await;
 
     // The Runtime API emulator, without building or starting a function.
     let port = free_port();

@@ -20,11 +20,8 @@ async fn eight_workers_backfilling_meet_no_429_and_use_over_90_percent_of_the_al
         window: Duration::from_secs(WINDOW_SECS),
     });
     let first = cfg.first_day;
-    let secret = json!({"api_secret": cfg.api_secret}).to_string();
     let project = Project::start(cfg).await;
-    let aws = Aws::start().await;
-    aws.provision("budget-bucket", "budget-state", "creds", &secret)
-        .await;
+    let aws = Aws::start_for(&project, "budget-bucket", "budget-state", "creds").await;
     let limits = [
         ("MIXPANEL_EXPORT_REQUESTS_PER_WINDOW", LIMIT.to_string()),
         ("MIXPANEL_RATE_WINDOW_SECONDS", WINDOW_SECS.to_string()),
