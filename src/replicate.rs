@@ -93,6 +93,10 @@ const NO_SPACE: &str = "No space left on device";
 /// slow core: a tenth of what it measures (BENCHMARKS.md).
 const PASS2_SLOW_BYTES_PER_SEC: f64 = 25e6;
 
+/// Below this much raw JSONL a slice's parts are written by one worker: one part (a file per
+/// small day, not one per core) in a few tens of milliseconds more than on every core.
+const PARALLEL_WRITE_MIN_BYTES: u64 = 32 << 20;
+
 /// Replicates and commits the export slice held by `lease`, stopping before `deadline`.
 ///
 /// A day is committed with its manifest; an hour slice of a day too big for one invocation is
@@ -212,21 +216,29 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
             deadline.saturating_duration_since(pass1_done).as_secs_f64()
         )));
     }
-    let (files, duplicates) =
-        match write_parts(app, &lease.owner, &folder, pass1.spill, deadline).await {
-            Ok(written) => written,
-            Err(e) if e.kind() == ErrorKind::Deadline => {
-                // Writing a small slice late says the storage is slow, not that it is big:
-                // smaller slices would only make more uploads.
-                if body_began.elapsed() < started.elapsed() / 2
-                    || pass1.raw_bytes < SPLIT_ON_WRITE_MIN_BYTES
-                {
-                    return Err(e);
-                }
-                return Ok(Exported::TooBig(format!("{}: {e}", lease.slice)));
+    let (files, duplicates) = match write_parts(
+        app,
+        &lease.owner,
+        &folder,
+        pass1.spill,
+        pass1.raw_bytes,
+        deadline,
+    )
+    .await
+    {
+        Ok(written) => written,
+        Err(e) if e.kind() == ErrorKind::Deadline => {
+            // Writing a small slice late says the storage is slow, not that it is big:
+            // smaller slices would only make more uploads.
+            if body_began.elapsed() < started.elapsed() / 2
+                || pass1.raw_bytes < SPLIT_ON_WRITE_MIN_BYTES
+            {
+                return Err(e);
             }
-            Err(e) => return Err(e),
-        };
+            return Ok(Exported::TooBig(format!("{}: {e}", lease.slice)));
+        }
+        Err(e) => return Err(e),
+    };
     tracing::debug!(
         table = "export",
         slice = %lease.slice,
@@ -495,18 +507,25 @@ fn transform_blocks(
 ///
 /// One worker per core takes buckets in turn, deduplicates each and compresses its survivors
 /// into its own parts (numbered from one shared counter); each worker's parts are uploaded by
-/// their own loop, so the uploads of several workers overlap.
+/// their own loop, so the uploads of several workers overlap. A slice of less than
+/// [`PARALLEL_WRITE_MIN_BYTES`] (`raw_bytes`) has one worker.
 async fn write_parts(
     app: &App,
     attempt: &str,
     folder: &str,
     spill: Spill,
+    raw_bytes: u64,
     deadline: Instant,
 ) -> Result<(Vec<FileEntry>, u64)> {
     let buckets = tokio::task::spawn_blocking(move || spill.into_buckets())
         .await
         .map_err(|e| Error::storage(format!("spill failed: {e}")))??;
-    let n = workers().min(buckets.len()).max(1);
+    let cores = if raw_bytes < PARALLEL_WRITE_MIN_BYTES {
+        1
+    } else {
+        workers()
+    };
+    let n = cores.min(buckets.len()).max(1);
     let queue = Arc::new(Mutex::new(buckets.into_iter()));
     let next_index = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));

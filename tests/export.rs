@@ -32,6 +32,11 @@ async fn ten_adversarial_days_replicate_exactly_into_a_local_folder() {
         app.store.bookmark(Table::Export).await.unwrap(),
         Some(today)
     );
+    // A small day is one file, however many cores wrote it.
+    for day in days(first, today) {
+        let (m, _) = read_partition(&app.sink, "", "export", day).await.unwrap();
+        assert_eq!(m.files.len(), usize::from(m.records > 0), "{day}: {m:?}");
+    }
     // The folder has the documented layout and a schema next to the data.
     let schema: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("export/_schema.json")).unwrap())
