@@ -64,7 +64,8 @@ impl Recorded {
         serde_json::from_str(result?).ok()
     }
 
-    fn to_json(&self) -> String {
+    /// The JSON the state store keeps.
+    pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
 }

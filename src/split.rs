@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::commit::{self, FileEntry};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::plan;
 use crate::replicate::{self, Exported, Recorded, SliceResult};
 use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
@@ -213,15 +213,19 @@ fn predicted(slices: &[SliceRecord], day: Date) -> Option<Duration> {
         .max()
 }
 
+/// Hour `h` (0 to 23) of `day` as a slice.
+fn hour(day: Date, h: u8) -> SliceId {
+    SliceId::Hours {
+        day,
+        from_hour: h,
+        to_hour: h + 1,
+    }
+}
+
 /// Queues the day's 24 hour slices, then gives the day back: it now waits for them.
 async fn split_day(app: &App, lease: &Lease, day: Date) -> Result<()> {
     for h in 0..24u8 {
-        let hour = SliceId::Hours {
-            day,
-            from_hour: h,
-            to_hour: h + 1,
-        };
-        app.store.enqueue(Table::Export, hour, None).await?;
+        app.store.enqueue(Table::Export, hour(day, h), None).await?;
     }
     app.store.release(lease).await
 }
@@ -244,12 +248,10 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
     }
     // The hours must be the day's 24 hours: a split cut short (a crash, a failed write) is
     // completed first, and the day waits for the hours it adds.
-    let hour = |h: u8| SliceId::Hours {
-        day,
-        from_hour: h,
-        to_hour: h + 1,
-    };
-    if let Some(other) = hours.iter().find(|r| !(0..24).any(|h| r.slice == hour(h))) {
+    if let Some(other) = hours
+        .iter()
+        .find(|r| !(0..24).any(|h| r.slice == hour(day, h)))
+    {
         return Err(Error::state(format!(
             "{} is not one hour of {day}: the day's hour slices are {day}T00-01 to {day}T23-24",
             other.slice
@@ -310,8 +312,6 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
         duplicates: total.duplicates,
         raw_bytes: total.raw_bytes,
     };
-    let body =
-        serde_json::to_string(&total).map_err(|e| Error::new(ErrorKind::State, e.to_string()))?;
     commit::commit(
         app.store.as_ref(),
         app.sink.as_ref(),
@@ -319,7 +319,7 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
         &folder,
         &partition,
         files,
-        Some(&body),
+        Some(&total.to_json()),
     )
     .await?;
     commit::advance_bookmark(app.store.as_ref(), Table::Export, app.settings.start_date).await?;
