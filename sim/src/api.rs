@@ -22,11 +22,12 @@ pub(crate) enum Endpoint {
     Revenue,
     EngageProperties,
     EventProperties,
+    EventNames,
     /// `/api/app/projects/{id}/annotations`, with the id as written.
     AppAnnotations(String),
 }
 
-const QUERY_ENDPOINTS: [(&str, Endpoint); 8] = [
+const QUERY_ENDPOINTS: [(&str, Endpoint); 9] = [
     ("engage", Endpoint::Engage),
     ("cohorts/list", Endpoint::CohortsList),
     ("funnels/list", Endpoint::FunnelsList),
@@ -35,6 +36,7 @@ const QUERY_ENDPOINTS: [(&str, Endpoint); 8] = [
     ("engage/revenue", Endpoint::Revenue),
     ("engage/properties", Endpoint::EngageProperties),
     ("events/properties/top", Endpoint::EventProperties),
+    ("events/names", Endpoint::EventNames),
 ];
 
 impl Endpoint {
@@ -137,6 +139,7 @@ pub(crate) fn answer(
         Endpoint::Revenue => revenue(sim, params, request),
         Endpoint::EngageProperties => engage_properties(sim, params),
         Endpoint::EventProperties => event_properties(sim, params),
+        Endpoint::EventNames => event_names(sim, params),
         Endpoint::AppAnnotations(_) => app_annotations(sim, params),
         Endpoint::Export => Err("the export is not a query endpoint".to_string()),
     };
@@ -253,6 +256,12 @@ fn engage(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String>
         }
         None => new_session(sim),
     };
+    // A project may serve fewer profiles a page than asked; the answer says how many.
+    let page_size = sim
+        .inner
+        .config
+        .engage_max_page_size
+        .map_or(page_size, |m| page_size.min(u64::from(m.max(1))));
     let profiles = &sim.inner.profiles;
     let total = cohort.map_or(profiles.n, |c| c.count(profiles.n));
     let start = page.saturating_mul(page_size).min(total);
@@ -377,6 +386,9 @@ fn engage_properties(sim: &Simulator, params: &[(String, String)]) -> Result<Rep
 }
 
 fn event_properties(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String> {
+    if sim.inner.config.event_properties_require_event && param(params, "event").is_none() {
+        return Err("'event' is a required parameter".into());
+    }
     let limit = limit(params)?;
     let counts: HashMap<String, u64> = sim.inner.export_property_counts(param(params, "event"));
     let mut list: Vec<(String, u64)> = counts.into_iter().collect();
@@ -389,17 +401,40 @@ fn event_properties(sim: &Simulator, params: &[(String, String)]) -> Result<Repl
     Ok(Reply::ok(&Value::Object(out)))
 }
 
+/// The App API's filters are `fromDate`/`toDate` (optional); other parameters, such as the
+/// Query API's `from_date`, are ignored, as Mixpanel ignores them.
 fn app_annotations(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String> {
-    let camel = param(params, "fromDate").is_some() || param(params, "toDate").is_some();
-    let (from, to) = if camel {
-        date_range(params, "fromDate", "toDate", false)?
-    } else {
-        date_range(params, "from_date", "to_date", false)?
-    };
+    let (from, to) = date_range(params, "fromDate", "toDate", false)?;
     Ok(Reply::ok(&json!({
         "status": "ok",
-        "results": sim.inner.reports.app_annotations(from, to),
+        "results": sim.inner.reports.app_annotations(from, to, &sim.inner.generator.tz),
     })))
+}
+
+/// `events/names`: the event names, most common first, as a JSON array of strings. `type`
+/// (`general`, `unique` or `average`) is required; `limit` defaults to 255.
+fn event_names(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String> {
+    match param(params, "type").map(str::trim) {
+        Some("general" | "unique" | "average") => {}
+        Some(t) => {
+            return Err(format!(
+                "'type' must be one of general, unique, average, got {t:?}"
+            ));
+        }
+        None => return Err("'type' is a required parameter".into()),
+    }
+    let limit = match param(params, "limit") {
+        None => 255,
+        Some(_) => limit(params)?,
+    };
+    let names: Vec<Value> = sim
+        .inner
+        .event_names()
+        .into_iter()
+        .take(limit)
+        .map(Value::String)
+        .collect();
+    Ok(Reply::ok(&Value::Array(names)))
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ const S_LATE: u64 = 0x5EED_0005;
 const S_RETRY: u64 = 0x5EED_0006;
 const S_USER: u64 = 0x5EED_0007;
 const S_REDELIVER: u64 = 0x5EED_0008;
+const S_MESSY: u64 = 0x5EED_0009;
 
 /// The splitmix64 finalizer: a fast, well-mixed 64-bit hash.
 #[inline]
@@ -202,6 +203,8 @@ pub(crate) enum Version {
     First,
     Retry,
     Late(u32),
+    /// A re-delivery sent with its `time` in milliseconds (messy lines).
+    InMs,
 }
 
 /// One call of `add_late_events`.
@@ -220,6 +223,9 @@ pub(crate) struct Filter {
     pub export_lo: i64,
     pub export_hi: i64,
     pub time_in_ms: bool,
+    /// Messy lines as Mixpanel holds them (the ground truth), not as the wire carries them;
+    /// lines that hold no usable event are then left out.
+    pub truth: bool,
 }
 
 impl Filter {
@@ -229,7 +235,83 @@ impl Filter {
             export_lo: i64::MIN,
             export_hi: i64::MAX,
             time_in_ms: false,
+            truth: false,
         }
+    }
+}
+
+/// The malformed lines of real export bodies, one of each per day when messy lines are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Messy {
+    /// `time` as a float, `1602611311.123`.
+    FloatTime,
+    /// `time` as a numeric string, `"1602611311"`.
+    StringTime,
+    /// `time` in milliseconds.
+    MsTime,
+    /// A re-delivery of a regular event with `time` in milliseconds (and a later processing time).
+    MsDuplicate,
+    /// A raw line break inside a string: one event over two lines.
+    RawNewline,
+    /// A raw `\r\n\r\n` inside a string: one event over three lines, one of them empty.
+    CrLf,
+    /// Escaped control characters (valid JSON, kept exactly).
+    EscapedControls,
+    /// Raw control bytes (a tab, 0x01, 0x1f) inside a string.
+    RawControls,
+    /// An event of about 600 KB split by a raw line break in the middle.
+    BigSplit,
+    /// No `properties` object (its properties at the top level): rejected.
+    NoProperties,
+    /// A line that is not JSON: rejected.
+    NotJson,
+}
+
+/// Every messy kind, in the order their lines appear in a day's body.
+pub(crate) const MESSY_KINDS: [Messy; 11] = [
+    Messy::FloatTime,
+    Messy::NotJson,
+    Messy::RawNewline,
+    Messy::StringTime,
+    Messy::BigSplit,
+    Messy::MsTime,
+    Messy::NoProperties,
+    Messy::CrLf,
+    Messy::MsDuplicate,
+    Messy::EscapedControls,
+    Messy::RawControls,
+];
+
+impl Messy {
+    fn name(self) -> &'static str {
+        match self {
+            Messy::FloatTime => "float time",
+            Messy::StringTime => "string time",
+            Messy::MsTime => "ms time",
+            Messy::MsDuplicate => "ms duplicate",
+            Messy::RawNewline => "raw newline",
+            Messy::CrLf => "raw crlf",
+            Messy::EscapedControls => "escaped controls",
+            Messy::RawControls => "raw controls",
+            Messy::BigSplit => "big split",
+            Messy::NoProperties => "no properties",
+            Messy::NotJson => "not json",
+        }
+    }
+}
+
+/// One messy line: the event under it, its wire bytes, and what Mixpanel holds (if anything).
+pub(crate) struct MessyLine {
+    pub core: Core,
+    pub wire: Vec<u8>,
+    pub truth: Option<Vec<u8>>,
+}
+
+/// `hay` with the first `from` replaced by `to`.
+fn replace_once(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    match hay.windows(from.len()).position(|w| w == from) {
+        Some(i) => [&hay[..i], to, &hay[i + from.len()..]].concat(),
+        None => hay.to_vec(),
     }
 }
 
@@ -244,6 +326,8 @@ pub(crate) struct Gen {
     pub n: u64,
     pub first: i64,
     pub last: i64,
+    /// Each day's body carries the malformed lines of real exports (see [`Messy`]).
+    pub messy: bool,
     users: u64,
     t: &'static Templates,
 }
@@ -264,6 +348,7 @@ impl Gen {
             n,
             first,
             last: first + days as i64 - 1,
+            messy: false,
             users: (n / 4).max(20),
             t: &TEMPLATES,
         }
@@ -434,6 +519,8 @@ impl Gen {
             Version::First => core.proc0,
             Version::Retry => core.proc0 + 1 + (mix(core.props ^ S_RETRY) % 7_200_000) as i64,
             Version::Late(b) => late_proc(day, b, core.props ^ S_RETRY),
+            // After the first delivery and its retry.
+            Version::InMs => core.proc0 + 7_200_001 + (mix(core.props ^ S_MESSY) % 1000) as i64,
         }
     }
 
@@ -447,27 +534,61 @@ impl Gen {
         buf: &mut Vec<u8>,
         sink: &mut Sink<'_>,
     ) -> bool {
-        let mut emit = |core: &Core, v: Version, buf: &mut Vec<u8>| -> bool {
-            if f.names & (1 << core.name) == 0
-                || core.export_secs < f.export_lo
-                || core.export_secs > f.export_hi
-            {
-                return true;
-            }
-            if let Some((lo, hi)) = instant_range
-                && (core.instant < lo || core.instant >= hi)
-            {
+        let n = self.n;
+        let messy: Vec<MessyLine> = if self.messy && n > 0 {
+            (0..MESSY_KINDS.len())
+                .map(|m| self.messy_line(day, m))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let pass = |core: &Core| {
+            f.names & (1 << core.name) != 0
+                && core.export_secs >= f.export_lo
+                && core.export_secs <= f.export_hi
+                && instant_range.is_none_or(|(lo, hi)| core.instant >= lo && core.instant < hi)
+        };
+        let emit = |core: &Core, v: Version, buf: &mut Vec<u8>, sink: &mut Sink<'_>| -> bool {
+            if !pass(core) {
                 return true;
             }
             let start = buf.len();
             self.write_line(buf, day, core, v, f.time_in_ms);
             sink(buf, start)
         };
-        let n = self.n;
+        // Messy line m goes after regular delivery (m + 1) * n / (kinds + 1): spread out.
+        let mut next_messy = 0usize;
+        let mut emit_messy = |upto: u64, buf: &mut Vec<u8>, sink: &mut Sink<'_>| -> bool {
+            while let Some(line) = messy.get(next_messy) {
+                if (next_messy as u64 + 1) * n / (messy.len() as u64 + 1) > upto {
+                    break;
+                }
+                next_messy += 1;
+                if !pass(&line.core) {
+                    continue;
+                }
+                let bytes = if f.truth {
+                    line.truth.as_deref()
+                } else {
+                    Some(&line.wire[..])
+                };
+                if let Some(bytes) = bytes {
+                    let start = buf.len();
+                    buf.extend_from_slice(bytes);
+                    if !sink(buf, start) {
+                        return false;
+                    }
+                }
+            }
+            true
+        };
         if n > 0 {
             let (a, c, lag) = self.day_order(day.num);
             let perm = |k: u64| (a.wrapping_mul(k).wrapping_add(c)) % n;
             for k in 0..n + lag {
+                if !emit_messy(k, buf, sink) {
+                    return false;
+                }
                 if k < n {
                     let core = self.regular(day, perm(k));
                     let v = if core.dup && core.swapped {
@@ -475,7 +596,7 @@ impl Gen {
                     } else {
                         Version::First
                     };
-                    if !emit(&core, v, buf) {
+                    if !emit(&core, v, buf, sink) {
                         return false;
                     }
                 }
@@ -488,26 +609,189 @@ impl Gen {
                         } else {
                             Version::Retry
                         };
-                        if !emit(&core, v, buf) {
+                        if !emit(&core, v, buf, sink) {
                             return false;
                         }
                     }
                 }
             }
+            if !emit_messy(u64::MAX, buf, sink) {
+                return false;
+            }
         }
         for b in late {
             if let Some(e) = b.redeliver
-                && !emit(&self.regular(day, e), Version::Late(b.batch), buf)
+                && !emit(&self.regular(day, e), Version::Late(b.batch), buf, sink)
             {
                 return false;
             }
             for j in b.first..b.first + b.count as u64 {
-                if !emit(&self.late(day, j, b.batch), Version::First, buf) {
+                if !emit(&self.late(day, j, b.batch), Version::First, buf, sink) {
                     return false;
                 }
             }
         }
         true
+    }
+
+    /// The messy line `m` of a day: its underlying event (which `where` and the event filter
+    /// see, as Mixpanel filters on what it stored), its bytes on the wire, and the line as
+    /// Mixpanel holds it (`None` when no event can be read from the wire: it is rejected).
+    pub(crate) fn messy_line(&self, day: &DayInfo, m: usize) -> MessyLine {
+        let kind = MESSY_KINDS[m];
+        let mut rng = Rng::new(hash4(self.seed, S_MESSY, day.num, m as u64));
+        let t = self.t;
+        if kind == Messy::MsDuplicate {
+            // A re-delivery of a regular event with its time in milliseconds: the same key,
+            // processed later, so this version must win.
+            let core = self.regular(day, (rng.below(self.n.min(16))) % self.n);
+            let mut truth = Vec::new();
+            self.write_line(&mut truth, day, &core, Version::InMs, false);
+            let mut clean_time = b"\"time\":".to_vec();
+            push_i64(&mut clean_time, core.export_secs);
+            let mut ms_time = b"\"time\":".to_vec();
+            push_i64(&mut ms_time, core.export_secs * 1000 + core.ms as i64);
+            let wire = replace_once(&truth, &clean_time, &ms_time);
+            return MessyLine {
+                core,
+                wire,
+                truth: Some(truth),
+            };
+        }
+        let name = Self::pick_name(&mut rng);
+        let (instant, export_secs) = self.place(day, &mut rng, None);
+        let ms = rng.below(1000) as u32;
+        let did = self.pick_did(&mut rng);
+        let core = Core {
+            name,
+            instant,
+            export_secs,
+            ms,
+            dup: false,
+            swapped: false,
+            did,
+            iid: hash4(self.seed, S_MESSY ^ S_IID, day.num, m as u64),
+            props: rng.next_u64(),
+            proc0: instant * 1000 + ms as i64 + 1000 + rng.below(3_600_000) as i64,
+            forced_weird: None,
+        };
+        // `{"event":E,"properties":{"time":T,<ids>,<rest>}}` with T and one value per kind.
+        let line = |time: &[u8], extra: &[u8]| {
+            let mut b = b"{\"event\":".to_vec();
+            b.extend_from_slice(&t.names_json[name as usize]);
+            b.extend_from_slice(b",\"properties\":{\"time\":");
+            b.extend_from_slice(time);
+            self.messy_ids(&mut b, &core, kind);
+            b.extend_from_slice(extra);
+            b.extend_from_slice(b"}}\n");
+            b
+        };
+        let mut secs = Vec::new();
+        push_i64(&mut secs, export_secs);
+        let usable = |wire_time: Vec<u8>, wire: &[u8], truth: &[u8]| MessyLine {
+            core,
+            wire: line(&wire_time, wire),
+            truth: Some(line(&secs, truth)),
+        };
+        match kind {
+            Messy::FloatTime => {
+                let mut time = secs.clone();
+                time.extend_from_slice(format!(".{ms:03}").as_bytes());
+                usable(time, b"", b"")
+            }
+            Messy::StringTime => {
+                let mut time = b"\"".to_vec();
+                time.extend_from_slice(&secs);
+                time.push(b'"');
+                usable(time, b"", b"")
+            }
+            Messy::MsTime => {
+                let mut time = Vec::new();
+                push_i64(&mut time, export_secs * 1000 + ms as i64);
+                usable(time, b"", b"")
+            }
+            Messy::RawNewline => usable(
+                secs.clone(),
+                b",\"comment\":\"first line\nsecond line\"",
+                b",\"comment\":\"first line\\nsecond line\"",
+            ),
+            Messy::CrLf => usable(
+                secs.clone(),
+                b",\"address\":\"221B Baker Street\r\n\r\nLondon\"",
+                b",\"address\":\"221B Baker Street\\r\\n\\r\\nLondon\"",
+            ),
+            Messy::EscapedControls => {
+                let v = b",\"controls\":\"bel\\u0007 esc\\u001b nul\\u0000 tab\\t nl\\n\"";
+                usable(secs.clone(), v, v)
+            }
+            Messy::RawControls => usable(
+                secs.clone(),
+                b",\"pasted\":\"a\tb\x01c\x1fd\"",
+                b",\"pasted\":\"a\\tb\\u0001c\\u001fd\"",
+            ),
+            Messy::BigSplit => {
+                // About 600 KB (Mixpanel takes events up to 1 MB), split in the middle: a
+                // reader that cuts bodies into blocks of a few hundred KB cuts between them.
+                let half: String = (0..40_000u32).map(|i| format!("w{i:05} ")).collect();
+                let (wire, truth) = (
+                    format!(",\"transcript\":\"{half}\n{half}\""),
+                    format!(",\"transcript\":\"{half}\\n{half}\""),
+                );
+                usable(secs.clone(), wire.as_bytes(), truth.as_bytes())
+            }
+            Messy::NoProperties => {
+                let mut b = b"{\"event\":".to_vec();
+                b.extend_from_slice(&t.names_json[name as usize]);
+                b.extend_from_slice(b",\"time\":");
+                b.extend_from_slice(&secs);
+                self.messy_ids(&mut b, &core, kind);
+                b.extend_from_slice(b"}\n");
+                MessyLine {
+                    core,
+                    wire: b,
+                    truth: None,
+                }
+            }
+            Messy::NotJson => {
+                let mut b = b"event=".to_vec();
+                b.extend_from_slice(t.names[name as usize].as_bytes());
+                b.extend_from_slice(b" time=");
+                b.extend_from_slice(&secs);
+                b.extend_from_slice(b" (truncated record)\n");
+                MessyLine {
+                    core,
+                    wire: b,
+                    truth: None,
+                }
+            }
+            Messy::MsDuplicate => MessyLine {
+                core,
+                wire: Vec::new(),
+                truth: None,
+            },
+        }
+    }
+
+    /// `,"distinct_id":…,"$insert_id":…,"mp_processing_time_ms":…,"messy":"<kind>"`.
+    fn messy_ids(&self, b: &mut Vec<u8>, c: &Core, kind: Messy) {
+        match c.did {
+            Did::Missing => {}
+            Did::Special(k) => {
+                b.extend_from_slice(b",\"distinct_id\":");
+                b.extend_from_slice(&self.t.special_ids[k as usize % self.t.special_ids.len()]);
+            }
+            Did::User(u) => {
+                b.extend_from_slice(b",\"distinct_id\":");
+                self.write_user(b, u);
+            }
+        }
+        b.extend_from_slice(b",\"$insert_id\":\"");
+        write_insert_id(b, c.iid);
+        b.extend_from_slice(b"\",\"mp_processing_time_ms\":");
+        push_i64(b, c.proc0);
+        b.extend_from_slice(b",\"messy\":\"");
+        b.extend_from_slice(kind.name().as_bytes());
+        b.push(b'"');
     }
 
     /// Appends one export line (with its trailing newline).
@@ -627,6 +911,7 @@ impl Gen {
                 buf.extend_from_slice(b"-late");
                 push_u64(buf, b as u64);
             }
+            Version::InMs => buf.extend_from_slice(b"-ms"),
         }
         buf.push(b'"');
         buf.extend_from_slice(b",\"$mp_api_endpoint\":");

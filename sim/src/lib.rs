@@ -68,6 +68,21 @@ pub struct SimConfig {
     /// "funnels/list", "funnels", "annotations", "engage/revenue", "engage/properties",
     /// "events/properties/top", "app/annotations".
     pub plan_excludes: Vec<String>,
+    /// Each day's body also carries the malformed lines of real exports: `time` as a float,
+    /// a numeric string and milliseconds, events split over lines by raw line breaks in a
+    /// string (one of about 600 KB), raw and escaped control bytes in strings, a line without
+    /// `properties` and a line that is not JSON (see [`Simulator::export_rejected_truth`]).
+    pub messy_lines: bool,
+    /// The most profiles an `engage` page holds whatever `page_size` asks; the answer's
+    /// `page_size` then says the size served, as Mixpanel's does.
+    pub engage_max_page_size: Option<u32>,
+    /// Numeric distinct ids (about 6% of profiles) are sent as JSON integers (`1000003`), as
+    /// some projects have them; ground truth keeps them integers.
+    pub engage_integer_ids: bool,
+    /// A profile without properties is sent without a `$properties` member at all.
+    pub engage_omit_empty_properties: bool,
+    /// `events/properties/top` requires `event` (400 without it), as Mixpanel's reference has it.
+    pub event_properties_require_event: bool,
 }
 
 impl Default for SimConfig {
@@ -90,6 +105,11 @@ impl Default for SimConfig {
             engage_session_ttl: Duration::from_secs(600),
             eu_revenue_400: false,
             plan_excludes: Vec::new(),
+            messy_lines: false,
+            engage_max_page_size: None,
+            engage_integer_ids: false,
+            engage_omit_empty_properties: false,
+            event_properties_require_event: false,
         }
     }
 }
@@ -167,10 +187,56 @@ pub struct FaultRule {
     pub path: String,
     /// Only requests whose `from_date` is this day (requests without one never match).
     pub from_date: Option<Date>,
-    /// How many matching requests get the fault.
+    /// How many matching requests get the fault ([`FaultRule::PERSISTENT`]: every one).
     pub times: u32,
     /// The fault.
     pub fault: Fault,
+    /// Only requests whose `from_date..=to_date` covers this day (a multi-day request too).
+    pub covering: Option<Date>,
+    /// Only requests whose time range (the days, narrowed by a `where` on `$time`) is wider
+    /// than this: Mixpanel fails a heavy day's whole-day export, while its hours go through.
+    pub wider_than: Option<Duration>,
+    /// Only requests whose time range holds this second (epoch, as the export counts it):
+    /// Mixpanel fails the requests of a heavy hour, while the rest of its day goes through.
+    pub holding: Option<i64>,
+}
+
+impl FaultRule {
+    /// `times` for a fault that never wears off.
+    pub const PERSISTENT: u32 = u32::MAX;
+
+    /// A rule for the next `times` requests of `path`.
+    pub fn new(path: &str, times: u32, fault: Fault) -> FaultRule {
+        FaultRule {
+            path: path.into(),
+            from_date: None,
+            times,
+            fault,
+            covering: None,
+            wider_than: None,
+            holding: None,
+        }
+    }
+
+    /// The same fault for every export request whose range holds the second `at` and is
+    /// wider than `wider_than` (when given), as Mixpanel fails an hour too heavy to export.
+    pub fn export_instant(at: i64, wider_than: Option<Duration>, fault: Fault) -> FaultRule {
+        FaultRule {
+            holding: Some(at),
+            wider_than,
+            ..FaultRule::new("/api/2.0/export", FaultRule::PERSISTENT, fault)
+        }
+    }
+
+    /// The same fault for every export request that covers `day`, as Mixpanel fails a day it
+    /// cannot export (`wider_than`: only requests wider than that, e.g. the whole day).
+    pub fn export_day(day: Date, wider_than: Option<Duration>, fault: Fault) -> FaultRule {
+        FaultRule {
+            covering: Some(day),
+            wider_than,
+            ..FaultRule::new("/api/2.0/export", FaultRule::PERSISTENT, fault)
+        }
+    }
 }
 
 /// One request as the simulator saw it.
@@ -260,7 +326,7 @@ impl Simulator {
             panic!("mixpanel-sim: unknown timezone {:?}: {e}", config.timezone)
         });
         r#gen::warm();
-        let generator = Gen::new(
+        let mut generator = Gen::new(
             config.seed,
             config.time_mode,
             tz,
@@ -268,6 +334,7 @@ impl Simulator {
             day_num(config.first_day),
             config.days,
         );
+        generator.messy = config.messy_lines;
         let started_epoch_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -277,6 +344,10 @@ impl Simulator {
             config.profiles as u64,
             first,
             first + config.days as i64 - 1,
+        )
+        .with_shapes(
+            config.engage_integer_ids,
+            config.engage_omit_empty_properties,
         );
         let reports = Reports::new(
             config.seed,
@@ -347,6 +418,7 @@ impl Simulator {
         let target = DayInfo::new(&g.tz, d).unwrap_or_else(|e| panic!("mixpanel-sim: {e}"));
         let mut filter = Filter::all();
         filter.names = g.name_mask(events);
+        filter.truth = true;
         let late = self.inner.late_snapshot(d - 1, d + 1);
         // Key -> (mp_processing_time_ms, delivery); the latest processed delivery wins.
         let mut best = Latest::new();
@@ -439,6 +511,26 @@ impl Simulator {
             .collect()
     }
 
+    /// The lines of one project-local day's body from which no event can be read (with
+    /// `messy_lines`: a line without `properties`, a line that is not JSON), exactly as sent,
+    /// without their newline, sorted. Mixpanel stored an event under each, at a time inside
+    /// the day, and a `where` on `$time` filters them by that time; an event filter by its name.
+    pub fn export_rejected_truth(&self, day: Date) -> Vec<Vec<u8>> {
+        let g = &self.inner.generator;
+        let d = day_num(day);
+        if !g.messy || g.n == 0 || d < g.first || d > g.last {
+            return Vec::new();
+        }
+        let info = DayInfo::new(&g.tz, d).unwrap_or_else(|e| panic!("mixpanel-sim: {e}"));
+        let mut lines: Vec<Vec<u8>> = (0..r#gen::MESSY_KINDS.len())
+            .map(|m| g.messy_line(&info, m))
+            .filter(|l| l.truth.is_none() && !l.wire.is_empty())
+            .map(|l| l.wire.strip_suffix(b"\n").unwrap_or(&l.wire).to_vec())
+            .collect();
+        lines.sort();
+        lines
+    }
+
     /// Writes the raw export body (NDJSON, uncompressed) that /api/2.0/export would send for
     /// these parameters; used by benchmarks. `where_clause` as in the API.
     pub fn write_export_body(
@@ -459,6 +551,7 @@ impl Simulator {
             export_lo: lo,
             export_hi: hi,
             time_in_ms: false,
+            truth: false,
         };
         let mut total = 0u64;
         let mut err = None;
@@ -519,7 +612,7 @@ impl Simulator {
             for j in 0..rule.count(p.n) {
                 rows.push(serde_json::json!({
                     "cohort_id": id,
-                    "distinct_id": p.get(rule.nth(j)).distinct_id,
+                    "distinct_id": p.get(rule.nth(j)).distinct_value(),
                 }));
             }
         }
@@ -574,6 +667,22 @@ impl Simulator {
             .into_iter()
             .map(as_read)
             .collect()
+    }
+
+    /// The annotations table read through the App API (a service account): its objects as
+    /// returned, `date` with the project's offset (`2023-01-15T12:00:00+01:00`).
+    pub fn app_annotations_ground_truth(&self) -> Vec<Value> {
+        self.inner
+            .reports
+            .app_annotations(i64::MIN, i64::MAX, &self.inner.generator.tz)
+            .into_iter()
+            .map(as_read)
+            .collect()
+    }
+
+    /// The event names `events/names` lists: every name the export has, most common first.
+    pub fn event_names(&self) -> Vec<String> {
+        self.inner.event_names()
     }
 
     /// The funnel ids `funnels/list` returns, in order.
@@ -700,6 +809,43 @@ impl Inner {
             &mut sink,
         );
         counts
+    }
+
+    /// The event names of the export, most common first (counted over the same sample as the
+    /// property counts), as `events/names` lists them.
+    fn event_names(&self) -> Vec<String> {
+        let g = &self.generator;
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let Ok(info) = DayInfo::new(&g.tz, g.last) else {
+            return Vec::new();
+        };
+        if g.last < g.first {
+            return Vec::new();
+        }
+        let mut seen = 0;
+        let mut buf = Vec::new();
+        let mut sink = |buf: &mut Vec<u8>, start: usize| {
+            if let Ok(Value::Object(line)) = serde_json::from_slice::<Value>(&buf[start..])
+                && let Some(Value::String(name)) = line.get("event")
+            {
+                *counts.entry(name.clone()).or_default() += 1;
+            }
+            buf.clear();
+            seen += 1;
+            seen < 5000
+        };
+        let late = self.late_snapshot(g.last, g.last);
+        g.emit_day(
+            &info,
+            late.get(&g.last).map_or(&[], Vec::as_slice),
+            &Filter::all(),
+            None,
+            &mut buf,
+            &mut sink,
+        );
+        let mut list: Vec<(String, u64)> = counts.into_iter().collect();
+        list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        list.into_iter().map(|(n, _)| n).collect()
     }
 
     fn late_snapshot(&self, from: i64, to: i64) -> HashMap<i64, Vec<LateBatch>> {

@@ -61,6 +61,22 @@ struct Args {
     /// Comma-separated endpoints the plan does not allow (402), e.g. engage,export.
     #[arg(long, value_delimiter = ',')]
     plan_excludes: Vec<String>,
+    /// Each day's export also carries the malformed lines of real exports (odd `time`s, events
+    /// split by raw line breaks, control bytes, a line without properties, one not JSON).
+    #[arg(long)]
+    messy_lines: bool,
+    /// Most profiles an engage page holds whatever page_size asks (the answer says the size).
+    #[arg(long)]
+    engage_max_page_size: Option<u32>,
+    /// Numeric distinct ids are sent as JSON integers.
+    #[arg(long)]
+    engage_integer_ids: bool,
+    /// Profiles without properties are sent without `$properties`.
+    #[arg(long)]
+    engage_omit_empty_properties: bool,
+    /// events/properties/top answers 400 without `event`.
+    #[arg(long)]
+    event_properties_require_event: bool,
 }
 
 fn parse_service_account(s: &str) -> Result<ServiceAccount, String> {
@@ -143,6 +159,11 @@ fn config(args: Args) -> Result<SimConfig, String> {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect(),
+        messy_lines: args.messy_lines,
+        engage_max_page_size: args.engage_max_page_size,
+        engage_integer_ids: args.engage_integer_ids,
+        engage_omit_empty_properties: args.engage_omit_empty_properties,
+        event_properties_require_event: args.event_properties_require_event,
     })
 }
 

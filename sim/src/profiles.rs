@@ -88,14 +88,34 @@ pub(crate) struct Field {
 /// One user profile.
 pub(crate) struct Profile {
     pub distinct_id: String,
+    /// The distinct id is sent as a JSON integer (it is all digits).
+    pub integer_id: bool,
+    /// Without properties, the profile is sent without `$properties`.
+    pub omit_empty: bool,
     pub fields: Vec<Field>,
 }
 
 impl Profile {
+    /// The distinct id as sent: a string, or an integer.
+    pub(crate) fn distinct_value(&self) -> Value {
+        match self.distinct_id.parse::<u64>() {
+            Ok(n) if self.integer_id => Value::from(n),
+            _ => Value::String(self.distinct_id.clone()),
+        }
+    }
+
     /// Appends `{"$distinct_id":...,"$properties":{...}}`, keeping only `keep` keys if given.
     pub(crate) fn write(&self, buf: &mut Vec<u8>, keep: Option<&HashSet<String>>) {
         buf.extend_from_slice(b"{\"$distinct_id\":");
-        buf.extend_from_slice(&json_str(&self.distinct_id));
+        if self.integer_id {
+            buf.extend_from_slice(self.distinct_id.as_bytes());
+        } else {
+            buf.extend_from_slice(&json_str(&self.distinct_id));
+        }
+        if self.omit_empty && self.fields.is_empty() {
+            buf.push(b'}');
+            return;
+        }
         buf.extend_from_slice(b",\"$properties\":{");
         let mut first = true;
         for f in &self.fields {
@@ -116,10 +136,7 @@ impl Profile {
     /// The engage table row: `distinct_id` then every property, `$` → `mp_reserved_`.
     pub(crate) fn row(&self) -> Value {
         let mut row = Map::new();
-        row.insert(
-            "distinct_id".into(),
-            Value::String(self.distinct_id.clone()),
-        );
+        row.insert("distinct_id".into(), self.distinct_value());
         for f in &self.fields {
             let v: Value = serde_json::from_slice(&f.value).unwrap_or_else(|e| {
                 panic!(
@@ -181,6 +198,10 @@ pub(crate) struct Profiles {
     pub n: u64,
     first: i64,
     last: i64,
+    /// Numeric distinct ids are sent as integers.
+    integer_ids: bool,
+    /// Profiles without properties are sent without `$properties`.
+    omit_empty: bool,
 }
 
 impl Profiles {
@@ -190,7 +211,17 @@ impl Profiles {
             n,
             first,
             last: last.max(first),
+            integer_ids: false,
+            omit_empty: false,
         }
+    }
+
+    /// The same profiles in other wire shapes Mixpanel has: integer distinct ids, profiles
+    /// without `$properties`.
+    pub(crate) fn with_shapes(mut self, integer_ids: bool, omit_empty: bool) -> Profiles {
+        self.integer_ids = integer_ids;
+        self.omit_empty = omit_empty;
+        self
     }
 
     /// The distinct id of profile `i`: unique (every form embeds `i`).
@@ -399,8 +430,13 @@ impl Profiles {
                 }
             }
         }
+        let distinct_id = self.distinct_id(i);
         Profile {
-            distinct_id: self.distinct_id(i),
+            integer_id: self.integer_ids
+                && !distinct_id.is_empty()
+                && distinct_id.bytes().all(|b| b.is_ascii_digit()),
+            omit_empty: self.omit_empty,
+            distinct_id,
             fields,
         }
     }
@@ -536,7 +572,7 @@ mod tests {
             prof.write(&mut buf, None);
             let v: Value = serde_json::from_slice(&buf)
                 .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&buf)));
-            assert_eq!(v["$distinct_id"], prof.distinct_id.as_str());
+            assert_eq!(v["$distinct_id"], prof.distinct_value());
             assert_eq!(
                 v["$properties"].as_object().unwrap().len(),
                 prof.fields.len(),
@@ -555,6 +591,21 @@ mod tests {
         for (k, _, _) in WEIRD_FIELDS.iter() {
             assert!(keys.contains(k), "{k:?}");
         }
+    }
+
+    #[test]
+    fn integer_ids_and_bare_profiles_are_sent_as_mixpanel_has_them() {
+        let p = Profiles::new(3, 40, 19_000, 19_009).with_shapes(true, true);
+        let mut buf = Vec::new();
+        p.get(3).write(&mut buf, None);
+        let v: Value = serde_json::from_slice(&buf).unwrap();
+        assert!(v["$distinct_id"].is_u64(), "{v}");
+        assert_eq!(p.get(3).row()["distinct_id"], v["$distinct_id"]);
+        buf.clear();
+        p.get(11).write(&mut buf, None);
+        let v: Value = serde_json::from_slice(&buf).unwrap();
+        assert!(v.get("$properties").is_none(), "{v}");
+        assert_eq!(p.get(11).row().as_object().unwrap().len(), 1);
     }
 
     #[test]

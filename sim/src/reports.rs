@@ -53,6 +53,34 @@ fn ymd_hms(day: i64, secs: u64) -> String {
     )
 }
 
+/// `YYYY-MM-DDTHH:MM:SS+HH:MM`: a local time of `tz` with its offset, as the App API writes dates.
+fn with_offset(day: i64, secs: u64, tz: &jiff::tz::TimeZone) -> String {
+    let (y, m, d) = civil(day);
+    let offset: i32 = jiff::civil::DateTime::new(
+        y as i16,
+        m as i8,
+        d as i8,
+        (secs / 3600) as i8,
+        ((secs / 60) % 60) as i8,
+        (secs % 60) as i8,
+        0,
+    )
+    .ok()
+    .and_then(|dt| tz.to_ambiguous_zoned_datetime(dt).compatible().ok())
+    .map_or(0, |z| z.offset().seconds());
+    let sign = if offset < 0 { '-' } else { '+' };
+    let abs = offset.unsigned_abs();
+    format!(
+        "{}T{:02}:{:02}:{:02}{sign}{:02}:{:02}",
+        ymd(day),
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        abs / 3600,
+        (abs / 60) % 60
+    )
+}
+
 /// The data of everything but events and profiles.
 pub(crate) struct Reports {
     seed: u64,
@@ -262,8 +290,8 @@ impl Reports {
 
     // ---- annotations ----
 
-    /// (id, day, `YYYY-MM-DD HH:MM:SS`, description) of every annotation, by date.
-    fn annotation_list(&self) -> Vec<(u64, i64, String, String)> {
+    /// (id, day, second of the day, description) of every annotation, by date.
+    fn annotation_list(&self) -> Vec<(u64, i64, u64, String)> {
         let days = (self.last - self.first + 1).max(1) as u64;
         (0..self.annotations)
             .map(|j| {
@@ -276,7 +304,7 @@ impl Reports {
                 let text = ANNOTATION_TEXTS
                     .get(j as usize)
                     .map_or_else(|| format!("Annotation {j}"), |s| s.to_string());
-                (640_999 + 17 * j, day, ymd_hms(day, secs), text)
+                (640_999 + 17 * j, day, secs, text)
             })
             .collect()
     }
@@ -286,18 +314,24 @@ impl Reports {
         self.annotation_list()
             .into_iter()
             .filter(|(_, day, _, _)| (from..=to).contains(day))
-            .map(|(id, _, date, description)| {
-                json!({"id": id, "project_id": self.project_id, "date": date, "description": description})
+            .map(|(id, day, secs, description)| {
+                json!({"id": id, "project_id": self.project_id, "date": ymd_hms(day, secs), "description": description})
             })
             .collect()
     }
 
-    /// The objects of the App API's annotation list.
-    pub(crate) fn app_annotations(&self, from: i64, to: i64) -> Vec<Value> {
+    /// The objects of the App API's annotation list (`date` with the offset of `tz`).
+    pub(crate) fn app_annotations(
+        &self,
+        from: i64,
+        to: i64,
+        tz: &jiff::tz::TimeZone,
+    ) -> Vec<Value> {
         self.annotation_list()
             .into_iter()
             .filter(|(_, day, _, _)| (from..=to).contains(day))
-            .map(|(id, _, date, description)| {
+            .map(|(id, day, secs, description)| {
+                let date = with_offset(day, secs, tz);
                 let tags = if id % 2 == 0 {
                     json!([{"id": 11, "name": "release"}])
                 } else {

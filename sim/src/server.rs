@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::api::{self, Endpoint};
 use crate::r#gen::{Filter, day_num};
 use crate::query::{ExportParams, param, parse_date, parse_export};
-use crate::{AuthKind, CHUNK, Fault, RequestRecord, SimConfig, Simulator};
+use crate::{AuthKind, CHUNK, Fault, FaultRule, RequestRecord, SimConfig, Simulator};
 
 /// The router: one handler so every request is logged the same way.
 pub(crate) fn router(sim: Simulator) -> Router {
@@ -318,14 +318,38 @@ impl WithStatus for Response {
 /// `/api/query/X`).
 fn take_fault(sim: &Simulator, path: &str, params: &[(String, String)]) -> Option<Fault> {
     let from = param(params, "from_date").and_then(parse_date);
+    let to = param(params, "to_date").and_then(parse_date).or(from);
+    // The request's time range in export seconds: its days, narrowed by a `where` on `$time`.
+    let range = match (from, to) {
+        (Some(f), Some(t)) => {
+            let (mut lo, mut hi) = (day_num(f) * 86_400, (day_num(t) + 1) * 86_400);
+            if let Some((wlo, whi)) =
+                param(params, "where").and_then(|w| crate::query::parse_where(w).ok())
+            {
+                lo = lo.max(wlo);
+                hi = hi.min(whi.saturating_add(1));
+            }
+            Some((lo, hi))
+        }
+        _ => None,
+    };
+    let span_secs = range.map(|(lo, hi)| (hi - lo).max(0) as u64);
     let canonical = Endpoint::canonical_path(path);
     let mut st = sim.inner.lock();
     let rule = st.faults.iter_mut().find(|r| {
         r.times > 0
             && (r.path == path || r.path == canonical)
             && r.from_date.is_none_or(|d| Some(d) == from)
+            && r.covering
+                .is_none_or(|d| from.is_some_and(|f| f <= d) && to.is_some_and(|t| d <= t))
+            && r.wider_than
+                .is_none_or(|w| span_secs.is_some_and(|s| s > w.as_secs()))
+            && r.holding
+                .is_none_or(|at| range.is_some_and(|(lo, hi)| lo <= at && at < hi))
     })?;
-    rule.times -= 1;
+    if rule.times != FaultRule::PERSISTENT {
+        rule.times -= 1;
+    }
     Some(rule.fault.clone())
 }
 
@@ -602,6 +626,7 @@ fn produce(
         export_lo: p.time_lo,
         export_hi: p.time_hi,
         time_in_ms: p.time_in_ms,
+        truth: false,
     };
     let mut lines = 0usize;
     let mut terminated = false;

@@ -20,6 +20,9 @@ fn rule(fault: Fault) -> FaultRule {
         path: "/api/2.0/export".into(),
         from_date: None,
         times: 1,
+        covering: None,
+        wider_than: None,
+        holding: None,
         fault,
     }
 }
@@ -432,6 +435,9 @@ async fn faults() {
     sim.push_fault(FaultRule {
         from_date: Some(other),
         times: 2,
+        covering: None,
+        wider_than: None,
+        holding: None,
         ..rule(Fault::Status {
             status: 400,
             body: r#"{"error": "Timeout Error."}"#.into(),

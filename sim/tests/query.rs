@@ -753,15 +753,44 @@ async fn service_accounts_and_the_app_api() {
     let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(v["status"], "ok");
     let results = v["results"].as_array().unwrap();
+    assert_eq!(results, &sim.app_annotations_ground_truth());
     let truth = sim.annotations_ground_truth();
     assert_eq!(results.len(), truth.len());
     for (a, t) in results.iter().zip(&truth) {
         assert_eq!(a["id"], t["id"]);
-        assert_eq!(a["date"], t["date"]);
+        // The App API writes the same local time with its offset: `2023-01-15T12:00:00+00:00`.
+        let (day, time) = t["date"].as_str().unwrap().split_once(' ').unwrap();
+        assert_eq!(a["date"], format!("{day}T{time}+00:00"));
         assert_eq!(a["description"], t["description"]);
         assert!(a["user"].is_object() && a["tags"].is_array());
         assert_eq!(t["project_id"], 4242);
     }
+    // Its filters are camelCase; the Query API's names are ignored.
+    let first = truth[1]["date"].as_str().unwrap()[..10].to_string();
+    let r = send(
+        "/api/app/projects/4242/annotations",
+        sa_auth.clone(),
+        vec![("fromDate", first.clone()), ("toDate", first.clone())],
+    )
+    .await
+    .unwrap();
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert!(
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["date"].as_str().unwrap().starts_with(&first))
+    );
+    let r = send(
+        "/api/app/projects/4242/annotations",
+        sa_auth.clone(),
+        vec![("from_date", first.clone()), ("to_date", first)],
+    )
+    .await
+    .unwrap();
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["results"].as_array().unwrap().len(), truth.len());
     let r = send(
         "/api/app/projects/4243/annotations",
         sa_auth.clone(),
@@ -819,6 +848,9 @@ async fn faults_on_query_paths() {
         path: path.into(),
         from_date: None,
         times: 1,
+        covering: None,
+        wider_than: None,
+        holding: None,
         fault,
     };
 
@@ -990,4 +1022,51 @@ fn binary_flags_for_counts() {
     assert_eq!(got.0, 7);
     assert_eq!(got.1.as_array().unwrap().len(), 2);
     assert_eq!(got.2.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn smaller_pages_persistent_faults_and_events_names_behave_as_configured() {
+    let sim = Simulator::new(SimConfig {
+        profiles: 1200,
+        engage_max_page_size: Some(500),
+        event_properties_require_event: true,
+        ..recent(19, 10)
+    });
+    let srv = sim.serve(0).await.unwrap();
+    let url = srv.url();
+    // Asked for 1,000, served 500: the answer says so.
+    let (status, v) = get_json(&url, "/api/2.0/engage", &[("page_size", "1000".into())]).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["page_size"], 500);
+    assert_eq!(v["total"], 1200);
+    assert_eq!(v["results"].as_array().unwrap().len(), 500);
+    // A persistent fault meets every matching request until cleared.
+    sim.push_fault(FaultRule {
+        path: "/api/2.0/cohorts/list".into(),
+        from_date: None,
+        times: FaultRule::PERSISTENT,
+        covering: None,
+        wider_than: None,
+        holding: None,
+        fault: Fault::ServerError { status: 503 },
+    });
+    for _ in 0..3 {
+        assert_eq!(get(&url, "/api/2.0/cohorts/list", &[]).await.status(), 503);
+    }
+    sim.clear_faults();
+    assert_eq!(get(&url, "/api/2.0/cohorts/list", &[]).await.status(), 200);
+    // events/properties/top needs `event` here; events/names lists the names.
+    let (status, _) = get_json(&url, "/api/2.0/events/properties/top", &[]).await;
+    assert_eq!(status, 400);
+    let (status, names) =
+        get_json(&url, "/api/2.0/events/names", &[("type", "general".into())]).await;
+    assert_eq!(status, 200);
+    assert_eq!(names, json!(sim.event_names()));
+    let first = sim.event_names()[0].clone();
+    let (status, props) =
+        get_json(&url, "/api/2.0/events/properties/top", &[("event", first)]).await;
+    assert_eq!(status, 200);
+    assert!(props.as_object().is_some_and(|o| !o.is_empty()), "{props}");
+    let (status, _) = get_json(&url, "/api/2.0/events/names", &[]).await;
+    assert_eq!(status, 400, "type is required");
 }
