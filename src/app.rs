@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::config::Settings;
 use crate::error::Result;
+use crate::fanout::FanOutQueue;
 use crate::mixpanel::MixpanelClient;
 use crate::ratelimit::{Limits, RequestBudget};
 use crate::secrets::CredentialsProvider;
@@ -28,6 +29,8 @@ pub struct App {
     pub sink: Arc<dyn ObjectSink>,
     /// Key prefix of every output object.
     pub prefix: String,
+    /// The fan-out queue day events are sent to (`FAN_OUT_QUEUE_URL`), when set.
+    pub fan_out: Option<Arc<FanOutQueue>>,
 }
 
 impl App {
@@ -36,6 +39,7 @@ impl App {
     pub async fn build(settings: Settings, sdk: Option<aws_config::SdkConfig>) -> Result<App> {
         let needs_aws = settings.output_bucket.is_some() && settings.output_dir.is_none()
             || settings.state_table.is_some() && settings.state_file.is_none()
+            || settings.fan_out_queue_url.is_some()
             || matches!(
                 settings.credentials,
                 crate::secrets::CredentialsSource::SecretsManager { .. }
@@ -99,12 +103,20 @@ impl App {
             },
         );
         let mixpanel = mixpanel.with_budget(Arc::new(budget));
+        let fan_out = match (&settings.fan_out_queue_url, &sdk) {
+            (Some(url), Some(sdk)) => Some(Arc::new(FanOutQueue::new(
+                aws_sdk_sqs::Client::new(sdk),
+                url.clone(),
+            ))),
+            _ => None,
+        };
         Ok(App {
             settings: Arc::new(settings),
             mixpanel,
             store,
             sink,
             prefix,
+            fan_out,
         })
     }
 }

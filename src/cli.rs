@@ -37,6 +37,12 @@ enum Command {
         /// State file (default: STATE_TABLE if set, else <out>/.state.json).
         #[arg(long)]
         state: Option<PathBuf>,
+        /// Retry the parked slices (and the tables remembered as not allowed by the plan) first.
+        #[arg(long)]
+        retry_parked: bool,
+        /// Slices replicated at once (each with its own lease; one request budget for all).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+        concurrency: u32,
     },
     /// Run the Lambda handler once on an event (a file, or - for standard input).
     Invoke {
@@ -64,16 +70,22 @@ enum Command {
 /// Runs the command line; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Sync { tables, out, state } => match local_settings(out, state) {
-            Ok(s) => sync_command(s, tables).await,
+        Command::Sync {
+            tables,
+            out,
+            state,
+            retry_parked,
+            concurrency,
+        } => match local_settings(out, state) {
+            Ok(s) => Box::pin(sync_command(s, tables, retry_parked, concurrency as usize)).await,
             Err(e) => Err(e),
         },
-        Command::Invoke { event } => invoke_command(&event).await,
+        Command::Invoke { event } => Box::pin(invoke_command(&event)).await,
         Command::Plan { tables, state } => match local_settings(None, state) {
-            Ok(s) => plan_command(s, tables).await,
+            Ok(s) => Box::pin(plan_command(s, tables)).await,
             Err(e) => Err(e),
         },
-        Command::Demo { out } => crate::demo::run(out).await,
+        Command::Demo { out } => Box::pin(crate::demo::run(out)).await,
     };
     match result {
         Ok(code) => code,
@@ -98,14 +110,30 @@ fn local_settings(out: Option<PathBuf>, state: Option<PathBuf>) -> Result<Settin
     Ok(s)
 }
 
-async fn sync_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode> {
+async fn sync_command(
+    settings: Settings,
+    tables: Vec<Table>,
+    retry_parked: bool,
+    concurrency: usize,
+) -> Result<ExitCode> {
     let app = App::build(settings, None).await?;
-    let report = sync(&app, &tables).await?;
-    Ok(if report.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let report = sync_concurrently(&app, &tables, retry_parked, concurrency).await?;
+    for line in &report.parked {
+        eprintln!("parked: {line}");
+    }
+    if report.failed == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "error: {} slice(s) not committed{}",
+        report.failed,
+        if report.parked.is_empty() {
+            String::new()
+        } else {
+            "; retry the parked ones with `sync --retry-parked` once the cause is fixed".into()
+        }
+    );
+    Ok(ExitCode::FAILURE)
 }
 
 /// What a sync did.
@@ -123,6 +151,8 @@ pub struct SyncReport {
     pub skipped: Vec<String>,
     /// Slices left uncommitted.
     pub failed: u64,
+    /// The parked slices, one line each: the slice, its attempts and its last error.
+    pub parked: Vec<String>,
 }
 
 /// The first wait of `sync` after a slice failed on Mixpanel's rate limit; it doubles while
@@ -133,6 +163,27 @@ const RATE_WAIT_MAX: Duration = Duration::from_secs(120);
 
 /// Plans and replicates the tables (all supported ones when empty) until nothing is pending.
 pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
+    sync_with(app, tables, false).await
+}
+
+/// [`sync`], first retrying the parked slices when `retry_parked`.
+///
+/// A slice that fails is tried again after its backoff, while the others go on; after
+/// `MAX_SLICE_ATTEMPTS` failures in a row it is parked and named in the report. Failures of
+/// the settings, the credentials or the state store stop the sync at once: every slice would
+/// fail the same way.
+pub async fn sync_with(app: &App, tables: &[Table], retry_parked: bool) -> Result<SyncReport> {
+    sync_concurrently(app, tables, retry_parked, 1).await
+}
+
+/// [`sync_with`] with `concurrency` workers per table, each claiming its own slices (leases
+/// keep them apart; the one request budget in the state store holds for all of them).
+pub async fn sync_concurrently(
+    app: &App,
+    tables: &[Table],
+    retry_parked: bool,
+    concurrency: usize,
+) -> Result<SyncReport> {
     let chosen: Vec<Table> = if tables.is_empty() {
         Table::ALL.to_vec()
     } else {
@@ -140,72 +191,158 @@ pub async fn sync(app: &App, tables: &[Table]) -> Result<SyncReport> {
     };
     let mut report = SyncReport::default();
     let json_lines = !std::io::stdout().is_terminal();
+    let store = app.store.as_ref();
     for table in chosen {
-        plan::queue_table(app.store.as_ref(), &app.settings, table, Timestamp::now()).await?;
-        let progress = Progress::new(
-            table,
-            plan::outstanding(app.store.as_ref(), table).await? as u64,
-        );
-        // A snapshot answers partial after every budget's worth of pages: that is progress. A
-        // day that answers partial three times in a row does not fit the budget.
-        let partial_limit = if table.is_date_sliced() { 3 } else { 100_000 };
-        let mut partial_in_a_row = 0;
-        // Mixpanel still said 429 after the client's own retries (which honour Retry-After):
-        // wait, longer each time in a row, before the next slice.
-        let mut rate_wait = RATE_WAIT_FIRST;
-        loop {
-            let deadline = Instant::now() + app.settings.time_budget;
-            let owner = handler::new_attempt_id();
-            let now_ms = Timestamp::now().as_millisecond() as u64;
-            let until = now_ms + app.settings.time_budget.as_millis() as u64 + 60_000;
-            let Some(claim) =
-                plan::claim_next(app.store.as_ref(), table, &owner, now_ms, until).await?
-            else {
-                break;
-            };
-            match handler::run_slice(app, &claim, deadline).await {
-                Ok(resp) => {
-                    progress.slice_done(json_lines, &resp);
-                    match resp.status {
-                        Status::Done => {
-                            partial_in_a_row = 0;
-                            rate_wait = RATE_WAIT_FIRST;
-                            report.slices += 1;
-                            report.records += resp.records;
-                            report.bytes += resp.bytes;
-                            report.files += resp.files;
-                        }
-                        Status::Skipped => {
-                            report.skipped.push(table.to_string());
-                            break;
-                        }
-                        _ => {
-                            partial_in_a_row += 1;
-                            if partial_in_a_row >= partial_limit {
-                                return Err(Error::new(
-                                    ErrorKind::Deadline,
-                                    format!(
-                                        "{table} {} did not finish within INVOCATION_TIME_BUDGET_SECONDS three times",
-                                        claim.lease.slice
-                                    ),
-                                ));
-                            }
-                        }
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::RateLimited => {
-                    tracing::warn!(error = %e, wait_s = rate_wait.as_secs(), "waiting out Mixpanel's rate limit");
-                    tokio::time::sleep(rate_wait).await;
-                    rate_wait = (rate_wait * 2).min(RATE_WAIT_MAX);
-                }
-                Err(e) => return Err(e),
+        if retry_parked {
+            crate::skip::forget(app, table).await?;
+            crate::park::retry_all(store, table).await?;
+        }
+        if let Some(reason) = crate::skip::remembered(app, table).await? {
+            tracing::warn!(table = %table, reason = %reason, "table skipped (remembered); `sync --retry-parked` asks again");
+            report.skipped.push(table.to_string());
+            continue;
+        }
+        plan::queue_table(store, &app.settings, table, Timestamp::now()).await?;
+        let progress = Progress::new(table, plan::outstanding(store, table).await? as u64);
+        let progress = std::sync::Arc::new(progress);
+        // A worker that fails (settings, credentials, state store: every slice would fail the
+        // same way) stops the others after their current slice, which each gives back or
+        // commits: none is dropped while it holds a lease.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let workers = (0..concurrency.max(1)).map(|_| async {
+            let worked = work(app, table, progress.clone(), json_lines, &stop).await;
+            if worked.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            worked
+        });
+        let done: Vec<Result<Worked>> = futures_util::future::join_all(workers).await;
+        let done: Vec<Worked> = done.into_iter().collect::<Result<_>>()?;
+        for worked in done {
+            report.slices += worked.slices;
+            report.records += worked.records;
+            report.bytes += worked.bytes;
+            report.files += worked.files;
+            if worked.skipped && !report.skipped.iter().any(|s| s == table.as_str()) {
+                report.skipped.push(table.to_string());
             }
         }
         if !report.skipped.iter().any(|s| s == table.as_str()) {
-            report.failed += plan::outstanding(app.store.as_ref(), table).await? as u64;
+            let slices = store.slices(table).await?;
+            report
+                .parked
+                .extend(crate::park::parked(&slices).map(crate::park::describe));
+            report.failed += slices
+                .iter()
+                .filter(|r| r.status != crate::state::SliceStatus::Committed)
+                .count() as u64;
         }
     }
     Ok(report)
+}
+
+/// What one sync worker did on a table.
+#[derive(Default)]
+struct Worked {
+    slices: u64,
+    records: u64,
+    bytes: u64,
+    files: u64,
+    skipped: bool,
+}
+
+/// One sync worker on `table`: claims and replicates slices until none is claimable (waiting
+/// out backoffs and rate limits).
+async fn work(
+    app: &App,
+    table: Table,
+    progress: std::sync::Arc<Progress>,
+    json_lines: bool,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Worked> {
+    let store = app.store.as_ref();
+    let mut worked = Worked::default();
+    // A snapshot answers partial after every budget's worth of pages, and a funnels window
+    // after every budget's worth of funnels: that is progress. An export day that answers
+    // partial three times in a row does not fit the budget (a slice split into smaller
+    // pieces answers partial too, but the next claim is another slice: that is progress).
+    let partial_limit = if table == Table::Export { 3 } else { 100_000 };
+    let mut partial_in_a_row = 0;
+    let mut last_partial = None;
+    // Mixpanel still said 429 after the client's own waits: wait, longer each time in a
+    // row, before the next slice.
+    let mut rate_wait = RATE_WAIT_FIRST;
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let deadline = Instant::now() + app.settings.time_budget;
+        let owner = handler::new_attempt_id();
+        let now_ms = Timestamp::now().as_millisecond() as u64;
+        let until = now_ms + app.settings.time_budget.as_millis() as u64 + 60_000;
+        let (claim, slices) =
+            plan::claim_next_seeing(store, table, None, &owner, now_ms, until).await?;
+        let Some(claim) = claim else {
+            // Only slices backing off after a failure are left: wait for the first.
+            match plan::next_retry_ms(&slices) {
+                Some(at) => {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms));
+                    tracing::info!(table = %table, wait_s = wait.as_secs(), "waiting to try a failed slice again");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                None => break,
+            }
+        };
+        let (resp, failure) = handler::attempt_slice(app, &claim, deadline).await?;
+        progress.slice_done(json_lines, &resp);
+        match resp.status {
+            Status::Done => {
+                partial_in_a_row = 0;
+                last_partial = None;
+                rate_wait = RATE_WAIT_FIRST;
+                // (A multi-day window commits each of its days.)
+                worked.slices += resp
+                    .slice
+                    .as_deref()
+                    .map_or(1, crate::window::days_in_label);
+                worked.records += resp.records;
+                worked.bytes += resp.bytes;
+                worked.files += resp.files;
+            }
+            Status::Skipped => {
+                worked.skipped = true;
+                break;
+            }
+            // Recorded on the slice: it is tried again after its backoff, or parked.
+            _ if failure.is_some() => {}
+            _ if resp.rate_limited => {
+                tracing::warn!(
+                    wait_s = rate_wait.as_secs(),
+                    "waiting out Mixpanel's rate limit"
+                );
+                tokio::time::sleep(rate_wait).await;
+                rate_wait = (rate_wait * 2).min(RATE_WAIT_MAX);
+            }
+            _ => {
+                if last_partial != Some(claim.lease.slice) {
+                    partial_in_a_row = 0;
+                    last_partial = Some(claim.lease.slice);
+                }
+                partial_in_a_row += 1;
+                if partial_in_a_row >= partial_limit {
+                    return Err(Error::new(
+                        ErrorKind::Deadline,
+                        format!(
+                            "{table} {} did not finish within INVOCATION_TIME_BUDGET_SECONDS three times",
+                            claim.lease.slice
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(worked)
 }
 
 /// Progress of a sync: a bar per table on a terminal; otherwise one JSON line per slice.
@@ -290,11 +427,11 @@ async fn invoke_command(event: &str) -> Result<ExitCode> {
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::event(format!("the event is not JSON: {e}")))?;
     // Validate the event before touching settings, so a bad event changes nothing.
-    handler::parse_event(&value)?;
+    handler::check_event(&value)?;
     let settings = local_settings(None, None)?;
     let app = App::build(settings, None).await?;
     let deadline = handler::effective_deadline(None, app.settings.time_budget);
-    match handler::handle_reported(&app, value, deadline, false).await {
+    match handler::answer(&app, value, deadline, false).await {
         Ok(resp) => {
             println!("{}", serde_json::to_string(&resp).unwrap_or_default());
             Ok(ExitCode::SUCCESS)
@@ -324,10 +461,23 @@ async fn plan_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode
         }
         for r in pending {
             let why = match (r.status, r.committed_at_ms) {
-                (crate::state::SliceStatus::Leased, _) => "lease expired",
-                (_, Some(_)) => "refresh (attribution window)",
-                _ if r.attempts > 0 => "retry",
-                _ => "new",
+                (crate::state::SliceStatus::Failed, _) => crate::park::describe(&r)
+                    .split_once(": ")
+                    .map(|(_, rest)| rest.to_string())
+                    .unwrap_or_default(),
+                (crate::state::SliceStatus::Leased, _) => "lease expired".into(),
+                _ if r.failures > 0 => format!(
+                    "retry after failed attempt {} of {}{}",
+                    r.failures,
+                    app.settings.max_slice_attempts,
+                    r.error
+                        .as_ref()
+                        .map(|e| format!(" ({}: {})", e.kind, e.message))
+                        .unwrap_or_default()
+                ),
+                (_, Some(_)) => "refresh (attribution window)".into(),
+                _ if r.attempts > 0 => "retry".into(),
+                _ => "new".into(),
             };
             println!("{table}\t{}\t{why}", r.slice);
         }

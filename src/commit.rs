@@ -36,6 +36,23 @@ pub struct Manifest {
     pub records: u64,
     /// The parts.
     pub files: Vec<FileEntry>,
+    /// Export days: the source lines that could not be used, kept raw under `_rejected/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<u64>,
+    /// Export days: the parts holding those lines, in `{prefix}/export/_rejected/date=…/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_files: Option<Vec<FileEntry>>,
+}
+
+/// An export day's rejected lines: their folder, how many, and the parts that hold them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RejectedParts {
+    /// `{prefix}/{table}/_rejected/date=YYYY-MM-DD`.
+    pub folder: String,
+    /// Lines rejected.
+    pub lines: u64,
+    /// The parts.
+    pub files: Vec<FileEntry>,
 }
 
 /// Joins key components, skipping an empty prefix.
@@ -59,12 +76,102 @@ pub fn date_partition(prefix: &str, table: Table, slice: SliceId) -> Result<(Str
     Ok((key(prefix, &format!("{table}/{partition}")), partition))
 }
 
+/// The folder of a table's rejected source lines of a day:
+/// `{prefix}/{table}/_rejected/date=YYYY-MM-DD`.
+pub fn rejected_folder(prefix: &str, table: Table, slice: SliceId) -> Result<String> {
+    let (_, partition) = date_partition(prefix, table, slice)?;
+    Ok(key(prefix, &format!("{table}/_rejected/{partition}")))
+}
+
 /// How long the commit may take once the fencing check passed (the lease is extended by this).
 const COMMIT_LEASE_MS: u64 = 120_000;
+
+/// The shrink guard of a commit: a re-read with fewer than `percent` % of the rows of the
+/// commit it replaces (the day's manifest, or the table's latest snapshot) is not committed —
+/// an empty 200 during an incident must not replace a good day. A person forces it by retrying
+/// the slice parked for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShrinkGuard {
+    /// `SHRINK_GUARD_PERCENT`; 0 is off.
+    pub percent: u32,
+    /// The slice was parked by this guard and retried by a person: commit as read.
+    pub forced: bool,
+}
+
+impl ShrinkGuard {
+    /// No guard (a first commit, or a caller that replaces nothing).
+    pub const OFF: ShrinkGuard = ShrinkGuard {
+        percent: 0,
+        forced: false,
+    };
+
+    /// The guard for a slice as it was when claimed (`before`).
+    pub fn for_slice(percent: u32, before: Option<&SliceRecord>) -> ShrinkGuard {
+        let forced = before.is_some_and(|r| {
+            r.failures == 0
+                && r.error
+                    .as_ref()
+                    .is_some_and(|e| e.kind == ErrorKind::Shrunk.as_str())
+        });
+        ShrinkGuard { percent, forced }
+    }
+
+    /// Fails with `Shrunk` when `records` is under the guard's share of `previous`.
+    fn check(&self, what: &str, previous: Option<u64>, records: u64) -> Result<()> {
+        let Some(previous) = previous else {
+            return Ok(());
+        };
+        if self.forced
+            || self.percent == 0
+            || u128::from(records) * 100 >= u128::from(previous) * u128::from(self.percent)
+        {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Shrunk,
+            format!(
+                "{what} shrunk from {previous} to {records} rows (under SHRINK_GUARD_PERCENT={}% of the commit it would replace): not committed; if Mixpanel really holds fewer now, retry the parked slice to commit it as read",
+                self.percent
+            ),
+        ))
+    }
+}
+
+/// The rows of the commit that one in `folder` replaces: the date partition's manifest, or the
+/// latest snapshot of the table (the folder's parent) for a snapshot.
+async fn replaced_records(
+    sink: &dyn ObjectSink,
+    folder: &str,
+    partition: &str,
+) -> Result<Option<u64>> {
+    let manifest_key = if partition.starts_with("date=") {
+        format!("{folder}/_manifest.json")
+    } else {
+        let parent = folder.rsplit_once('/').map_or("", |(p, _)| p);
+        let latest = key(parent, "_latest.json");
+        let Some(body) = sink.get(&latest).await? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("manifest")?.as_str().map(String::from))
+        {
+            Some(k) => k,
+            None => return Ok(None),
+        }
+    };
+    let Some(body) = sink.get(&manifest_key).await? else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<Manifest>(&body)
+        .ok()
+        .map(|m| m.records))
+}
 
 /// Commits the parts of `lease`'s attempt in `folder`: [`write_manifest`], then [`complete`].
 /// Returns an error of kind `State` when the lease was lost (another attempt owns the slice
 /// now): nothing is committed then.
+#[allow(clippy::too_many_arguments)]
 pub async fn commit(
     store: &dyn StateStore,
     sink: &dyn ObjectSink,
@@ -73,8 +180,38 @@ pub async fn commit(
     partition: &str,
     files: Vec<FileEntry>,
     result: Option<&str>,
+    guard: ShrinkGuard,
 ) -> Result<Manifest> {
-    let manifest = write_manifest(store, sink, lease, folder, partition, files).await?;
+    let manifest = write_manifest(store, sink, lease, folder, partition, files, guard).await?;
+    complete(store, lease, result).await?;
+    Ok(manifest)
+}
+
+/// [`commit`] of an export day, whose manifest also counts and lists its rejected lines; the
+/// rejected parts of other attempts are removed too.
+#[allow(clippy::too_many_arguments)]
+pub async fn commit_with_rejected(
+    store: &dyn StateStore,
+    sink: &dyn ObjectSink,
+    lease: &Lease,
+    folder: &str,
+    partition: &str,
+    files: Vec<FileEntry>,
+    rejected: &RejectedParts,
+    result: Option<&str>,
+    guard: ShrinkGuard,
+) -> Result<Manifest> {
+    let manifest = write_manifest_with(
+        store,
+        sink,
+        lease,
+        folder,
+        partition,
+        files,
+        Some(rejected),
+        guard,
+    )
+    .await?;
     complete(store, lease, result).await?;
     Ok(manifest)
 }
@@ -86,7 +223,8 @@ const CLEANUP_ATTEMPTS: u32 = 3;
 /// The first half of a commit: the fencing check, the manifest (and a date partition's symlink
 /// manifest), then the removal of other attempts' parts. The slice is not marked committed yet:
 /// whatever must be visible before it is (a snapshot's `_latest.json`) goes next, then
-/// [`complete`]. A crash in between leaves the slice to be replicated again.
+/// [`complete`]. A crash in between leaves the slice to be replicated again. `guard` refuses a
+/// re-read far smaller than what it replaces (nothing is written then).
 pub async fn write_manifest(
     store: &dyn StateStore,
     sink: &dyn ObjectSink,
@@ -94,7 +232,28 @@ pub async fn write_manifest(
     folder: &str,
     partition: &str,
     files: Vec<FileEntry>,
+    guard: ShrinkGuard,
 ) -> Result<Manifest> {
+    write_manifest_with(store, sink, lease, folder, partition, files, None, guard).await
+}
+
+/// [`write_manifest`], with an export day's rejected lines when given.
+#[allow(clippy::too_many_arguments)]
+async fn write_manifest_with(
+    store: &dyn StateStore,
+    sink: &dyn ObjectSink,
+    lease: &Lease,
+    folder: &str,
+    partition: &str,
+    files: Vec<FileEntry>,
+    rejected: Option<&RejectedParts>,
+    guard: ShrinkGuard,
+) -> Result<Manifest> {
+    if guard.percent > 0 && !guard.forced {
+        let records: u64 = files.iter().map(|f| f.records).sum();
+        let previous = replaced_records(sink, folder, partition).await?;
+        guard.check(&format!("{} {partition}", lease.table), previous, records)?;
+    }
     let now = Timestamp::now();
     let now_ms = now.as_millisecond() as u64;
     // Fencing: only the attempt that still holds the lease may write the manifest.
@@ -112,6 +271,8 @@ pub async fn write_manifest(
         committed_at: now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
         records,
         files,
+        rejected: rejected.map(|r| r.lines),
+        rejected_files: rejected.map(|r| r.files.clone()),
     };
     let body = serde_json::to_vec_pretty(&manifest).map_err(Error::storage)?;
     sink.put(
@@ -128,7 +289,11 @@ pub async fn write_manifest(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match remove_other_parts(sink, folder, &manifest).await {
+        let mut removed = remove_other_parts(sink, folder, &manifest.files).await;
+        if let (Ok(()), Some(r)) = (&removed, rejected) {
+            removed = remove_other_parts(sink, &r.folder, &r.files).await;
+        }
+        match removed {
             Ok(()) => break,
             Err(e) if attempt < CLEANUP_ATTEMPTS && e.kind().retryable() => {
                 tracing::warn!(folder, attempt, error = %e, "removing other attempts' parts again");
@@ -140,14 +305,13 @@ pub async fn write_manifest(
     Ok(manifest)
 }
 
-/// Deletes the parts in `folder` that `manifest` does not list.
+/// Deletes the parts in `folder` that `files` does not list.
 async fn remove_other_parts(
     sink: &dyn ObjectSink,
     folder: &str,
-    manifest: &Manifest,
+    files: &[FileEntry],
 ) -> Result<()> {
-    let keep: std::collections::HashSet<String> = manifest
-        .files
+    let keep: std::collections::HashSet<String> = files
         .iter()
         .map(|f| format!("{folder}/{}", f.name))
         .collect();
@@ -281,7 +445,7 @@ pub async fn write_schema(
 ) -> Result<()> {
     let body = serde_json::json!({
         "table": table.as_str(),
-        "columns": schema.columns.iter().map(|(name, ty)| serde_json::json!({"name": name, "type": ty})).collect::<Vec<_>>(),
+        "columns": schema.columns.iter().map(|(name, ty)| serde_json::json!({"name": name, "type": type_json(ty)})).collect::<Vec<_>>(),
     });
     let bytes = serde_json::to_vec_pretty(&body).map_err(Error::storage)?;
     sink.put(
@@ -290,6 +454,16 @@ pub async fn write_schema(
         "application/json",
     )
     .await
+}
+
+/// A column's type as `_schema.json` writes it: one JSON type, or the list of them when a
+/// column holds several (stored as `integer|string`).
+fn type_json(ty: &str) -> serde_json::Value {
+    if ty.contains('|') {
+        serde_json::json!(ty.split('|').collect::<Vec<_>>())
+    } else {
+        serde_json::json!(ty)
+    }
 }
 
 /// The Athena symlink manifest of a committed partition or snapshot: one address per committed

@@ -134,6 +134,23 @@ pub struct Settings {
     pub snapshot_retention: u32,
     /// Days read with one query by the date-sliced query tables (funnels, revenue).
     pub date_window_days: u32,
+    /// Failed attempts in a row after which a slice is parked.
+    pub max_slice_attempts: u32,
+    /// Most contiguous small export days fetched with one request (1: every day alone).
+    pub export_window_days: u32,
+    /// The wait before a failed slice is tried again; it doubles with each failure in a row.
+    pub slice_retry_backoff: Duration,
+    /// How long a table found not allowed by the plan is answered `skipped` without asking.
+    pub skip_recheck: Duration,
+    /// A re-read with fewer than this percentage of the committed rows is not committed.
+    pub shrink_guard_percent: u32,
+    /// `FAN_OUT_QUEUE_URL`: the SQS queue a range event (and a scheduled invocation with more
+    /// pending days than it can finish) sends its day events to, for the queue's event source
+    /// mapping to run them on concurrent invocations. Unset (local runs): nothing is sent.
+    pub fan_out_queue_url: Option<String>,
+    /// `FAN_OUT_CONCURRENCY`: how many day events a scheduled invocation that cannot finish
+    /// the pending days sends to the fan-out queue at most (the queue's concurrency).
+    pub fan_out_concurrency: u32,
     /// Local output folder (local mode).
     pub output_dir: Option<PathBuf>,
     /// Local state file (local mode).
@@ -171,6 +188,13 @@ pub const VARIABLES: &[&str] = &[
     "INVOCATION_TIME_BUDGET_SECONDS",
     "SNAPSHOT_RETENTION",
     "MIXPANEL_DATE_WINDOW_DAYS",
+    "MAX_SLICE_ATTEMPTS",
+    "MIXPANEL_EXPORT_WINDOW_DAYS",
+    "SLICE_RETRY_BACKOFF_SECONDS",
+    "MIXPANEL_SKIP_RECHECK_HOURS",
+    "SHRINK_GUARD_PERCENT",
+    "FAN_OUT_QUEUE_URL",
+    "FAN_OUT_CONCURRENCY",
 ];
 
 impl Settings {
@@ -342,6 +366,47 @@ impl Settings {
         )?);
         let snapshot_retention = number(&get, "SNAPSHOT_RETENTION", 7, 1, 10_000)? as u32;
         let date_window_days = number(&get, "MIXPANEL_DATE_WINDOW_DAYS", 30, 1, 366)? as u32;
+        let max_slice_attempts = number(&get, "MAX_SLICE_ATTEMPTS", 5, 1, 1000)? as u32;
+        let export_window_days = number(&get, "MIXPANEL_EXPORT_WINDOW_DAYS", 30, 1, 366)? as u32;
+        // On Lambda the schedule spaces attempts anyway: five minutes, doubling, so that a
+        // Mixpanel incident of an hour parks nothing. `sync` is watched by a person: seconds.
+        let backoff_default = match mode {
+            RunMode::Lambda => 300,
+            RunMode::Local => 2,
+        };
+        let slice_retry_backoff = Duration::from_secs(number(
+            &get,
+            "SLICE_RETRY_BACKOFF_SECONDS",
+            backoff_default,
+            0,
+            86_400,
+        )?);
+        let skip_recheck =
+            Duration::from_secs(3600 * number(&get, "MIXPANEL_SKIP_RECHECK_HOURS", 24, 0, 8760)?);
+        let shrink_guard_percent = number(&get, "SHRINK_GUARD_PERCENT", 50, 0, 100)? as u32;
+        // An SQS queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`); plain http only to
+        // a loopback endpoint (tests).
+        let fan_out_concurrency = number(&get, "FAN_OUT_CONCURRENCY", 3, 1, 1000)? as u32;
+        let fan_out_queue_url = match get("FAN_OUT_QUEUE_URL") {
+            None => None,
+            Some(u) => {
+                let url = base_url("FAN_OUT_QUEUE_URL", &u)?;
+                let path = url
+                    .split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('/'))
+                    .map(|(_, path)| path)
+                    .unwrap_or("");
+                if path.split('/').filter(|p| !p.is_empty()).count() != 2 {
+                    return Err(Error::setting(
+                        "FAN_OUT_QUEUE_URL",
+                        format!(
+                            "{url:?} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"
+                        ),
+                    ));
+                }
+                Some(url)
+            }
+        };
 
         Ok(Settings {
             credentials,
@@ -371,6 +436,13 @@ impl Settings {
             time_budget,
             snapshot_retention,
             date_window_days,
+            max_slice_attempts,
+            export_window_days,
+            slice_retry_backoff,
+            skip_recheck,
+            shrink_guard_percent,
+            fan_out_queue_url,
+            fan_out_concurrency,
             output_dir: None,
             state_file: None,
         })
@@ -583,6 +655,14 @@ mod tests {
             ("OUTPUT_COMPRESSION", "zip"),
             ("OUTPUT_MAX_FILE_BYTES", "big"),
             ("MIXPANEL_EXPORT_TIME_MODE", "local"),
+            (
+                "FAN_OUT_QUEUE_URL",
+                "https://sqs.us-east-1.amazonaws.com/fan-out",
+            ),
+            (
+                "FAN_OUT_QUEUE_URL",
+                "http://sqs.us-east-1.amazonaws.com/1/fan-out",
+            ),
         ] {
             let mut vars = vec![
                 ("MIXPANEL_API_SECRET", "s"),
@@ -593,6 +673,18 @@ mod tests {
             let e = settings(&vars).unwrap_err();
             assert!(e.to_string().starts_with(&format!("{var}: ")), "{var}: {e}");
         }
+    }
+
+    #[test]
+    fn the_fan_out_queue_is_optional_and_a_queue_url() {
+        let base = [
+            ("MIXPANEL_API_SECRET", "s"),
+            ("MIXPANEL_START_DATE", "2026-11-01"),
+        ];
+        assert_eq!(settings(&base).unwrap().fan_out_queue_url, None);
+        let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/replicator-FanOutQueue-AB";
+        let s = settings(&[base[0], base[1], ("FAN_OUT_QUEUE_URL", url)]).unwrap();
+        assert_eq!(s.fan_out_queue_url.as_deref(), Some(url));
     }
 
     #[test]

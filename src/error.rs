@@ -27,6 +27,9 @@ pub enum ErrorKind {
     State,
     /// The invocation ran out of time; progress was saved.
     Deadline,
+    /// A re-read came back with far fewer rows than the commit it would replace
+    /// (`SHRINK_GUARD_PERCENT`): not committed until a person forces it.
+    Shrunk,
 }
 
 impl ErrorKind {
@@ -44,6 +47,7 @@ impl ErrorKind {
             ErrorKind::Storage => "Storage",
             ErrorKind::State => "State",
             ErrorKind::Deadline => "Deadline",
+            ErrorKind::Shrunk => "Shrunk",
         }
     }
 

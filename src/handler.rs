@@ -10,11 +10,16 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::config::parse_date;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::plan;
-use crate::replicate::SliceResult;
+use crate::state::SliceId;
 use crate::tables::Table;
 use crate::tables::export::project_today;
+
+use crate::schedule::drain;
+pub use crate::schedule::{
+    Response, Status, attempt_slice, lease_times, new_attempt_id, run_slice,
+};
 
 /// A validated invocation event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,13 +30,19 @@ pub enum Invocation {
     Day(Table, Date),
     /// `{"table": T, "from": A, "to": B}`: queue one slice per day and answer with their events.
     Range(Table, Date, Date),
+    /// `{"table": T, "retry_parked": true}`: a person's retry of every parked slice of the table
+    /// (and of a remembered skip), then as scheduled.
+    RetryParked(Table),
 }
 
 impl Invocation {
     /// The table the event is about.
     pub fn table(&self) -> Table {
         match *self {
-            Invocation::Scheduled(t) | Invocation::Day(t, _) | Invocation::Range(t, _, _) => t,
+            Invocation::Scheduled(t)
+            | Invocation::Day(t, _)
+            | Invocation::Range(t, _, _)
+            | Invocation::RetryParked(t) => t,
         }
     }
 }
@@ -43,6 +54,7 @@ struct RawEvent {
     date: Option<Value>,
     from: Option<Value>,
     to: Option<Value>,
+    retry_parked: Option<Value>,
 }
 
 /// Parses an invocation event; anything else is an `InvalidEvent` error that names the problem.
@@ -87,6 +99,24 @@ pub fn parse_event(v: &Value) -> Result<Invocation> {
             "{table} is a full table: it takes no `date`, `from` or `to`"
         )));
     }
+    let retry_parked = match raw.retry_parked {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => {
+            return Err(Error::event(format!(
+                "`retry_parked` must be true or false, got {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    if retry_parked {
+        return match (day, from, to) {
+            (None, None, None) => Ok(Invocation::RetryParked(table)),
+            _ => Err(Error::event(
+                "`retry_parked` takes no `date`, `from` or `to` (a day event retries its day)",
+            )),
+        };
+    }
     match (day, from, to) {
         (None, None, None) => Ok(Invocation::Scheduled(table)),
         (Some(d), None, None) => Ok(Invocation::Day(table, d)),
@@ -109,73 +139,6 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-/// The status of an invocation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// A slice was replicated and committed.
-    Done,
-    /// A range was queued as per-day slices.
-    FanOut,
-    /// The deadline came first; progress was saved; invoke again.
-    Partial,
-    /// Nothing was pending.
-    Idle,
-    /// The plan does not allow this table.
-    Skipped,
-}
-
-/// The JSON answer of an invocation.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Response {
-    /// What happened.
-    pub status: Status,
-    /// The table.
-    pub table: String,
-    /// The slice worked on.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub slice: Option<String>,
-    /// Records written.
-    pub records: u64,
-    /// Stored bytes written.
-    pub bytes: u64,
-    /// Files written.
-    pub files: u64,
-    /// Duplicate deliveries dropped.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub duplicates: u64,
-    /// Slices queued by this invocation.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub queued: u64,
-    /// The per-day events of a fan-out.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub events: Option<Vec<Value>>,
-    /// Why it was skipped, partial or idle.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-impl Response {
-    fn new(status: Status, table: Table) -> Self {
-        Response {
-            status,
-            table: table.to_string(),
-            slice: None,
-            records: 0,
-            bytes: 0,
-            files: 0,
-            duplicates: 0,
-            queued: 0,
-            events: None,
-            reason: None,
-        }
-    }
-}
-
 /// The deadline to work to: the runtime's when it is in the future, else now + `budget`
 /// (`cargo lambda watch` sends one in the past).
 pub fn effective_deadline(runtime_deadline: Option<SystemTime>, budget: Duration) -> Instant {
@@ -186,14 +149,38 @@ pub fn effective_deadline(runtime_deadline: Option<SystemTime>, budget: Duration
     }
 }
 
-/// Time kept back from the deadline for committing and answering.
-fn margin(total: Duration) -> Duration {
-    (total / 5).min(Duration::from_secs(30))
+/// The answer to what Lambda delivered: an invocation's, or an SQS event's batch answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// The answer to an invocation event.
+    Invocation(Response),
+    /// The answer to an SQS event of the fan-out queue: the records not finished.
+    Batch(crate::fanout::BatchResponse),
 }
 
-/// A fresh attempt id (also the part file name stem).
-pub fn new_attempt_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+/// Handles what Lambda delivered, an invocation event or an SQS event of them, and reports it
+/// (per invocation event: a summary log line, and EMF metrics when `emf`).
+pub async fn answer(app: &App, event: Value, deadline: Instant, emf: bool) -> Result<Answer> {
+    if crate::fanout::is_sqs_event(&event) {
+        crate::fanout::handle_batch(app, &event, deadline, emf)
+            .await
+            .map(Answer::Batch)
+    } else {
+        handle_reported(app, event, deadline, emf)
+            .await
+            .map(Answer::Invocation)
+    }
+}
+
+/// Checks an event before anything is built: an invocation event, or the envelope of an SQS
+/// event (its bodies are checked record by record when it runs).
+pub fn check_event(v: &Value) -> Result<()> {
+    if crate::fanout::is_sqs_event(v) {
+        crate::fanout::parse_sqs_event(v).map(|_| ())
+    } else {
+        parse_event(v).map(|_| ())
+    }
 }
 
 /// Handles one invocation event and reports it: a summary log line, and EMF metrics when `emf`.
@@ -229,18 +216,26 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
     let today = project_today(&app.settings.timezone, now);
     let store = app.store.as_ref();
     match inv {
-        Invocation::Scheduled(t) => {
+        Invocation::RetryParked(t) => {
+            crate::skip::forget(app, t).await?;
+            let retried = crate::park::retry_all(store, t).await?;
+            tracing::info!(table = %t, slices = retried.len(), "parked slices retried");
+        }
+        Invocation::Scheduled(t) | Invocation::Day(t, _) => {
+            if let Some(reason) = crate::skip::remembered(app, t).await? {
+                let mut r = Response::new(Status::Skipped, t);
+                r.reason = Some(format!(
+                    "{reason} (remembered: asked again after MIXPANEL_SKIP_RECHECK_HOURS, or with {{\"table\": \"{t}\", \"retry_parked\": true}})"
+                ));
+                return Ok(r);
+            }
+        }
+        Invocation::Range(..) => {}
+    }
+    match inv {
+        Invocation::Scheduled(t) | Invocation::RetryParked(t) => {
             let queued = plan::queue_table(store, &app.settings, t, now).await?;
-            let owner = new_attempt_id();
-            let (now_ms, until) = lease_times(deadline);
-            let mut resp = match plan::claim_next(store, t, &owner, now_ms, until).await? {
-                None => {
-                    let mut r = Response::new(Status::Idle, t);
-                    r.reason = Some("nothing pending".into());
-                    r
-                }
-                Some(claim) => run_slice(app, &claim, deadline).await?,
-            };
+            let mut resp = drain(app, t, deadline).await?;
             resp.queued = queued;
             Ok(resp)
         }
@@ -251,8 +246,15 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
                 )));
             }
             // An explicit day is replicated again even if it was committed (a day split into
-            // hours: its hours, then the day's commit from them).
+            // hours: its hours, then the day's commit from them), and even if it was parked:
+            // it is a person's retry.
             let slices = store.slices(t).await?;
+            for r in slices
+                .iter()
+                .filter(|r| r.slice.day() == Some(d) && r.slice != SliceId::Full)
+            {
+                store.reset_failures(t, r.slice).await?;
+            }
             plan::requeue_day(store, &slices, t, d, u64::MAX).await?;
             let owner = new_attempt_id();
             let (now_ms, until) = lease_times(deadline);
@@ -279,129 +281,19 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
                 d = d.tomorrow().map_err(|e| Error::event(e.to_string()))?;
             }
             let queued = plan::queue_days(store, &app.settings, t, &days, now).await?;
+            let events: Vec<Value> = days
+                .iter()
+                .map(|d| serde_json::json!({"table": t.as_str(), "date": d.to_string()}))
+                .collect();
+            // Every day's event, queued or not: a message for a day committed or leased does
+            // nothing, and a day pending since an earlier range gets its worker.
+            if let Some(queue) = &app.fan_out {
+                queue.send(&events).await?;
+            }
             let mut r = Response::new(Status::FanOut, t);
             r.queued = queued.len() as u64;
-            r.events = Some(
-                days.iter()
-                    .map(|d| serde_json::json!({"table": t.as_str(), "date": d.to_string()}))
-                    .collect(),
-            );
+            r.events = Some(events);
             Ok(r)
-        }
-    }
-}
-
-/// Now and the end of a lease that outlives this invocation (so it is never taken while we run).
-pub(crate) fn lease_times(deadline: Instant) -> (u64, u64) {
-    let now_ms = Timestamp::now().as_millisecond() as u64;
-    let left = deadline.saturating_duration_since(Instant::now());
-    (now_ms, now_ms + left.as_millis() as u64 + 60_000)
-}
-
-/// With `MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`, the export columns are those Mixpanel
-/// lists when the table is first discovered (`events/properties/top`).
-async fn first_discovery(app: &App, deadline: Instant) -> Result<()> {
-    if app.settings.select_properties_by_default || app.store.schema(Table::Export).await?.is_some()
-    {
-        return Ok(());
-    }
-    let discovered = crate::discovery::discover(&app.mixpanel, Table::Export, deadline).await?;
-    app.store.init_schema(Table::Export, &discovered).await?;
-    Ok(())
-}
-
-/// What a table's runner did.
-enum Ran {
-    /// Committed (with the slice label when it covered several days).
-    Done(SliceResult, Option<String>),
-    /// Progress saved before the deadline.
-    Partial(String),
-}
-
-/// Replicates a claimed slice; on failure the slice goes back to the queue.
-pub async fn run_slice(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Response> {
-    let lease = &claim.lease;
-    let started = Instant::now();
-    let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
-    let result = match lease.table {
-        Table::Export => match first_discovery(app, work_deadline).await {
-            Ok(()) => crate::split::run(app, claim, work_deadline)
-                .await
-                .map(|r| match r {
-                    crate::split::Ran::Done(r, label) => Ran::Done(r, Some(label)),
-                    crate::split::Ran::Partial(why) => Ran::Partial(why),
-                }),
-            Err(e) => Err(e),
-        },
-        Table::Funnels | Table::Revenue => crate::dated::run(app, lease, work_deadline)
-            .await
-            .map(|(r, label)| Ran::Done(r, Some(label))),
-        Table::Engage | Table::CohortMembers | Table::Cohorts | Table::Annotations => {
-            crate::snapshot::run(app, lease, work_deadline)
-                .await
-                .map(|o| match o {
-                    crate::snapshot::Outcome::Done(r) => Ran::Done(r, None),
-                    crate::snapshot::Outcome::Partial(why) => Ran::Partial(why),
-                })
-        }
-    };
-    let mut resp = Response::new(Status::Done, lease.table);
-    resp.slice = Some(lease.slice.to_string());
-    match result {
-        Ok(Ran::Done(
-            SliceResult {
-                records,
-                bytes,
-                files,
-                duplicates,
-                raw_bytes,
-            },
-            label,
-        )) => {
-            if let Some(label) = label {
-                resp.slice = Some(label);
-            }
-            resp.records = records;
-            resp.bytes = bytes;
-            resp.files = files;
-            resp.duplicates = duplicates;
-            tracing::info!(
-                table = %lease.table, slice = resp.slice.as_deref().unwrap_or_default(), status = "done", records, bytes, files, duplicates, raw_bytes,
-                duration_ms = started.elapsed().as_millis() as u64, "slice committed"
-            );
-            Ok(resp)
-        }
-        Ok(Ran::Partial(why)) => {
-            if let Err(re) = app.store.release(lease).await {
-                tracing::warn!(error = %re, "could not give the slice back; its lease will expire");
-            }
-            resp.status = Status::Partial;
-            resp.reason = Some(why);
-            tracing::info!(table = %lease.table, slice = %lease.slice, status = "partial", "progress saved");
-            Ok(resp)
-        }
-        Err(e) => {
-            if let Err(re) = app.store.release(lease).await {
-                tracing::warn!(error = %re, "could not give the slice back; its lease will expire");
-            }
-            match e.kind() {
-                ErrorKind::Deadline => {
-                    resp.status = Status::Partial;
-                    resp.reason = Some(e.to_string());
-                    tracing::warn!(table = %lease.table, slice = %lease.slice, status = "partial", error = %e, "slice left pending");
-                    Ok(resp)
-                }
-                ErrorKind::PaymentRequired => {
-                    resp.status = Status::Skipped;
-                    resp.reason = Some(e.to_string());
-                    tracing::warn!(table = %lease.table, status = "skipped", error = %e, "table skipped");
-                    Ok(resp)
-                }
-                _ => {
-                    tracing::error!(table = %lease.table, slice = %lease.slice, kind = %e.kind(), error = %e, "slice failed");
-                    Err(e)
-                }
-            }
         }
     }
 }
@@ -409,6 +301,7 @@ pub async fn run_slice(app: &App, claim: &plan::Claim, deadline: Instant) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use serde_json::json;
 
     #[test]

@@ -57,8 +57,8 @@ async fn run_lambda() -> ExitCode {
                 app.settings.time_budget,
             );
             // The summary line and EMF metrics (on stdout, where Lambda turns them into
-            // CloudWatch metrics) of every invocation.
-            handler::handle_reported(&app, event.payload, deadline, true).await
+            // CloudWatch metrics) of every invocation event (each record of an SQS event).
+            handler::answer(&app, event.payload, deadline, true).await
         }
     }))
     .await;

@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 
 use serde_json::json;
 
-use crate::handler::Response;
 use crate::mixpanel::RequestStats;
+use crate::schedule::Response;
 
 /// Request counters at a point in time, to report one invocation's share.
 #[derive(Clone, Copy, Debug, Default)]
@@ -49,7 +49,8 @@ pub fn report(
     emf: bool,
 ) {
     let d = after.since(before);
-    let (status, slice, records, bytes, files) = match outcome {
+    let (failed, parked) = outcome.map_or((0, 0), |r| (r.failed, r.parked));
+    let (status, slice, records, bytes, files, rejected) = match outcome {
         Ok(r) => (
             serde_json::to_value(r.status)
                 .ok()
@@ -59,8 +60,9 @@ pub fn report(
             r.records,
             r.bytes,
             r.files,
+            r.rejected,
         ),
-        Err(e) => (format!("error:{}", e.kind()), String::new(), 0, 0, 0),
+        Err(e) => (format!("error:{}", e.kind()), String::new(), 0, 0, 0, 0),
     };
     tracing::info!(
         table,
@@ -69,10 +71,13 @@ pub fn report(
         records,
         bytes,
         files,
+        rejected,
         duration_ms,
         requests = d.requests,
         retries = d.retries,
         rate_limited = d.rate_limited,
+        slice_failures = failed,
+        parked,
         "invocation summary"
     );
     if emf {
@@ -87,10 +92,13 @@ pub fn report(
                         {"Name": "Records", "Unit": "Count"},
                         {"Name": "Bytes", "Unit": "Bytes"},
                         {"Name": "Files", "Unit": "Count"},
+                        {"Name": "RejectedLines", "Unit": "Count"},
                         {"Name": "Retries", "Unit": "Count"},
                         {"Name": "RateLimited", "Unit": "Count"},
                         {"Name": "DurationMs", "Unit": "Milliseconds"},
-                        {"Name": "Failed", "Unit": "Count"}
+                        {"Name": "Failed", "Unit": "Count"},
+                        {"Name": "SliceFailures", "Unit": "Count"},
+                        {"Name": "ParkedSlices", "Unit": "Count"}
                     ]
                 }]
             },
@@ -100,10 +108,15 @@ pub fn report(
             "Records": records,
             "Bytes": bytes,
             "Files": files,
+            "RejectedLines": rejected,
             "Retries": d.retries,
             "RateLimited": d.rate_limited,
             "DurationMs": duration_ms,
             "Failed": u64::from(outcome.is_err()),
+            // Attempts that failed and were recorded on their slice (the invocation answered).
+            "SliceFailures": failed,
+            // Slices of the table parked now, waiting for a person.
+            "ParkedSlices": parked,
         });
         println!("{doc}");
     }

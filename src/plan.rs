@@ -48,8 +48,9 @@ pub async fn queue_table(
         let existing = store.slices(table).await?;
         crate::commit::advance_bookmark_over(store, table, settings.start_date, &existing).await?;
         let days = planned_days(store, settings, table, now).await?;
+        let refresh_from = Some(refresh_from(settings, now));
         Ok(
-            queue_days_over(store, settings, table, &days, now, &existing)
+            queue_days_over(store, settings, table, &days, now, &existing, refresh_from)
                 .await?
                 .len() as u64,
         )
@@ -63,6 +64,14 @@ pub async fn queue_table(
                 .await?;
         Ok(u64::from(queued))
     }
+}
+
+/// The first day whose commit planning refreshes: the attribution window before yesterday (as
+/// from a bookmark at yesterday). A bookmark held back by a parked day keeps the days after it
+/// planned, but those committed before this day are final and not read again every hour.
+fn refresh_from(settings: &Settings, now: Timestamp) -> Date {
+    let today = project_today(&settings.timezone, now);
+    days_before(today, settings.attribution_window_days.saturating_add(1))
 }
 
 /// Whether planning would (re-)queue this day given its current record.
@@ -85,10 +94,11 @@ pub async fn queue_days(
     now: Timestamp,
 ) -> Result<Vec<Date>> {
     let existing = store.slices(table).await?;
-    queue_days_over(store, settings, table, days, now, &existing).await
+    queue_days_over(store, settings, table, days, now, &existing, None).await
 }
 
-/// [`queue_days`] given the table's slices as just read.
+/// [`queue_days`] given the table's slices as just read; committed days before `refresh_from`
+/// (when given) are left as they are.
 async fn queue_days_over(
     store: &dyn StateStore,
     settings: &Settings,
@@ -96,12 +106,15 @@ async fn queue_days_over(
     days: &[Date],
     now: Timestamp,
     existing: &[SliceRecord],
+    refresh_from: Option<Date>,
 ) -> Result<Vec<Date>> {
     let stale_before = stale_before_ms(settings, now);
     let mut queued = Vec::new();
     for &d in days {
         let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
-        if needs_queue(rec, stale_before)
+        let final_day = rec.is_some() && refresh_from.is_some_and(|f| d < f);
+        if !final_day
+            && needs_queue(rec, stale_before)
             && requeue_day(store, existing, table, d, stale_before).await?
         {
             queued.push(d);
@@ -116,6 +129,93 @@ pub fn hours_of(slices: &[SliceRecord], d: Date) -> Vec<&SliceRecord> {
         .iter()
         .filter(|r| matches!(r.slice, SliceId::Hours { day, .. } if day == d))
         .collect()
+}
+
+/// The shortest piece: one that Mixpanel still cannot export is not split further (it fails,
+/// and after its attempts it is parked).
+pub const PIECE_FLOOR_MINUTES: u16 = 5;
+
+/// The slices that replace `slice` when Mixpanel cannot export it at once: a day its 24 hours,
+/// an hour its quarters, a quarter its 5-minute pieces; nothing below the floor.
+pub fn pieces(slice: SliceId) -> Vec<SliceId> {
+    match slice {
+        SliceId::Day(day) => (0..24u8)
+            .map(|h| SliceId::Hours {
+                day,
+                from_hour: h,
+                to_hour: h + 1,
+            })
+            .collect(),
+        SliceId::Hours {
+            day,
+            from_hour,
+            to_hour,
+        } if to_hour > from_hour + 1 => (from_hour..to_hour)
+            .map(|h| SliceId::Hours {
+                day,
+                from_hour: h,
+                to_hour: h + 1,
+            })
+            .collect(),
+        SliceId::Full => Vec::new(),
+        other => {
+            let (Some(day), Some((from, to))) = (other.day(), other.minutes()) else {
+                return Vec::new();
+            };
+            if to - from <= PIECE_FLOOR_MINUTES {
+                return Vec::new();
+            }
+            let step = if to - from > 15 {
+                15
+            } else {
+                PIECE_FLOOR_MINUTES
+            };
+            (from..to)
+                .step_by(usize::from(step))
+                .map(|m| SliceId::Minutes {
+                    day,
+                    from: m,
+                    to: (m + step).min(to),
+                })
+                .collect()
+        }
+    }
+}
+
+/// The records of the pieces `slice` was split into (none when it was not).
+pub fn pieces_of(slices: &[SliceRecord], slice: SliceId) -> Vec<&SliceRecord> {
+    let pieces = pieces(slice);
+    slices
+        .iter()
+        .filter(|r| pieces.contains(&r.slice))
+        .collect()
+}
+
+/// Re-queues the pieces of `slice` (as read in `slices`) committed before `before_ms`, and
+/// theirs in turn: the slice then waits for them and lists their new parts.
+pub async fn requeue_pieces(
+    store: &dyn StateStore,
+    slices: &[SliceRecord],
+    table: Table,
+    slice: SliceId,
+    before_ms: u64,
+) -> Result<()> {
+    for piece in pieces_of(slices, slice) {
+        if piece.status == SliceStatus::Committed && piece.committed_at_ms.unwrap_or(0) < before_ms
+        {
+            let committed = piece.committed_at_ms.unwrap_or(0);
+            Box::pin(requeue_pieces(
+                store,
+                slices,
+                table,
+                piece.slice,
+                committed.saturating_add(1),
+            ))
+            .await?;
+        }
+        store.enqueue(table, piece.slice, Some(before_ms)).await?;
+    }
+    Ok(())
 }
 
 /// Queues day `d` (unknown, or committed before `before_ms`) for another round. A day split into
@@ -133,11 +233,14 @@ pub async fn requeue_day(
     if let Some(day) = day.filter(|r| r.status == SliceStatus::Committed) {
         let day_committed = day.committed_at_ms.unwrap_or(0);
         if day_committed < before_ms {
-            for hour in hours_of(slices, d) {
-                store
-                    .enqueue(table, hour.slice, Some(day_committed.saturating_add(1)))
-                    .await?;
-            }
+            requeue_pieces(
+                store,
+                slices,
+                table,
+                SliceId::Day(d),
+                day_committed.saturating_add(1),
+            )
+            .await?;
         }
     }
     store.enqueue(table, SliceId::Day(d), Some(before_ms)).await
@@ -153,11 +256,18 @@ pub async fn preview(
     let stale_before = stale_before_ms(settings, now);
     let existing = store.slices(table).await?;
     let now_ms = now.as_millisecond() as u64;
+    // Pending (also backing off after a failure) and parked slices, and expired leases.
     let mut out: Vec<SliceRecord> = existing
         .iter()
-        .filter(|r| claimable(r, now_ms) && !waits_for_hours(&existing, r))
+        .filter(|r| {
+            (claimable(r, now_ms)
+                || r.status == SliceStatus::Pending
+                || r.status == SliceStatus::Failed)
+                && !waits_for_hours(&existing, r)
+        })
         .cloned()
         .collect();
+    let refresh_from = refresh_from(settings, now);
     let wanted: Vec<SliceId> = if table.is_date_sliced() {
         planned_days(store, settings, table, now)
             .await?
@@ -169,7 +279,8 @@ pub async fn preview(
     };
     for slice in wanted {
         let rec = existing.iter().find(|r| r.slice == slice);
-        if needs_queue(rec, stale_before) && !out.iter().any(|r| r.slice == slice) {
+        let final_day = rec.is_some() && slice.day().is_some_and(|d| d < refresh_from);
+        if !final_day && needs_queue(rec, stale_before) && !out.iter().any(|r| r.slice == slice) {
             out.push(SliceRecord {
                 table,
                 slice,
@@ -180,6 +291,9 @@ pub async fn preview(
                 attempts: rec.map(|r| r.attempts).unwrap_or(0),
                 progress: None,
                 result: rec.and_then(|r| r.result.clone()),
+                failures: 0,
+                retry_at_ms: None,
+                error: None,
             });
         }
     }
@@ -191,24 +305,31 @@ fn stale_before_ms(settings: &Settings, now: Timestamp) -> u64 {
     (now.as_millisecond() as u64).saturating_sub(settings.refresh.as_millis() as u64)
 }
 
-/// Whether a slice can be claimed now.
+/// Whether a slice can be claimed now: pending and not backing off after a failure, or leased
+/// with its lease expired. A parked slice never is.
 pub fn claimable(r: &SliceRecord, now_ms: u64) -> bool {
     match r.status {
-        SliceStatus::Pending => true,
+        SliceStatus::Pending => r.retry_at_ms.is_none_or(|at| at <= now_ms),
         SliceStatus::Leased => r.lease_expires_ms.is_some_and(|e| e < now_ms),
-        SliceStatus::Committed => false,
+        SliceStatus::Committed | SliceStatus::Failed => false,
     }
 }
 
-/// Whether `r` is a day split into hour slices that are not all committed yet: its commit
-/// (the manifest of every hour's parts) waits for them.
+/// When the earliest slice of `slices` that backs off after a failure may be claimed again.
+pub fn next_retry_ms(slices: &[SliceRecord]) -> Option<u64> {
+    slices
+        .iter()
+        .filter(|r| r.status == SliceStatus::Pending && !waits_for_hours(slices, r))
+        .filter_map(|r| r.retry_at_ms)
+        .min()
+}
+
+/// Whether `r` is a slice split into pieces (a day into hours, an hour into quarters, ...)
+/// that are not all committed yet: its commit (of every piece's parts) waits for them.
 pub fn waits_for_hours(slices: &[SliceRecord], r: &SliceRecord) -> bool {
-    match r.slice {
-        SliceId::Day(d) => hours_of(slices, d)
-            .iter()
-            .any(|h| h.status != SliceStatus::Committed),
-        _ => false,
-    }
+    pieces_of(slices, r.slice)
+        .iter()
+        .any(|h| h.status != SliceStatus::Committed)
 }
 
 /// A claimed slice, with the table's slices as read for the claim (the claimed one as it was
@@ -216,6 +337,9 @@ pub fn waits_for_hours(slices: &[SliceRecord], r: &SliceRecord) -> bool {
 pub struct Claim {
     pub lease: Lease,
     pub slices: Vec<SliceRecord>,
+    /// Claimed as the table's oldest (not a given day's): the small days after it may join
+    /// it in one export request ([`crate::window`]).
+    pub widen: bool,
 }
 
 /// Claims the oldest claimable slice of `table`; concurrent callers each get a different one.
@@ -238,20 +362,52 @@ pub async fn claim_next_of(
     now_ms: u64,
     lease_until_ms: u64,
 ) -> Result<Option<Claim>> {
+    Ok(
+        claim_next_seeing(store, table, day, owner, now_ms, lease_until_ms)
+            .await?
+            .0,
+    )
+}
+
+/// [`claim_next_of`], also returning the table's slices as read for the claim (when nothing
+/// was claimable too: parked slices are counted from them).
+pub async fn claim_next_seeing(
+    store: &dyn StateStore,
+    table: Table,
+    day: Option<Date>,
+    owner: &str,
+    now_ms: u64,
+    lease_until_ms: u64,
+) -> Result<(Option<Claim>, Vec<SliceRecord>)> {
     let slices = store.slices(table).await?;
-    for r in slices.iter().filter(|r| {
-        claimable(r, now_ms)
-            && day.is_none_or(|d| r.slice.day() == Some(d))
-            && !waits_for_hours(&slices, r)
-    }) {
+    let mut candidates: Vec<&SliceRecord> = slices
+        .iter()
+        .filter(|r| {
+            claimable(r, now_ms)
+                && day.is_none_or(|d| r.slice.day() == Some(d))
+                && !waits_for_hours(&slices, r)
+        })
+        .collect();
+    // Freshness first: slices never committed (new days, their hours) before refreshes of
+    // committed ones, so that a big project's newest day is never starved by its attribution
+    // window; oldest first within each.
+    candidates.sort_by_key(|r| r.committed_at_ms.is_some());
+    for r in candidates {
         if let Some(lease) = store
             .claim(table, r.slice, owner, now_ms, lease_until_ms)
             .await?
         {
-            return Ok(Some(Claim { lease, slices }));
+            return Ok((
+                Some(Claim {
+                    lease,
+                    slices: slices.clone(),
+                    widen: day.is_none(),
+                }),
+                slices,
+            ));
         }
     }
-    Ok(None)
+    Ok((None, slices))
 }
 
 /// Counts the slices of `table` that are not committed.
@@ -262,4 +418,107 @@ pub async fn outstanding(store: &dyn StateStore, table: Table) -> Result<usize> 
         .iter()
         .filter(|r| r.status != SliceStatus::Committed)
         .count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::local::LocalStore;
+
+    #[tokio::test]
+    async fn days_never_committed_are_claimed_before_refreshes_of_committed_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("state.json")).unwrap();
+        let day = |s: &str| s.parse::<Date>().unwrap();
+        let (old, new) = (day("2026-11-20"), day("2026-11-25"));
+        for d in [old, day("2026-11-21"), new] {
+            store
+                .enqueue(Table::Export, SliceId::Day(d), None)
+                .await
+                .unwrap();
+        }
+        // The two older days were committed; a refresh queues them again.
+        for _ in 0..2 {
+            let c = claim_next(&store, Table::Export, "a", 1, 10_000)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_ne!(c.lease.slice, SliceId::Day(new));
+            assert!(store.complete(&c.lease, 2, None).await.unwrap());
+        }
+        for d in [old, day("2026-11-21")] {
+            assert!(
+                store
+                    .enqueue(Table::Export, SliceId::Day(d), Some(u64::MAX))
+                    .await
+                    .unwrap()
+            );
+        }
+        let order: Vec<SliceId> = {
+            let mut v = Vec::new();
+            while let Some(c) = claim_next(&store, Table::Export, "b", 3, 10_000)
+                .await
+                .unwrap()
+            {
+                v.push(c.lease.slice);
+            }
+            v
+        };
+        assert_eq!(
+            order,
+            [
+                SliceId::Day(new),
+                SliceId::Day(old),
+                SliceId::Day(day("2026-11-21"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_day_splits_into_hours_an_hour_into_quarters_a_quarter_into_five_minutes_then_no_more() {
+        let day: Date = "2026-03-08".parse().unwrap();
+        let hours = pieces(SliceId::Day(day));
+        assert_eq!(hours.len(), 24);
+        assert_eq!(hours[0].to_string(), "2026-03-08T00-01");
+        assert_eq!(hours[23].to_string(), "2026-03-08T23-24");
+        let quarters: Vec<String> = pieces(hours[23]).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            quarters,
+            [
+                "2026-03-08T23:00-23:15",
+                "2026-03-08T23:15-23:30",
+                "2026-03-08T23:30-23:45",
+                "2026-03-08T23:45-24:00"
+            ]
+        );
+        let fives: Vec<String> = pieces(pieces(hours[23])[3])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            fives,
+            [
+                "2026-03-08T23:45-23:50",
+                "2026-03-08T23:50-23:55",
+                "2026-03-08T23:55-24:00"
+            ]
+        );
+        assert!(pieces(pieces(pieces(hours[23])[3])[2]).is_empty());
+        assert!(pieces(SliceId::Full).is_empty());
+        // Each level tiles the one above it.
+        for h in &hours {
+            let qs = pieces(*h);
+            assert_eq!(
+                qs.first().unwrap().minutes().unwrap().0,
+                h.minutes().unwrap().0
+            );
+            assert_eq!(
+                qs.last().unwrap().minutes().unwrap().1,
+                h.minutes().unwrap().1
+            );
+            for w in qs.windows(2) {
+                assert_eq!(w[0].minutes().unwrap().1, w[1].minutes().unwrap().0);
+            }
+        }
+    }
 }

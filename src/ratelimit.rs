@@ -7,6 +7,7 @@
 //! the budget has no room, the caller waits for the earliest free slot, but never past its
 //! deadline: it then stops cleanly with a `Deadline` error (the slice stays pending).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,12 +64,80 @@ struct Ledger {
     grants: Vec<u64>,
     /// Requests in flight.
     inflight: Vec<Inflight>,
+    /// Mixpanel answered 429: no request is granted before this time, epoch ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blocked_until: Option<u64>,
+    /// How long the last 429 without `Retry-After` held requests back, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    penalty_ms: Option<u64>,
+    /// The grants made under a [`Share`], by its tag (a table), epoch ms; also in `grants`.
+    /// Absent from ledgers written before shares existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    shares: BTreeMap<String, Vec<u64>>,
+}
+
+/// What a request counts against besides the budget: a table's share of it. Requests made
+/// inside [`with_share`] are tagged with `tag` in the shared ledger, so a share holds across
+/// invocations; with a `cap`, they wait (never past the deadline) while the grants of the
+/// capped tags in the window have reached it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// The tag of the grants (the table's name).
+    pub tag: &'static str,
+    /// At most `max` grants of these tags per window, when set.
+    pub cap: Option<ShareCap>,
+}
+
+/// A limit on the grants of some tags per window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareCap {
+    /// The tags counted together.
+    pub tags: Vec<&'static str>,
+    /// Grants per window.
+    pub max: u32,
+}
+
+tokio::task_local! {
+    static SHARE: Share;
+}
+
+/// Runs `f` with its Mixpanel requests counted against `share`.
+pub async fn with_share<F: std::future::Future>(share: Share, f: F) -> F::Output {
+    SHARE.scope(share, f).await
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Inflight {
     id: String,
     until: u64,
+}
+
+/// How many requests of the `tags` shares the ledger of `family` holds within the last
+/// `window` (as [`RequestBudget::acquire`] counts them): a cheap read of one document.
+pub async fn share_used(
+    store: &dyn StateStore,
+    family: Family,
+    tags: &[&str],
+    window: Duration,
+) -> Result<usize> {
+    let Some((body, _)) = store.document(family.document()).await? else {
+        return Ok(0);
+    };
+    let ledger = serde_json::from_str::<Ledger>(&body).unwrap_or_default();
+    let limits = Limits {
+        per_window: 0,
+        window,
+        per_second: None,
+        concurrent: 0,
+        max_hold: Duration::ZERO,
+    };
+    let window_start = now_ms().saturating_sub(window.as_millis() as u64 + limits.margin_ms());
+    Ok(tags
+        .iter()
+        .filter_map(|t| ledger.shares.get(*t))
+        .flatten()
+        .filter(|g| **g > window_start)
+        .count())
 }
 
 /// The shared budget.
@@ -112,9 +181,11 @@ impl RequestBudget {
         let limits = self.limits(family);
         let id = uuid::Uuid::new_v4().simple().to_string();
         let name = family.document();
+        let share = SHARE.try_with(Share::clone).ok();
         loop {
-            let now = now_ms();
             let current = self.store.document(name).await?;
+            // Stamped after the read: the grant's time is as close to the request as it can be.
+            let now = now_ms();
             let (mut ledger, version) = match &current {
                 Some((body, v)) => (
                     serde_json::from_str::<Ledger>(body).unwrap_or_default(),
@@ -126,6 +197,24 @@ impl RequestBudget {
                 now.saturating_sub(limits.window.as_millis() as u64 + limits.margin_ms());
             ledger.grants.retain(|g| *g > window_start);
             ledger.inflight.retain(|f| f.until > now);
+            for grants in ledger.shares.values_mut() {
+                grants.retain(|g| *g > window_start);
+            }
+            ledger.shares.retain(|_, grants| !grants.is_empty());
+            let capped: Vec<u64> = match share.as_ref().and_then(|s| s.cap.as_ref()) {
+                Some(cap) => cap
+                    .tags
+                    .iter()
+                    .filter_map(|t| ledger.shares.get(*t))
+                    .flatten()
+                    .copied()
+                    .collect(),
+                None => Vec::new(),
+            };
+            let share_full = share
+                .as_ref()
+                .and_then(|s| s.cap.as_ref())
+                .is_some_and(|cap| capped.len() >= cap.max as usize);
             let last_second: Vec<u64> = ledger
                 .grants
                 .iter()
@@ -137,14 +226,45 @@ impl RequestBudget {
                 .per_second
                 .is_some_and(|p| last_second.len() >= p as usize);
             let busy = ledger.inflight.len() >= limits.concurrent as usize;
-            if !window_full && !second_full && !busy {
+            let blocked = ledger.blocked_until.filter(|b| *b > now);
+            if let Some(until) = blocked {
+                let wait = Duration::from_millis(until - now);
+                if Instant::now() + wait >= deadline {
+                    return Err(Error::new(
+                        ErrorKind::RateLimited,
+                        format!(
+                            "Mixpanel answered 429 for the {} API: its hourly quota is spent; the shared budget grants no request before {} (after this invocation's deadline), so the work stays pending",
+                            family_name(family),
+                            jiff::Timestamp::from_millisecond(until as i64)
+                                .map(|t| t.to_string())
+                                .unwrap_or_default()
+                        ),
+                    ));
+                }
+                tracing::info!(
+                    wait_ms = wait.as_millis() as u64,
+                    "waiting for the slot Mixpanel's rate limit leaves"
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            if !window_full && !second_full && !busy && !share_full {
                 ledger.grants.push(now);
+                if let Some(share) = &share {
+                    ledger
+                        .shares
+                        .entry(share.tag.to_string())
+                        .or_default()
+                        .push(now);
+                }
                 ledger.inflight.push(Inflight {
                     id: id.clone(),
                     until: now + limits.max_hold.as_millis() as u64,
                 });
                 let body = serde_json::to_string(&ledger).map_err(Error::state)?;
                 if self.store.put_document(name, &body, version).await? {
+                    self.restamp_if_late(name, limits, now, share.as_ref().map(|s| s.tag))
+                        .await?;
                     return Ok(Permit {
                         store: self.store.clone(),
                         family,
@@ -165,16 +285,32 @@ impl RequestBudget {
             if busy {
                 wait_ms = wait_ms.max(100);
             }
+            if share_full && let Some(oldest) = capped.iter().min() {
+                wait_ms = wait_ms.max((oldest + 1).saturating_sub(window_start));
+            }
             let wait = Duration::from_millis(wait_ms.clamp(10, 60_000));
+            if share_full
+                && Instant::now() + Duration::from_millis(wait_ms) >= deadline
+                && let (Some(share), Some(cap)) =
+                    (&share, share.as_ref().and_then(|s| s.cap.as_ref()))
+            {
+                return Err(Error::new(
+                    ErrorKind::Deadline,
+                    format!(
+                        "{} has used its share of the Mixpanel query budget ({} of {} requests per {} s) while other query tables have work pending",
+                        share.tag,
+                        cap.max,
+                        limits.per_window,
+                        limits.window.as_secs()
+                    ),
+                ));
+            }
             if Instant::now() + wait >= deadline {
                 return Err(Error::new(
                     ErrorKind::Deadline,
                     format!(
                         "the shared Mixpanel {} request budget ({} per {} s) has no room before the deadline; the work stays pending",
-                        match family {
-                            Family::Export => "export",
-                            Family::Query => "query",
-                        },
+                        family_name(family),
                         limits.per_window,
                         limits.window.as_secs()
                     ),
@@ -186,6 +322,110 @@ impl RequestBudget {
             );
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+impl RequestBudget {
+    /// Others count a grant from its stamp, so a request sent well after it could reach
+    /// Mixpanel inside a window the ledger sees as free. When the ledger write took more than
+    /// half the margin (a slow store), the grant is stamped again with the time it is really
+    /// used, until a write is quick enough. Nobody can have counted on the old stamp yet: a
+    /// grant is only made a whole window after the one it follows.
+    async fn restamp_if_late(
+        &self,
+        name: &str,
+        limits: Limits,
+        mut stamp: u64,
+        tag: Option<&str>,
+    ) -> Result<()> {
+        for _ in 0..16 {
+            if now_ms().saturating_sub(stamp) <= limits.margin_ms() / 2 {
+                return Ok(());
+            }
+            let Some((body, version)) = self.store.document(name).await? else {
+                return Ok(());
+            };
+            let mut ledger = serde_json::from_str::<Ledger>(&body).unwrap_or_default();
+            let now = now_ms();
+            let mut moved = false;
+            if let Some(g) = ledger.grants.iter_mut().find(|g| **g == stamp) {
+                *g = now;
+                moved = true;
+            }
+            if let Some(g) = tag
+                .and_then(|t| ledger.shares.get_mut(t))
+                .and_then(|grants| grants.iter_mut().find(|g| **g == stamp))
+            {
+                *g = now;
+            }
+            if !moved {
+                return Ok(());
+            }
+            let body = serde_json::to_string(&ledger).map_err(Error::state)?;
+            if self.store.put_document(name, &body, Some(version)).await? {
+                tracing::debug!(
+                    late_ms = now - stamp,
+                    "a slow ledger write: the grant is stamped again"
+                );
+                stamp = now;
+            }
+        }
+        Ok(())
+    }
+
+    /// Mixpanel answered 429 although the budget had room (another client of the project, or
+    /// limits set above the plan's): no request of `family` is granted, by any invocation,
+    /// before `Retry-After` when Mixpanel sent one, else before the budget's next slot: one
+    /// slot's share of the window (a minute at 60 an hour), doubling while Mixpanel keeps
+    /// answering 429 right after each wait, up to the whole window. Retrying within seconds
+    /// does not help against an hourly quota.
+    pub async fn rate_limited(&self, family: Family, retry_after: Option<Duration>) -> Result<u64> {
+        let limits = self.limits(family);
+        let name = family.document();
+        let window_ms = limits.window.as_millis() as u64;
+        for _ in 0..16 {
+            let now = now_ms();
+            let current = self.store.document(name).await?;
+            let (mut ledger, version) = match &current {
+                Some((body, v)) => (
+                    serde_json::from_str::<Ledger>(body).unwrap_or_default(),
+                    Some(*v),
+                ),
+                None => (Ledger::default(), None),
+            };
+            let until = match retry_after {
+                Some(d) => now + d.as_millis() as u64,
+                None => {
+                    let slot = (window_ms / u64::from(limits.per_window.max(1))).max(1);
+                    // A 429 soon after the last wait ended: the quota is spent for longer.
+                    let penalty = match (ledger.blocked_until, ledger.penalty_ms) {
+                        (Some(b), Some(p)) if now < b.saturating_add(p) => p.saturating_mul(2),
+                        _ => slot,
+                    }
+                    .min(window_ms);
+                    ledger.penalty_ms = Some(penalty);
+                    now + penalty
+                }
+            };
+            if ledger.blocked_until.is_some_and(|b| b >= until) {
+                return Ok(ledger.blocked_until.unwrap_or(until));
+            }
+            ledger.blocked_until = Some(until);
+            let body = serde_json::to_string(&ledger).map_err(Error::state)?;
+            if self.store.put_document(name, &body, version).await? {
+                return Ok(until);
+            }
+        }
+        Err(Error::state(format!(
+            "the request ledger {name} changed 16 times while a rate limit was recorded"
+        )))
+    }
+}
+
+fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::Export => "export",
+        Family::Query => "query",
     }
 }
 
@@ -290,6 +530,59 @@ mod tests {
         }
         // 12 grants at 5 per window need at least two full windows of waiting.
         assert!(times[11] >= Duration::from_millis(3000), "{times:?}");
+    }
+
+    #[tokio::test]
+    async fn a_capped_share_is_counted_across_budgets_and_leaves_the_rest_to_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> =
+            Arc::new(LocalStore::open(dir.path().join("state.json")).unwrap());
+        let limits = Limits {
+            per_window: 4,
+            window: Duration::from_secs(3600),
+            per_second: None,
+            concurrent: 5,
+            max_hold: Duration::from_secs(60),
+        };
+        let share = Share {
+            tag: "engage",
+            cap: Some(ShareCap {
+                tags: vec!["engage"],
+                max: 2,
+            }),
+        };
+        let soon = || Instant::now() + Duration::from_secs(5);
+        // Two budgets on one store stand for two invocations: the share holds across them.
+        for _ in 0..2 {
+            let budget = RequestBudget::new(store.clone(), limits, limits);
+            let p = with_share(share.clone(), budget.acquire(Family::Query, soon()))
+                .await
+                .unwrap();
+            p.release().await;
+        }
+        let budget = RequestBudget::new(store.clone(), limits, limits);
+        let e = with_share(share.clone(), budget.acquire(Family::Query, soon()))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), ErrorKind::Deadline);
+        assert!(e.message().contains("engage has used its share"), "{e}");
+        // The other half is there for everyone else.
+        for _ in 0..2 {
+            budget
+                .acquire(Family::Query, soon())
+                .await
+                .unwrap()
+                .release()
+                .await;
+        }
+        let ledger: Ledger =
+            serde_json::from_str(&store.document("requests#query").await.unwrap().unwrap().0)
+                .unwrap();
+        assert_eq!((ledger.grants.len(), ledger.shares["engage"].len()), (4, 2));
+        // A ledger written before shares existed is read as it was.
+        let old: Ledger = serde_json::from_str(r#"{"grants":[1],"inflight":[]}"#).unwrap();
+        assert!(old.shares.is_empty());
     }
 
     #[tokio::test]

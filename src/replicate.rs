@@ -19,9 +19,10 @@ use crate::app::App;
 use crate::commit::{self, FileEntry};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
+use crate::setaside::{self, Aside, BodyShape, Rejected};
 use crate::sink::part::{PartEvent, PartWriter};
-use crate::spill::{Spill, SpillWriter};
-use crate::state::{Lease, Schema, SliceId};
+use crate::spill::{DayShards, Spill};
+use crate::state::{Lease, Schema, SliceId, SliceRecord};
 use crate::tables::Table;
 use crate::tables::export::{self, LineOutcome, Transformer};
 
@@ -38,6 +39,20 @@ pub struct SliceResult {
     pub duplicates: u64,
     /// Raw (uncompressed) bytes of the export body.
     pub raw_bytes: u64,
+    /// Source lines that could not be used, kept raw under `_rejected/`.
+    pub rejected: u64,
+}
+
+impl SliceResult {
+    /// Adds another slice's counts (the days of a window, the hours of a day).
+    pub fn add(&mut self, other: &SliceResult) {
+        self.records += other.records;
+        self.bytes += other.bytes;
+        self.files += other.files;
+        self.duplicates += other.duplicates;
+        self.raw_bytes += other.raw_bytes;
+        self.rejected += other.rejected;
+    }
 }
 
 /// What a committed export slice records in the state store (its `result`): how big and how
@@ -56,6 +71,16 @@ pub struct Recorded {
     /// The parts of an hour slice (a day's parts are in its manifest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileEntry>,
+    /// Source lines that could not be used, kept raw under `_rejected/`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rejected: u64,
+    /// The parts of an hour slice's rejected lines (a day's are in its manifest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_files: Vec<FileEntry>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Recorded {
@@ -80,12 +105,29 @@ pub enum Exported {
     TooBig(String),
 }
 
-/// How many times a slice's body is fetched again after a transient failure in one invocation.
-const FETCH_ATTEMPTS: u32 = 3;
+/// How many times a slice's body is fetched in one invocation when Mixpanel cuts it off (or
+/// fails it): a failing request never spends more of the hour's 60 exports than this.
+const FETCH_ATTEMPTS: u32 = 2;
+
+/// Mixpanel's signs that a request is too heavy (`terminated early`, a cut body, `Timeout
+/// Error`, a 5xx, no first byte), for the same whole-day request in a row, after which the day
+/// is split into hours: the same request tends to fail the same way again.
+const HEAVY_SIGNALS_TO_SPLIT: u32 = 2;
+
+/// The longest wait for the first byte of an export (also at most a third of the time left):
+/// Mixpanel thinking for minutes is a sign of a day too heavy to export at once.
+const FIRST_BYTE_WAIT_MAX: Duration = Duration::from_secs(180);
+
+/// The shortest such wait: a slow answer within it is only slow (and the deadline, when
+/// nearer, ends the attempt as a deadline, not as Mixpanel's sign).
+const FIRST_BYTE_WAIT_MIN: Duration = Duration::from_secs(30);
 
 /// A slice that runs out of time while its parts are written is split into hours only from
 /// this size on.
 const SPLIT_ON_WRITE_MIN_BYTES: u64 = 1 << 20;
+
+/// What pass 2 says when the deadline stopped it.
+const WRITING: &str = "the invocation's deadline came while the parts were written";
 
 /// How the OS says that a file system is full (ENOSPC).
 const NO_SPACE: &str = "No space left on device";
@@ -102,10 +144,19 @@ const PARALLEL_WRITE_MIN_BYTES: u64 = 32 << 20;
 ///
 /// A day is committed with its manifest; an hour slice of a day too big for one invocation is
 /// recorded in the state store with its parts, and its day is committed when every hour is.
-pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result<Exported> {
+/// `before` is the slice as claimed: its failed attempts in a row that were Mixpanel's signs of
+/// a request too heavy count towards splitting it, and its shrink guard is forced after a
+/// person retried it.
+pub async fn export_slice(
+    app: &App,
+    lease: &Lease,
+    before: Option<&SliceRecord>,
+    deadline: Instant,
+) -> Result<Exported> {
+    let prior_signals = heavy_signals(before);
+    let guard = commit::ShrinkGuard::for_slice(app.settings.shrink_guard_percent, before);
     let s = &app.settings;
-    let now = Timestamp::now();
-    let today = export::export_today(&s.timezone, s.export_time_mode, now);
+    let today = export::export_today(&s.timezone, s.export_time_mode, Timestamp::now());
     let window = export::window(
         lease.slice,
         &s.timezone,
@@ -113,93 +164,41 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
         today,
         s.export_events.clone(),
     )?;
-    let known = if s.select_properties_by_default {
-        None
-    } else {
-        app.store.schema(Table::Export).await?
+    let known = known_schema(app).await?;
+    let heavy = Heavy {
+        signals: prior_signals,
+        split: !crate::plan::pieces(lease.slice).is_empty(),
+        whole_day: matches!(lease.slice, SliceId::Day(_)),
     };
-
-    let mut attempt = 0;
-    let started = Instant::now();
-    let read = AtomicU64::new(0);
-    let (pass1, body_began) = loop {
-        let began = OnceLock::new();
-        attempt += 1;
-        let transformer = Transformer::new(
-            s.timezone.clone(),
-            s.export_time_mode,
-            &window,
-            known.as_ref(),
-        );
-        match fetch_into_spill(app, &window.query, transformer, deadline, &read, &began).await {
-            Ok(p) => break (p, began.get().copied().unwrap_or(started)),
-            // The body flowed for most of the invocation and did not end: too big. (A slow
-            // answer, retries or rate-limit waits say nothing of the size: the slice is then
-            // simply tried again whole.)
-            Err(e)
-                if e.kind() == ErrorKind::Deadline
-                    && read.load(Ordering::Relaxed) > 0
-                    && began
-                        .get()
-                        .is_some_and(|b| b.elapsed() >= started.elapsed() / 2) =>
-            {
-                return Ok(Exported::TooBig(format!(
-                    "the export body of {} did not end within the invocation ({:.1} MB read in {:.1} s)",
-                    lease.slice,
-                    read.load(Ordering::Relaxed) as f64 / 1e6,
-                    started.elapsed().as_secs_f64()
-                )));
-            }
-            // The spill (about the raw size) outgrew the temporary storage: an hour's fits.
-            Err(e) if e.kind() == ErrorKind::Storage && e.message().contains(NO_SPACE) => {
-                return Ok(Exported::TooBig(format!(
-                    "the spill of {} outgrew the temporary storage ({:.1} MB read): {e}",
-                    lease.slice,
-                    read.load(Ordering::Relaxed) as f64 / 1e6
-                )));
-            }
-            Err(e)
-                if e.kind() == ErrorKind::Transient
-                    && attempt < FETCH_ATTEMPTS
-                    && Instant::now() < deadline =>
-            {
-                tracing::warn!(table = "export", slice = %lease.slice, attempt, error = %e, "fetching the slice again");
-                tokio::time::sleep(crate::mixpanel::backoff(
-                    std::time::Duration::from_millis(500),
-                    attempt,
-                ))
-                .await;
-            }
-            Err(e) => return Err(e),
-        }
+    let fetched = match fetch(
+        app,
+        lease.slice,
+        &window,
+        &[],
+        known.as_ref(),
+        heavy,
+        deadline,
+    )
+    .await?
+    {
+        Fetch::Read(f) => f,
+        Fetch::TooBig(why) => return Ok(Exported::TooBig(why)),
     };
-
-    // First discovery of the columns when only known properties are kept.
+    let Fetched {
+        pass1,
+        started,
+        body_began,
+    } = fetched;
     let observed = pass1.schema.clone();
-    if !s.select_properties_by_default && known.is_none() {
-        let stored = app.store.init_schema(Table::Export, &observed).await?;
-        if observed
-            .columns
-            .keys()
-            .any(|c| !stored.columns.contains_key(c))
-        {
-            return Err(Error::transient(
-                "another invocation discovered the export columns first; the slice will be fetched again with them",
-            ));
-        }
-    }
+    discover(app, known.is_none(), &observed).await?;
 
-    let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
     let pass1_done = Instant::now();
     // Writing the parts takes about as long as reading did when reading was bound by our CPU,
     // and less when Mixpanel's sending was slower (then at most the time of a slow writer):
     // when that no longer fits, the slice is too big for one invocation, and starting would
     // only leave parts to remove. (Should it still run late, pass 2 stops at the deadline.)
     let pass1_took = pass1_done - body_began;
-    let pass2_needs = pass1_took.min(
-        Duration::from_secs_f64(pass1.raw_bytes as f64 / PASS2_SLOW_BYTES_PER_SEC)
-            + Duration::from_millis(200),
-    );
+    let pass2_needs = pass1_took.min(pass2_at_least(pass1.raw_bytes));
     if pass1_done + pass2_needs > deadline {
         if pass1_took < pass1_done.duration_since(started) / 2 {
             // Most of the time went to waiting (answers, retries, a busy machine), not to this
@@ -217,22 +216,23 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
             deadline.saturating_duration_since(pass1_done).as_secs_f64()
         )));
     }
-    let (files, duplicates) = match write_parts(
-        app,
-        &lease.owner,
-        &folder,
-        pass1.spill,
-        pass1.raw_bytes,
-        deadline,
-    )
-    .await
-    {
-        Ok(written) => written,
-        Err(e) if e.kind() == ErrorKind::Deadline => {
+    let raw_bytes = pass1.raw_bytes;
+    let Some((spill, _)) = pass1.days.into_iter().next() else {
+        return Err(Error::transient("no spill of the slice"));
+    };
+    let day = DayBody {
+        spill,
+        raw_bytes,
+        rejected: pass1.rejected,
+    };
+    // The time the size took (from the first byte on), not waits for answers or retries.
+    let ms = || body_began.elapsed().as_millis() as u64;
+    let result = match write_day(app, lease, guard, day, ms, deadline).await {
+        Ok(r) => r,
+        Err(e) if e.kind() == ErrorKind::Deadline && e.message().contains(WRITING) => {
             // Writing a small slice late says the storage is slow, not that it is big:
             // smaller slices would only make more uploads.
-            if body_began.elapsed() < started.elapsed() / 2
-                || pass1.raw_bytes < SPLIT_ON_WRITE_MIN_BYTES
+            if body_began.elapsed() < started.elapsed() / 2 || raw_bytes < SPLIT_ON_WRITE_MIN_BYTES
             {
                 return Err(e);
             }
@@ -243,30 +243,243 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
     tracing::debug!(
         table = "export",
         slice = %lease.slice,
-        raw_bytes = pass1.raw_bytes,
+        raw_bytes,
         pass1_ms = (pass1_done - started).as_millis() as u64,
         pass2_ms = pass1_done.elapsed().as_millis() as u64,
         workers = workers(),
         "slice read, deduplicated and written"
     );
+    store_schema(app, &observed).await?;
+    Ok(Exported::Done(result))
+}
+
+/// The columns kept when only known properties are (`MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`).
+pub(crate) async fn known_schema(app: &App) -> Result<Option<Schema>> {
+    if app.settings.select_properties_by_default {
+        Ok(None)
+    } else {
+        app.store.schema(Table::Export).await
+    }
+}
+
+/// The slice's (or window's) count of Mixpanel's signs of a request too heavy, and whether
+/// they may split it.
+#[derive(Clone, Copy)]
+pub(crate) struct Heavy {
+    /// Failed attempts in a row that were such signs, before this invocation.
+    pub signals: u32,
+    /// Whether the slice is split into smaller pieces after [`HEAVY_SIGNALS_TO_SPLIT`].
+    pub split: bool,
+    /// Whether it is a whole day (for the message).
+    pub whole_day: bool,
+}
+
+/// A body read whole (pass 1), and when.
+pub(crate) struct Fetched {
+    pub pass1: Pass1,
+    /// When the first request was sent.
+    pub started: Instant,
+    /// When the body that was read began.
+    pub body_began: Instant,
+}
+
+/// How fetching a slice's (or window's) body ended, short of an error.
+pub(crate) enum Fetch {
+    Read(Fetched),
+    /// Too big for this invocation (the deadline or the disk); nothing was kept.
+    TooBig(String),
+}
+
+/// Pass 1 of `what`: the body of `window` read into the spill (per day of a multi-day window
+/// when `bounds` are given), fetched again once when Mixpanel cuts it off.
+pub(crate) async fn fetch(
+    app: &App,
+    what: impl std::fmt::Display,
+    window: &export::ExportWindow,
+    bounds: &[i64],
+    known: Option<&Schema>,
+    heavy: Heavy,
+    deadline: Instant,
+) -> Result<Fetch> {
+    let s = &app.settings;
+    let mut attempt = 0;
+    let mut signals = heavy.signals;
+    let started = Instant::now();
+    let read = AtomicU64::new(0);
+    loop {
+        let began = OnceLock::new();
+        attempt += 1;
+        let mut transformer =
+            Transformer::new(s.timezone.clone(), s.export_time_mode, window, known);
+        if bounds.len() > 2 {
+            transformer = transformer.routed(bounds);
+        }
+        match fetch_into_spill(app, &window.query, transformer, deadline, &read, &began).await {
+            Ok(pass1) => {
+                return Ok(Fetch::Read(Fetched {
+                    pass1,
+                    started,
+                    body_began: began.get().copied().unwrap_or(started),
+                }));
+            }
+            // The body flowed for most of the invocation and did not end: too big. (A slow
+            // answer, retries or rate-limit waits say nothing of the size: the slice is then
+            // simply tried again whole.)
+            Err(e)
+                if e.kind() == ErrorKind::Deadline
+                    && read.load(Ordering::Relaxed) > 0
+                    && began
+                        .get()
+                        .is_some_and(|b| b.elapsed() >= started.elapsed() / 2) =>
+            {
+                return Ok(Fetch::TooBig(format!(
+                    "the export body of {what} did not end within the invocation ({:.1} MB read in {:.1} s)",
+                    read.load(Ordering::Relaxed) as f64 / 1e6,
+                    started.elapsed().as_secs_f64()
+                )));
+            }
+            // The spill (about the raw size) outgrew the temporary storage: an hour's fits.
+            Err(e) if e.kind() == ErrorKind::Storage && e.message().contains(NO_SPACE) => {
+                return Ok(Fetch::TooBig(format!(
+                    "the spill of {what} outgrew the temporary storage ({:.1} MB read): {e}",
+                    read.load(Ordering::Relaxed) as f64 / 1e6
+                )));
+            }
+            Err(e) if e.kind() == ErrorKind::Transient => {
+                signals += 1;
+                if signals >= HEAVY_SIGNALS_TO_SPLIT && heavy.split {
+                    let what_is = if heavy.whole_day {
+                        "the whole day"
+                    } else {
+                        "the range"
+                    };
+                    return Ok(Fetch::TooBig(format!(
+                        "Mixpanel failed the export of {what_is} {what} {signals} times in a row (last: {e})"
+                    )));
+                }
+                if attempt >= FETCH_ATTEMPTS || Instant::now() >= deadline {
+                    return Err(e);
+                }
+                tracing::warn!(table = "export", slice = %what, attempt, error = %e, "fetching the slice again");
+                tokio::time::sleep(crate::mixpanel::backoff(
+                    std::time::Duration::from_millis(500),
+                    attempt,
+                ))
+                .await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// First discovery of the columns when only known properties are kept (`first`: none were
+/// known when the body was read).
+pub(crate) async fn discover(app: &App, first: bool, observed: &Schema) -> Result<()> {
+    if app.settings.select_properties_by_default || !first {
+        return Ok(());
+    }
+    let stored = app.store.init_schema(Table::Export, observed).await?;
+    // (System properties are kept whatever was discovered.)
+    if observed
+        .columns
+        .keys()
+        .any(|c| !stored.columns.contains_key(c) && !export::is_system_column(c))
+    {
+        return Err(Error::transient(
+            "another invocation discovered the export columns first; the slice will be fetched again with them",
+        ));
+    }
+    Ok(())
+}
+
+/// Merges the columns a committed body had into the table's schema and writes `_schema.json`.
+pub(crate) async fn store_schema(app: &App, observed: &Schema) -> Result<()> {
+    let schema = if app.settings.select_properties_by_default {
+        app.store.merge_schema(Table::Export, observed).await?
+    } else {
+        // The discovered columns, and the system properties kept beside them.
+        let mut system = observed.clone();
+        system.columns.retain(|c, _| export::is_system_column(c));
+        app.store.merge_schema(Table::Export, &system).await?
+    };
+    commit::write_schema(app.sink.as_ref(), &app.prefix, Table::Export, &schema).await
+}
+
+/// The time pass 2 surely takes for `raw_bytes` of a slice on one slow core.
+pub(crate) fn pass2_at_least(raw_bytes: u64) -> Duration {
+    Duration::from_secs_f64(raw_bytes as f64 / PASS2_SLOW_BYTES_PER_SEC)
+        + Duration::from_millis(200)
+}
+
+/// One day's (or slice's) share of a body read whole: its records, raw bytes and rejected lines.
+pub(crate) struct DayBody {
+    pub spill: Spill,
+    pub raw_bytes: u64,
+    pub rejected: Rejected,
+}
+
+/// Pass 2 and the commit of the slice `lease` holds: its parts and rejected lines written,
+/// then (a day) its manifest under the lease and the bookmark, or (an hour, a piece) its
+/// record with its parts. `ms` is the time to record, asked once the parts are written.
+pub(crate) async fn write_day(
+    app: &App,
+    lease: &Lease,
+    guard: commit::ShrinkGuard,
+    body: DayBody,
+    ms: impl FnOnce() -> u64,
+    deadline: Instant,
+) -> Result<SliceResult> {
+    let s = &app.settings;
+    let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
+    let (files, duplicates) = write_parts(
+        app,
+        &lease.owner,
+        &folder,
+        body.spill,
+        body.raw_bytes,
+        deadline,
+    )
+    .await?;
+    let rejected_folder = commit::rejected_folder(&app.prefix, Table::Export, lease.slice)?;
+    let rejected_lines = body.rejected.count;
+    let rejected = match write_rejected(app, &lease.owner, &rejected_folder, body.rejected).await {
+        Ok(parts) => commit::RejectedParts {
+            folder: rejected_folder,
+            lines: rejected_lines,
+            files: parts,
+        },
+        Err(e) => {
+            remove_parts(app, &folder, &files).await;
+            return Err(e);
+        }
+    };
+    if rejected.lines > 0 {
+        tracing::warn!(
+            table = "export", slice = %lease.slice, rejected = rejected.lines, folder = %rejected.folder,
+            "export lines that could not be used are kept raw"
+        );
+    }
     let result = SliceResult {
         records: files.iter().map(|f| f.records).sum(),
         bytes: files.iter().map(|f| f.bytes).sum(),
         files: files.len() as u64,
         duplicates,
-        raw_bytes: pass1.raw_bytes,
+        raw_bytes: body.raw_bytes,
+        rejected: rejected.lines,
     };
     let mut recorded = Recorded {
         raw_bytes: result.raw_bytes,
-        // The time the size took (from the first byte on), not waits for answers or retries.
-        ms: body_began.elapsed().as_millis() as u64,
+        ms: ms(),
         records: result.records,
         duplicates,
         files: Vec::new(),
+        rejected: rejected.lines,
+        rejected_files: Vec::new(),
     };
-    if let SliceId::Hours { .. } = lease.slice {
-        // An hour's parts wait, recorded with the hour, for the day's manifest.
+    if !matches!(lease.slice, SliceId::Day(_)) {
+        // An hour's (or a piece's) parts wait, recorded with it, for the day's manifest.
         recorded.files = files.clone();
+        recorded.rejected_files = rejected.files.clone();
         if let Err(e) = commit::complete(app.store.as_ref(), lease, Some(&recorded.to_json())).await
         {
             // Lost the lease: the hour is another attempt's, these parts are leftovers. Any
@@ -274,18 +487,21 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
             // removes whatever its manifest does not list.
             if commit::lease_lost(&e) {
                 remove_parts(app, &folder, &files).await;
+                remove_parts(app, &rejected.folder, &rejected.files).await;
             }
             return Err(e);
         }
     } else {
-        let committed = commit::commit(
+        let committed = commit::commit_with_rejected(
             app.store.as_ref(),
             app.sink.as_ref(),
             lease,
             &folder,
             &partition,
             files.clone(),
+            &rejected,
             Some(&recorded.to_json()),
+            guard,
         )
         .await;
         if let Err(e) = committed {
@@ -294,25 +510,36 @@ pub async fn export_slice(app: &App, lease: &Lease, deadline: Instant) -> Result
             // that commit replaces them). Before that, they are this attempt's leftovers.
             if !manifest_is_ours(app, &folder, &lease.owner).await {
                 remove_parts(app, &folder, &files).await;
+                remove_parts(app, &rejected.folder, &rejected.files).await;
             }
             return Err(e);
         }
         commit::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
     }
-    if s.select_properties_by_default {
-        let schema = app.store.merge_schema(Table::Export, &observed).await?;
-        commit::write_schema(app.sink.as_ref(), &app.prefix, Table::Export, &schema).await?;
-    } else if let Some(schema) = app.store.schema(Table::Export).await? {
-        commit::write_schema(app.sink.as_ref(), &app.prefix, Table::Export, &schema).await?;
-    }
-    Ok(Exported::Done(result))
+    Ok(result)
+}
+
+/// The slice's failed attempts in a row that were Mixpanel's signs of a request too heavy
+/// (`Transient`: cut off, `terminated early`, `Timeout Error`, 5xx, no first byte).
+fn heavy_signals(before: Option<&SliceRecord>) -> u32 {
+    before
+        .filter(|r| {
+            r.error
+                .as_ref()
+                .is_some_and(|e| e.kind == ErrorKind::Transient.as_str())
+        })
+        .map_or(0, |r| r.failures)
 }
 
 /// The spill and what pass 1 learned.
-struct Pass1 {
-    spill: Spill,
-    raw_bytes: u64,
-    schema: Schema,
+pub(crate) struct Pass1 {
+    /// Per day of the window (one for a single slice): its spill and its records' raw bytes.
+    pub days: Vec<(Spill, u64)>,
+    /// Raw bytes of the whole body.
+    pub raw_bytes: u64,
+    pub schema: Schema,
+    /// Lines no event could be made of, raw, for `_rejected/`.
+    pub rejected: Rejected,
 }
 
 /// Raw bytes of export lines handed to a transform worker at a time (cut at a line end).
@@ -345,9 +572,14 @@ async fn fetch_into_spill(
     read_so_far: &AtomicU64,
     body_began: &OnceLock<Instant>,
 ) -> Result<Pass1> {
-    let resp = tokio::time::timeout_at(deadline, app.mixpanel.export(query, deadline))
-        .await
-        .map_err(|_| deadline_error())??;
+    let first_byte_wait = (deadline.saturating_duration_since(Instant::now()) / 3)
+        .clamp(FIRST_BYTE_WAIT_MIN, FIRST_BYTE_WAIT_MAX);
+    let resp = tokio::time::timeout_at(
+        deadline,
+        app.mixpanel.export(query, first_byte_wait, deadline),
+    )
+    .await
+    .map_err(|_| deadline_error())??;
     let _ = body_began.set(Instant::now());
     let n = workers();
     // One queue that every worker takes from, so that a busy worker never holds up the others.
@@ -375,7 +607,16 @@ async fn fetch_into_spill(
         let mut seq = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
-                Error::transient(format!("the export body broke off: {}", without_url(&e)))
+                if e.is_decode() && raw_bytes == 0 {
+                    // Not one byte decoded: not a body cut off, a body that is not what its
+                    // encoding says (not the gzip it claims).
+                    Error::new(
+                        ErrorKind::BadResponse,
+                        format!("the export body cannot be decoded: {}", without_url(&e)),
+                    )
+                } else {
+                    Error::transient(format!("the export body broke off: {}", without_url(&e)))
+                }
             })?;
             raw_bytes += chunk.len() as u64;
             read_so_far.store(raw_bytes, Ordering::Relaxed);
@@ -397,30 +638,49 @@ async fn fetch_into_spill(
                 let whole = block.split_to(end + 1).freeze();
                 block.reserve(BLOCK_BYTES + 64 * 1024);
                 if sender.send((seq, whole)).await.is_err() {
-                    // A worker stopped on a bad line; its error is the one to report.
-                    return Ok(raw_bytes);
+                    // A worker stopped (`terminated early`); its error is the one to report.
+                    return Ok((raw_bytes, None));
                 }
                 seq += 1;
             }
         }
+        let mut unterminated = None;
         if !block.is_empty() {
-            // The last line may lack its newline; it must still be complete JSON.
+            // The last line may lack its newline: if it then breaks off, the body was cut.
+            if !block.ends_with(b"\n") {
+                let lines = memchr::memchr_iter(b'\n', &block).count() as u64;
+                unterminated = Some((seq << 32) | lines);
+            }
             let _ = sender.send((seq, block.freeze())).await;
         }
-        Ok::<u64, Error>(raw_bytes)
+        Ok::<(u64, Option<u64>), Error>((raw_bytes, unterminated))
     };
     let read = tokio::time::timeout_at(deadline, read).await;
     drop(sender);
-    let mut shards = Vec::with_capacity(n);
+    let mut shards = Vec::with_capacity(n + 1);
+    let mut asides = Vec::new();
+    let mut lines: Vec<u32> = Vec::new();
+    let mut used = 0u64;
     let mut merged: Option<Transformer> = None;
     let mut failure = None;
     for w in workers {
         match w.await {
-            Ok(Ok((shard, t))) => {
-                shards.push(shard);
+            Ok(Ok(worked)) => {
+                shards.push(worked.spill);
+                used += worked.used;
+                if worked.aside.entries() > 0 {
+                    asides.push(worked.aside);
+                }
+                for (block, n) in worked.blocks {
+                    let i = block as usize;
+                    if lines.len() <= i {
+                        lines.resize(i + 1, 0);
+                    }
+                    lines[i] = n;
+                }
                 match merged.as_mut() {
-                    Some(m) => m.merge(t),
-                    None => merged = Some(t),
+                    Some(m) => m.merge(worked.transformer),
+                    None => merged = Some(worked.transformer),
                 }
             }
             Ok(Err(e)) => {
@@ -431,22 +691,59 @@ async fn fetch_into_spill(
             }
         }
     }
-    match read {
-        Err(_) => Err(Error::new(
-            ErrorKind::Deadline,
-            "the invocation's deadline came before the export body ended",
-        )),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(raw_bytes)) => match (failure, merged) {
-            (Some(e), _) => Err(e),
-            (None, Some(t)) => Ok(Pass1 {
-                spill: Spill::from_shards(shards),
-                raw_bytes,
-                schema: t.schema(),
-            }),
-            (None, None) => Err(Error::transient("no export worker ran")),
-        },
+    let (raw_bytes, unterminated_last) = match read {
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Deadline,
+                "the invocation's deadline came before the export body ended",
+            ));
+        }
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(read)) => read,
+    };
+    if let Some(e) = failure {
+        return Err(e);
     }
+    let Some(mut t) = merged else {
+        return Err(Error::transient("no export worker ran"));
+    };
+    let mut rejected = Rejected::default();
+    if !asides.is_empty() {
+        // The body is complete: join the pieces of split events, reject what is left.
+        let shape = BodyShape {
+            lines,
+            unterminated_last,
+        };
+        let (fixed, back) = tokio::task::spawn_blocking(move || {
+            let fixed = setaside::fix_up(&mut t, asides, &shape);
+            (fixed, t)
+        })
+        .await
+        .map_err(|e| Error::transient(format!("export fix-up failed: {e}")))?;
+        t = back;
+        let fixed = fixed?;
+        tracing::debug!(
+            table = "export",
+            joined = fixed.joined,
+            rejected = fixed.rejected.count,
+            "lines that did not parse: events joined from several lines, lines rejected"
+        );
+        used += fixed.used;
+        shards.push(fixed.spill);
+        rejected = fixed.rejected;
+    }
+    // A body in which no line is an event is not an export (an HTML page, an error object
+    // answered with 200): one clear error, nothing committed. (A real body's unusable lines
+    // sit among events; an hour may have few events, so no share of them decides.)
+    if rejected.count > 0 && used == 0 {
+        return Err(rejected.error());
+    }
+    Ok(Pass1 {
+        days: DayShards::into_days(shards),
+        raw_bytes,
+        schema: t.schema(),
+        rejected,
+    })
 }
 
 fn deadline_error() -> Error {
@@ -456,12 +753,28 @@ fn deadline_error() -> Error {
     )
 }
 
-/// A transform worker of pass 1: blocks of whole lines → records in its shard of the spill.
-fn transform_blocks(
-    rx: &Mutex<mpsc::Receiver<(u64, Bytes)>>,
-    mut t: Transformer,
-) -> Result<(SpillWriter, Transformer)> {
-    let mut spill = SpillWriter::new()?;
+/// What a transform worker of pass 1 leaves.
+struct Worked {
+    spill: DayShards,
+    transformer: Transformer,
+    /// Lines it could not use, with the blank lines next to them.
+    aside: Aside,
+    /// (block number, lines) of each block it took.
+    blocks: Vec<(u64, u32)>,
+    /// Lines that became records or fell outside the slice.
+    used: u64,
+}
+
+/// A transform worker of pass 1: blocks of whole lines → records in its shard of the spill;
+/// lines that cannot be used as they are go aside for the fix-up ([`setaside`]).
+fn transform_blocks(rx: &Mutex<mpsc::Receiver<(u64, Bytes)>>, t: Transformer) -> Result<Worked> {
+    let mut w = Worked {
+        spill: DayShards::new(t.days()),
+        transformer: t,
+        aside: Aside::default(),
+        blocks: Vec::new(),
+        used: 0,
+    };
     let mut out = Vec::with_capacity(64 * 1024);
     let mut run = || -> Result<()> {
         loop {
@@ -475,13 +788,38 @@ fn transform_blocks(
             let base = block_seq << 32;
             let mut start = 0usize;
             let mut line_no = 0u64;
+            // Blank lines are kept next to set-aside ones (a string may hold "\n\n"), and at
+            // the start of a block (the previous block may end inside a string).
+            let mut after_aside = true;
+            let mut blanks = 0usize;
             let mut handle = |line: &[u8], line_no: u64| -> Result<()> {
                 out.clear();
-                match t.transform(line, &mut out)? {
+                match w.transformer.transform(line, &mut out)? {
                     LineOutcome::Record { key, processing_ms } => {
-                        spill.push(key, processing_ms, base | line_no, &out)
+                        w.used += 1;
+                        after_aside = false;
+                        let day = w.transformer.day();
+                        w.spill
+                            .push(day, key, processing_ms, base | line_no, &out, line.len())
                     }
-                    LineOutcome::OutOfRange | LineOutcome::Blank => Ok(()),
+                    LineOutcome::OutOfRange => {
+                        w.used += 1;
+                        after_aside = false;
+                        Ok(())
+                    }
+                    LineOutcome::Blank => {
+                        if after_aside && blanks < setaside::MAX_PIECES {
+                            blanks += 1;
+                            return w.aside.push(base | line_no, line);
+                        }
+                        after_aside = false;
+                        Ok(())
+                    }
+                    LineOutcome::Unusable(_) => {
+                        after_aside = true;
+                        blanks = 0;
+                        w.aside.push(base | line_no, line)
+                    }
                 }
             };
             for end in memchr::memchr_iter(b'\n', &block) {
@@ -491,7 +829,9 @@ fn transform_blocks(
             }
             if start < block.len() {
                 handle(&block[start..], line_no)?;
+                line_no += 1;
             }
+            w.blocks.push((block_seq, line_no as u32));
         }
     };
     if let Err(e) = run() {
@@ -501,7 +841,7 @@ fn transform_blocks(
         }
         return Err(e);
     }
-    Ok((spill, t))
+    Ok(w)
 }
 
 /// Pass 2: the spill's surviving records → compressed parts uploaded as they fill.
@@ -624,10 +964,7 @@ async fn write_parts(
     // Once the stop was given, a writer may have lost its last part's end (its events are then
     // refused): whatever seems written, the slice is incomplete.
     if failure.is_none() && (!complete || timed_out.load(Ordering::SeqCst)) {
-        failure = Some(Error::new(
-            ErrorKind::Deadline,
-            "the invocation's deadline came while the parts were written",
-        ));
+        failure = Some(Error::new(ErrorKind::Deadline, WRITING));
     }
     if let Some(e) = failure {
         remove_parts(app, folder, &files).await;
@@ -635,6 +972,56 @@ async fn write_parts(
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok((files, duplicates))
+}
+
+/// Writes the rejected lines, raw and one per line, as parts of `folder` (the table's
+/// compression; rolling over at the same size). Nothing when there are none.
+async fn write_rejected(
+    app: &App,
+    attempt: &str,
+    folder: &str,
+    rejected: Rejected,
+) -> Result<Vec<FileEntry>> {
+    if rejected.count == 0 {
+        return Ok(Vec::new());
+    }
+    let (tx, rx) = mpsc::channel::<PartEvent>(4);
+    let (compression, max) = (app.settings.compression, app.settings.max_file_bytes);
+    let attempt = attempt.to_string();
+    let producer = tokio::task::spawn_blocking(move || -> Result<bool> {
+        let mut writer =
+            PartWriter::new(&attempt, compression, max, |e| tx.blocking_send(e).is_ok());
+        let mut open = true;
+        rejected.drain(|line| {
+            open = writer.write(line);
+            open
+        })?;
+        Ok(open && writer.finish())
+    });
+    let stop = AtomicBool::new(false);
+    let (files, failure) = upload_parts(app, folder, rx, &stop).await;
+    let written = match producer.await {
+        Ok(Ok(whole)) => whole,
+        Ok(Err(e)) => {
+            remove_parts(app, folder, &files).await;
+            return Err(e);
+        }
+        Err(e) => {
+            remove_parts(app, folder, &files).await;
+            return Err(Error::storage(format!("rejected-lines writer failed: {e}")));
+        }
+    };
+    if let Some(e) = failure {
+        remove_parts(app, folder, &files).await;
+        return Err(e);
+    }
+    if !written {
+        remove_parts(app, folder, &files).await;
+        return Err(Error::storage(
+            "the rejected lines' parts were not all written",
+        ));
+    }
+    Ok(files)
 }
 
 /// Uploads one part writer's parts in order; on a failure it aborts the open part, tells every
@@ -721,5 +1108,200 @@ async fn remove_parts(app: &App, folder: &str, files: &[FileEntry]) {
         && let Err(e) = app.sink.delete(&keys).await
     {
         tracing::warn!(error = %e, "could not remove the parts of a failed attempt; the next commit removes them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExportTimeMode;
+    use crate::state::SliceId;
+    use jiff::tz::TimeZone;
+
+    /// Runs pass 1's workers and fix-up on `blocks` as the reader would have cut them.
+    pub(super) fn pass1_of(
+        blocks: &[&[u8]],
+        workers: usize,
+    ) -> Result<(Vec<String>, Vec<Vec<u8>>)> {
+        let day: jiff::civil::Date = "2020-10-13".parse().unwrap();
+        let w = export::window(
+            SliceId::Day(day),
+            &TimeZone::UTC,
+            ExportTimeMode::Utc,
+            day,
+            None,
+        )
+        .unwrap();
+        let t = Transformer::new(TimeZone::UTC, ExportTimeMode::Utc, &w, None);
+        let (tx, rx) = mpsc::channel::<(u64, Bytes)>(blocks.len().max(1));
+        for (i, b) in blocks.iter().enumerate() {
+            tx.try_send((i as u64, Bytes::copy_from_slice(b))).unwrap();
+        }
+        drop(tx);
+        let rx = Mutex::new(rx);
+        let done: Vec<Result<Worked>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    let t = t.fork();
+                    let rx = &rx;
+                    s.spawn(move || transform_blocks(rx, t))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut t = t;
+        let (mut shards, mut asides, mut lines) = (Vec::new(), Vec::new(), vec![0; blocks.len()]);
+        for worked in done {
+            let worked = worked?;
+            shards.push(worked.spill);
+            asides.push(worked.aside);
+            for (b, n) in worked.blocks {
+                lines[b as usize] = n;
+            }
+        }
+        let last = blocks.last().filter(|b| !b.ends_with(b"\n")).map(|b| {
+            ((blocks.len() as u64 - 1) << 32) | memchr::memchr_iter(b'\n', b).count() as u64
+        });
+        let fixed = setaside::fix_up(
+            &mut t,
+            asides,
+            &BodyShape {
+                lines,
+                unterminated_last: last,
+            },
+        )?;
+        shards.push(fixed.spill);
+        let mut rows = Vec::new();
+        let mut days = DayShards::into_days(shards);
+        days.remove(0).0.drain_deduplicated(|r| {
+            rows.push(String::from_utf8(r.to_vec()).unwrap());
+            true
+        })?;
+        rows.sort();
+        let mut rejected = Vec::new();
+        fixed.rejected.drain(|l| {
+            rejected.push(l.to_vec());
+            true
+        })?;
+        Ok((rows, rejected))
+    }
+
+    pub(super) fn row(event: &str, extra: &str) -> String {
+        format!(
+            "{{\"event\":\"{event}\",\"distinct_id\":null,\"time\":\"2020-10-13T17:48:31Z\"{extra}}}\n"
+        )
+    }
+
+    /// An event split by raw line breaks is joined whichever blocks (and workers) its pieces
+    /// went to; a `\r\n` and an empty line inside the string come back exactly; what no event
+    /// can be made of is rejected raw, in body order.
+    #[test]
+    fn pieces_of_an_event_in_different_blocks_are_joined() {
+        let blocks: [&[u8]; 5] = [
+            b"{\"event\":\"a\",\"properties\":{\"time\":1602611311}}\n{\"event\":\"split\",\"properties\":{\"time\":1602611311,\"note\":\"first\n",
+            b"second\"}}\nnot json\r\n{\"event\":\"crlf\",\"properties\":{\"time\":1602611311,\"note\":\"p1\r\n\n",
+            b"p2\"}}\n\n{\"event\":\"tab\",\"properties\":{\"time\":1602611311,\"t\":\"x\ty\"}}\n{\"event\":\"inner\",\"properties\":{\"time\":1602611311,\"n\":\"1\n2\n3\"}}\n",
+            b"{\"event\":\"no properties\"}\n{\"event\":\"dangling\",\"properties\":{\"time\":1602611311,\"s\":\"x\n",
+            b"{\"event\":\"last\",\"properties\":{\"time\":1602611311}}",
+        ];
+        let expected = vec![
+            row("a", ""),
+            row("crlf", ",\"note\":\"p1\\r\\n\\np2\""),
+            row("inner", ",\"n\":\"1\\n2\\n3\""),
+            row("last", ""),
+            row("split", ",\"note\":\"first\\nsecond\""),
+            row("tab", ",\"t\":\"x\\ty\""),
+        ];
+        let rejected: Vec<Vec<u8>> = vec![
+            b"not json\r\n".to_vec(),
+            b"{\"event\":\"no properties\"}\n".to_vec(),
+            b"{\"event\":\"dangling\",\"properties\":{\"time\":1602611311,\"s\":\"x\n".to_vec(),
+        ];
+        for workers in [1, 2, 3] {
+            let (rows, rej) = pass1_of(&blocks, workers).unwrap();
+            assert_eq!(rows, expected, "{workers} workers");
+            assert_eq!(rej, rejected, "{workers} workers");
+        }
+    }
+
+    /// A body whose last line lacks its newline and breaks off was cut, not sent whole.
+    #[test]
+    fn a_last_line_that_breaks_off_is_a_cut_body() {
+        let e = pass1_of(
+            &[b"{\"event\":\"a\",\"properties\":{\"time\":1602611311}}\n{\"event\":\"b\",\"prop"],
+            2,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        assert!(e.message().contains("cut off"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod no_line_is_lost {
+    use super::tests::pass1_of;
+    use proptest::prelude::*;
+
+    /// A line that is no event and cannot become part of one (no `properties` in it).
+    fn garbage() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>().prop_filter("one line", |b| *b != b'\n'), 0..60)
+            .prop_filter("no event", |l| {
+                !l.windows(10).any(|w| w == b"properties")
+                    && !String::from_utf8_lossy(l).contains("terminated early")
+            })
+    }
+
+    fn is_blank(l: &[u8]) -> bool {
+        l.strip_suffix(b"\r")
+            .unwrap_or(l)
+            .iter()
+            .all(u8::is_ascii_whitespace)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, .. ProptestConfig::default() })]
+
+        /// Whatever the bytes and wherever the body is cut into blocks, every line is a
+        /// record, blank, or rejected exactly as it came: none panics, none is lost.
+        #[test]
+        fn every_line_is_a_record_blank_or_rejected(
+            lines in prop::collection::vec(prop_oneof![garbage(), Just(Vec::new()), Just(b"good".to_vec())], 0..40),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+            workers in 1..4usize,
+        ) {
+            let mut body = Vec::new();
+            let mut rows = Vec::new();
+            let mut rejected = Vec::new();
+            for (i, l) in lines.iter().enumerate() {
+                let line = if l == b"good" {
+                    let r = format!(r#"{{"event":"e{i}","properties":{{"time":1602611311}}}}"#);
+                    rows.push(super::tests::row(&format!("e{i}"), ""));
+                    r.into_bytes()
+                } else {
+                    if !is_blank(l) {
+                        rejected.push([&l[..], b"\n"].concat());
+                    }
+                    l.clone()
+                };
+                body.extend_from_slice(&line);
+                body.push(b'\n');
+            }
+            rows.sort();
+            // Blocks end at line ends, as the reader cuts them.
+            let ends: Vec<usize> = memchr::memchr_iter(b'\n', &body).map(|e| e + 1).collect();
+            let mut at: Vec<usize> = cuts.iter().filter(|_| !ends.is_empty()).map(|c| ends[c.index(ends.len())]).collect();
+            at.push(0);
+            at.push(body.len());
+            at.sort();
+            at.dedup();
+            let blocks: Vec<&[u8]> = at.windows(2).map(|w| &body[w[0]..w[1]]).collect();
+            match pass1_of(&blocks, workers) {
+                Ok((got_rows, got_rejected)) => {
+                    prop_assert_eq!(got_rows, rows);
+                    prop_assert_eq!(got_rejected, rejected);
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+        }
     }
 }

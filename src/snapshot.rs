@@ -12,10 +12,12 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::commit::{self, FileEntry, key};
 use crate::error::{Error, ErrorKind, Result};
+use crate::plan;
+use crate::ratelimit::{Family, Share, ShareCap, with_share};
 use crate::replicate::SliceResult;
 use crate::sink::streaming::StreamingParts;
-use crate::state::{Lease, Schema, SliceId};
-use crate::tables::json::{Columns, discover_object, fixed_schema};
+use crate::state::{Lease, Schema, SliceId, SliceStatus};
+use crate::tables::json::{Columns, Types, discover_object, fixed_schema};
 use crate::tables::{Table, annotations, cohort_members, cohorts, engage};
 
 /// Where a snapshot stands, saved with the slice so that the next invocation resumes it.
@@ -32,6 +34,9 @@ pub struct Progress {
     /// Columns seen so far (engage).
     #[serde(default)]
     pub columns: Schema,
+    /// The JSON types of the distinct ids written so far (strings, integers).
+    #[serde(default)]
+    pub ids: Types,
 }
 
 /// The position in a paged listing.
@@ -47,6 +52,15 @@ pub struct Cursor {
     pub session_id: Option<String>,
     /// The next page.
     pub page: u64,
+    /// The profiles page 0 of the listing announced (`total`), when it did.
+    #[serde(default)]
+    pub total: Option<u64>,
+    /// Profiles listed so far in this listing.
+    #[serde(default)]
+    pub listed: u64,
+    /// Whether this listing has restarted once already after its session was refused.
+    #[serde(default)]
+    pub restarted: bool,
 }
 
 /// What an invocation did to a snapshot.
@@ -69,6 +83,7 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
         .await?
         .into_iter()
         .find(|r| r.slice == SliceId::Full);
+    let guard = commit::ShrinkGuard::for_slice(app.settings.shrink_guard_percent, record.as_ref());
     let resumed = record.and_then(|r| r.progress);
     let mut progress: Progress = match &resumed {
         Some(p) => serde_json::from_str(p)
@@ -91,6 +106,7 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
             &progress.snapshot,
             m.files,
             &progress.columns,
+            guard,
         )
         .await;
     }
@@ -106,7 +122,7 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
     );
     let result = fill(app, lease, deadline, &mut progress, &mut parts).await;
     match result {
-        Ok(true) => {
+        Ok(None) => {
             parts.checkpoint().await?;
             let files = std::mem::take(&mut parts.files);
             finish(
@@ -116,17 +132,18 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
                 &progress.snapshot,
                 files,
                 &progress.columns,
+                guard,
             )
             .await
         }
-        Ok(false) => {
+        Ok(Some(why)) => {
             parts.checkpoint().await?;
             progress.files = std::mem::take(&mut parts.files);
             progress.next_part = parts.next_index();
             save(app, lease, &progress).await?;
             let records: u64 = progress.files.iter().map(|f| f.records).sum();
             Ok(Outcome::Partial(format!(
-                "deadline reached after {records} records in {} parts; progress saved, invoke again to resume",
+                "{why} ({records} records in {} parts so far); progress saved, invoke again to resume",
                 progress.files.len()
             )))
         }
@@ -172,14 +189,15 @@ async fn save(app: &App, lease: &Lease, progress: &Progress) -> Result<()> {
     Ok(())
 }
 
-/// Reads the table into `parts`. Returns true when complete, false when the deadline came.
+/// Reads the table into `parts`. Returns `None` when complete, or why it stopped first (the
+/// deadline, or the table's share of the query budget); the cursor then says where to resume.
 async fn fill(
     app: &App,
     lease: &Lease,
     deadline: Instant,
     progress: &mut Progress,
     parts: &mut StreamingParts,
-) -> Result<bool> {
+) -> Result<Option<String>> {
     let table = lease.table;
     let mc = &app.mixpanel;
     match table {
@@ -189,25 +207,35 @@ async fn fill(
             cohorts::rows(&body, as_returned(parts, &mut columns))?;
             parts.pump().await?;
             merge(&mut progress.columns, columns.schema(&[]));
-            Ok(true)
+            Ok(None)
         }
         Table::Annotations => {
             let today =
                 crate::tables::export::project_today(&app.settings.timezone, Timestamp::now());
-            let params = annotations::params(app.settings.start_date, today);
             let creds = mc.credentials().await?;
             let body = match creds.project_id() {
                 Some(id) => {
-                    mc.app_api(&format!("projects/{id}/annotations"), &params, deadline)
-                        .await?
+                    mc.app_api(
+                        &format!("projects/{id}/annotations"),
+                        &annotations::app_params(app.settings.start_date, today),
+                        deadline,
+                    )
+                    .await?
                 }
-                None => mc.query("annotations", &params, deadline).await?,
+                None => {
+                    mc.query(
+                        "annotations",
+                        &annotations::params(app.settings.start_date, today),
+                        deadline,
+                    )
+                    .await?
+                }
             };
             let mut columns = Columns::new(None);
             annotations::rows(&body, as_returned(parts, &mut columns))?;
             parts.pump().await?;
             merge(&mut progress.columns, columns.schema(&[]));
-            Ok(true)
+            Ok(None)
         }
         Table::Engage => {
             let known = if app.settings.select_properties_by_default {
@@ -217,31 +245,51 @@ async fn fill(
                     Some(known) => Some(known),
                     // First discovery: every property Mixpanel knows now is selected.
                     None => {
-                        let discovered = crate::discovery::discover(mc, table, deadline).await?;
+                        let discovered = crate::discovery::discover(app, table, deadline).await?;
                         Some(app.store.init_schema(table, &discovered).await?)
                     }
                 }
             };
             let mut columns = Columns::new(known.as_ref());
-            let done =
-                page_through(app, lease, deadline, progress, parts, None, &mut columns).await?;
-            merge(
-                &mut progress.columns,
-                columns.schema(&[("distinct_id", "string")]),
-            );
-            Ok(done)
+            let mut fair = Fairness::new(table);
+            let stopped = page_through(
+                app,
+                lease,
+                deadline,
+                progress,
+                parts,
+                None,
+                &mut columns,
+                &mut fair,
+            )
+            .await?;
+            merge(&mut progress.columns, columns.schema(&[]));
+            // Every invocation's ids count: a later page may bring the first integer.
+            progress
+                .columns
+                .columns
+                .insert("distinct_id".into(), progress.ids.name());
+            Ok(stopped)
         }
         Table::CohortMembers => {
+            let mut fair = Fairness::new(table);
             if progress.cursor.cohorts.is_none() {
-                let body = mc.query(cohorts::PATH, &[], deadline).await?;
+                let share = fair.share(app).await?;
+                let body = match with_share(share, mc.query(cohorts::PATH, &[], deadline)).await {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == ErrorKind::Deadline => {
+                        return Ok(Some(e.message().to_string()));
+                    }
+                    Err(e) => return Err(e),
+                };
                 progress.cursor.cohorts = Some(cohorts::rows(&body, |_| {})?);
             }
             let ids = progress.cursor.cohorts.clone().unwrap_or_default();
-            progress.columns = fixed_schema(&[("cohort_id", "integer"), ("distinct_id", "string")]);
             let mut columns = Columns::new(None);
+            let mut stopped = None;
             while progress.cursor.cohort_pos < ids.len() {
                 let id = ids[progress.cursor.cohort_pos];
-                if !page_through(
+                stopped = page_through(
                     app,
                     lease,
                     deadline,
@@ -249,19 +297,27 @@ async fn fill(
                     parts,
                     Some(id),
                     &mut columns,
+                    &mut fair,
                 )
-                .await?
-                {
-                    return Ok(false);
+                .await?;
+                if stopped.is_some() {
+                    break;
                 }
                 // Each cohort ends a part, so a restarted cohort drops only its own parts.
                 parts.checkpoint().await?;
                 progress.cursor.cohort_pos += 1;
-                progress.cursor.page = 0;
-                progress.cursor.session_id = None;
-                progress.cursor.files_at_cohort_start = parts.files.len();
+                progress.cursor = Cursor {
+                    cohorts: progress.cursor.cohorts.take(),
+                    cohort_pos: progress.cursor.cohort_pos,
+                    files_at_cohort_start: parts.files.len(),
+                    ..Cursor::default()
+                };
             }
-            Ok(true)
+            progress.columns = fixed_schema(&[
+                ("cohort_id", "integer"),
+                ("distinct_id", &progress.ids.name()),
+            ]);
+            Ok(stopped)
         }
         other => Err(Error::event(format!("{other} is not a full table"))),
     }
@@ -284,8 +340,13 @@ fn merge(into: &mut Schema, more: Schema) {
     }
 }
 
-/// Pages through `engage` (one cohort's members when `cohort`), writing rows. Returns false
-/// when the deadline came first (the cursor then says where to resume).
+/// Pages through `engage` (one cohort's members when `cohort`), writing rows. Returns `None`
+/// when the listing is complete, or why it stopped first (the cursor then says where to resume).
+///
+/// Pages follow while a page holds its answer's `page_size` (Mixpanel may serve fewer profiles
+/// a page than asked); a listing that ends short of the `total` page 0 announced fails. A
+/// session refused on a later page restarts the listing once; refused again, the slice fails.
+#[allow(clippy::too_many_arguments)]
 async fn page_through(
     app: &App,
     lease: &Lease,
@@ -294,58 +355,107 @@ async fn page_through(
     parts: &mut StreamingParts,
     cohort: Option<u64>,
     columns: &mut Columns,
-) -> Result<bool> {
+    fair: &mut Fairness,
+) -> Result<Option<String>> {
+    let listing = match cohort {
+        None => "the engage listing".to_string(),
+        Some(id) => format!("the cohort_members listing of cohort {id}"),
+    };
     let mut out = Vec::with_capacity(1 << 20);
     let mut props = Vec::with_capacity(4096);
     let mut pages = 0u64;
     loop {
         if Instant::now() >= deadline {
-            return Ok(false);
+            return Ok(Some("deadline reached".into()));
         }
-        let params = engage::page_params(
-            progress.cursor.session_id.as_deref(),
-            progress.cursor.page,
-            cohort,
-        );
-        let body = match app.mixpanel.query("engage", &params, deadline).await {
+        let page_no = progress.cursor.page;
+        let params = engage::page_params(progress.cursor.session_id.as_deref(), page_no, cohort);
+        let share = fair.share(app).await?;
+        let body = match with_share(share, app.mixpanel.query("engage", &params, deadline)).await {
             Ok(b) => b,
             Err(e) if engage::is_expired_session(&e) && progress.cursor.session_id.is_some() => {
-                tracing::warn!(table = %lease.table, cohort, error = %e, "the engage session expired; restarting the listing");
+                if progress.cursor.restarted {
+                    // The next attempt lists afresh from page 0; this one fails, once.
+                    restart(progress, parts).await?;
+                    progress.cursor.restarted = false;
+                    save_place(app, lease, progress, parts).await?;
+                    return Err(Error::new(
+                        ErrorKind::BadResponse,
+                        format!(
+                            "{listing}: Mixpanel refused the session again on page {page_no} after the listing had restarted once ({}); the snapshot is not published, and the next attempt lists from page 0",
+                            e.message()
+                        ),
+                    ));
+                }
+                tracing::warn!(table = %lease.table, cohort, page = page_no, error = %e, "the engage session was refused; restarting the listing once");
                 restart(progress, parts).await?;
+                progress.cursor.restarted = true;
                 continue;
             }
-            // Out of time (or budget) before the page came: save the place and answer partial.
-            Err(e) if e.kind() == ErrorKind::Deadline => return Ok(false),
+            // Out of time (or of the table's budget) before the page came: save the place.
+            Err(e) if e.kind() == ErrorKind::Deadline => return Ok(Some(e.message().to_string())),
             Err(e) => return Err(e),
         };
         let page = engage::parse_page(&body)?;
+        if page_no == 0 {
+            progress.cursor.total = page.total;
+            progress.cursor.listed = 0;
+        }
         for profile in &page.results {
             out.clear();
             match cohort {
-                None => engage::profile_row(profile, &mut out, &mut props, columns)?,
-                Some(id) => cohort_members::member_row(id, profile, &mut out)?,
+                None => {
+                    engage::profile_row(profile, &mut out, &mut props, columns, &mut progress.ids)?
+                }
+                Some(id) => cohort_members::member_row(id, profile, &mut out, &mut progress.ids)?,
             }
             parts.write(&out);
         }
         parts.pump().await?;
-        let full = page.results.len() >= engage::PAGE_SIZE;
+        progress.cursor.listed += page.results.len() as u64;
+        let full = page.is_full();
         progress.cursor.session_id = page
             .session_id
             .clone()
             .or(progress.cursor.session_id.take());
         progress.cursor.page += 1;
         if !full {
-            return Ok(true);
+            let listed = progress.cursor.listed;
+            if let Some(total) = progress.cursor.total
+                && listed < total
+            {
+                let served = page.page_size.unwrap_or(engage::PAGE_SIZE as u64);
+                restart(progress, parts).await?;
+                save_place(app, lease, progress, parts).await?;
+                return Err(Error::new(
+                    ErrorKind::BadResponse,
+                    format!(
+                        "{listing} ended after {listed} of the {total} profiles its page 0 announced (page {page_no} held {} of a page size of {served}); the snapshot is not published, and the next attempt lists from page 0",
+                        page.results.len()
+                    ),
+                ));
+            }
+            return Ok(None);
         }
         pages += 1;
         if pages.is_multiple_of(CHECKPOINT_PAGES) {
-            parts.checkpoint().await?;
-            let mut saved = progress.clone();
-            saved.files = parts.files.clone();
-            saved.next_part = parts.next_index();
-            save(app, lease, &saved).await?;
+            save_place(app, lease, progress, parts).await?;
         }
     }
+}
+
+/// A durable checkpoint: the parts so far are complete and the progress names them.
+async fn save_place(
+    app: &App,
+    lease: &Lease,
+    progress: &Progress,
+    parts: &mut StreamingParts,
+) -> Result<()> {
+    parts.checkpoint().await?;
+    let mut saved = progress.clone();
+    saved.files = parts.files.clone();
+    saved.next_part = parts.next_index();
+    save(app, lease, &saved).await
 }
 
 /// Drops what the current listing wrote (the whole snapshot, or the current cohort's parts)
@@ -363,7 +473,130 @@ async fn restart(progress: &mut Progress, parts: &mut StreamingParts) -> Result<
     parts.files.truncate(keep.min(parts.files.len()));
     progress.cursor.session_id = None;
     progress.cursor.page = 0;
+    progress.cursor.total = None;
+    progress.cursor.listed = 0;
     Ok(())
+}
+
+/// How long a paging table's view of the other tables' pending work is trusted.
+const FAIRNESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The query tables that are not paging tables.
+const ONE_SHOT_QUERY_TABLES: [Table; 4] = [
+    Table::Funnels,
+    Table::Revenue,
+    Table::Cohorts,
+    Table::Annotations,
+];
+
+/// A paging table's (engage, cohort_members) share of the query budget: at most half of the
+/// window while other query tables have work pending, so that a long listing never starves
+/// them; all of it otherwise. Its grants are tagged in the shared ledger, so the share holds
+/// across invocations.
+struct Fairness {
+    table: Table,
+    share: Option<(Instant, Share)>,
+}
+
+impl Fairness {
+    fn new(table: Table) -> Self {
+        Fairness { table, share: None }
+    }
+
+    /// The share to count the next request against (the pending work is re-read now and then).
+    async fn share(&mut self, app: &App) -> Result<Share> {
+        // Below half of the window no cap can bind: the other tables' pending work (several
+        // reads of the state store) need not be looked at, and the widest cap is kept so that
+        // the ledger's conditional write still decides at the boundary.
+        let widest = ShareCap {
+            tags: vec![Table::Engage.as_str(), Table::CohortMembers.as_str()],
+            max: half_window(app),
+        };
+        let used = crate::ratelimit::share_used(
+            app.store.as_ref(),
+            Family::Query,
+            &widest.tags,
+            app.settings.rate_window,
+        )
+        .await?;
+        if used < widest.max as usize {
+            return Ok(Share {
+                tag: self.table.as_str(),
+                cap: Some(widest),
+            });
+        }
+        if let Some((at, share)) = &self.share
+            && at.elapsed() < FAIRNESS_RECHECK
+        {
+            return Ok(share.clone());
+        }
+        let share = fair_share(app, self.table).await?;
+        self.share = Some((Instant::now(), share.clone()));
+        Ok(share)
+    }
+}
+
+/// The share of `table` (a paging table) given the other tables' pending work. When a table
+/// that is not a paging table waits, both paging tables together take at most half; when only
+/// the other paging table waits, each takes at most half.
+async fn fair_share(app: &App, table: Table) -> Result<Share> {
+    let now = Timestamp::now();
+    let other_paging = if table == Table::Engage {
+        Table::CohortMembers
+    } else {
+        Table::Engage
+    };
+    let mut tags = None;
+    for t in ONE_SHOT_QUERY_TABLES {
+        if has_pending_work(app, t, now).await? {
+            tags = Some(vec![Table::Engage.as_str(), Table::CohortMembers.as_str()]);
+            break;
+        }
+    }
+    if tags.is_none() && has_pending_work(app, other_paging, now).await? {
+        tags = Some(vec![table.as_str()]);
+    }
+    Ok(Share {
+        tag: table.as_str(),
+        cap: tags.map(|tags| ShareCap {
+            tags,
+            max: half_window(app),
+        }),
+    })
+}
+
+/// Half of the query window's requests (at least one).
+fn half_window(app: &App) -> u32 {
+    (app.settings.query_requests_per_window / 2).max(1)
+}
+
+/// Whether `table` has work waiting for the query budget: a slice being replicated or
+/// claimable, or one planning would queue now. A table never planned (its schedule may well be
+/// disabled) has none: it would otherwise halve the paging tables' budget for good.
+async fn has_pending_work(app: &App, table: Table, now: Timestamp) -> Result<bool> {
+    let slices = app.store.slices(table).await?;
+    if slices.is_empty() {
+        return Ok(false);
+    }
+    let now_ms = now.as_millisecond() as u64;
+    if slices
+        .iter()
+        .any(|r| r.status == SliceStatus::Leased && !plan::claimable(r, now_ms))
+    {
+        return Ok(true);
+    }
+    // A table the plan does not allow has nothing to do; parked slices wait for a person and
+    // slices backing off after a failure for their time: none of them is work for this hour.
+    if crate::skip::remembered(app, table).await?.is_some() {
+        return Ok(false);
+    }
+    Ok(plan::preview(app.store.as_ref(), &app.settings, table, now)
+        .await?
+        .iter()
+        .any(|r| {
+            r.status != SliceStatus::Failed
+                && (r.status != SliceStatus::Pending || plan::claimable(r, now_ms))
+        }))
 }
 
 /// Commits a complete snapshot: fencing check, manifest, stray parts removed, `_latest.json`,
@@ -375,6 +608,7 @@ async fn finish(
     snapshot: &str,
     files: Vec<FileEntry>,
     columns: &Schema,
+    guard: commit::ShrinkGuard,
 ) -> Result<Outcome> {
     let table = lease.table;
     // The slice is marked committed only once `_latest.json` points to the snapshot: a crash in
@@ -386,6 +620,7 @@ async fn finish(
         folder,
         snapshot,
         files,
+        guard,
     )
     .await?;
     let latest = serde_json::json!({

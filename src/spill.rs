@@ -52,8 +52,15 @@ pub struct SpillWriter {
 impl SpillWriter {
     /// Creates the shard's bucket files (unlinked temporary files).
     pub fn new() -> Result<SpillWriter> {
-        let mut buckets = Vec::with_capacity(BUCKETS);
-        for _ in 0..BUCKETS {
+        SpillWriter::with_buckets(BUCKETS)
+    }
+
+    /// A shard of `n` buckets (a small day of a multi-day window needs one: its index is small,
+    /// and thirty days of 32 buckets each would hold thousands of files open).
+    pub fn with_buckets(n: usize) -> Result<SpillWriter> {
+        let n = n.clamp(1, BUCKETS);
+        let mut buckets = Vec::with_capacity(n);
+        for _ in 0..n {
             buckets.push(BucketFiles {
                 records: BufWriter::with_capacity(
                     WRITE_BUFFER,
@@ -82,10 +89,11 @@ impl SpillWriter {
         seq: u64,
         record: &[u8],
     ) -> Result<()> {
+        let n = self.buckets.len();
         let bucket = match key {
-            Some(k) => (k as usize) % BUCKETS,
+            Some(k) => (k as usize) % n,
             None => {
-                self.next_keyless = (self.next_keyless + 1) % BUCKETS;
+                self.next_keyless = (self.next_keyless + 1) % n;
                 self.next_keyless
             }
         };
@@ -114,6 +122,64 @@ impl SpillWriter {
     /// Records pushed so far.
     pub fn records(&self) -> u64 {
         self.records
+    }
+}
+
+/// One transform worker's shards of a multi-day window: a shard per day, made when the day's
+/// first record comes, and the raw bytes of the lines that became each day's records.
+/// A window of one day is the single-slice spill exactly (its shard has every bucket).
+pub struct DayShards {
+    days: Vec<Option<SpillWriter>>,
+    raw_bytes: Vec<u64>,
+}
+
+impl DayShards {
+    /// Shards for a window of `days` days.
+    pub fn new(days: usize) -> DayShards {
+        DayShards {
+            days: (0..days.max(1)).map(|_| None).collect(),
+            raw_bytes: vec![0; days.max(1)],
+        }
+    }
+
+    /// Adds a record of day `day` (see [`SpillWriter::push`]) that came from `raw_len` bytes.
+    pub fn push(
+        &mut self,
+        day: usize,
+        key: Option<u128>,
+        processing_ms: u64,
+        seq: u64,
+        record: &[u8],
+        raw_len: usize,
+    ) -> Result<()> {
+        let buckets = if self.days.len() == 1 { BUCKETS } else { 1 };
+        let slot = self
+            .days
+            .get_mut(day)
+            .ok_or_else(|| Error::storage("a record routed to no day of the window"))?;
+        if slot.is_none() {
+            *slot = Some(SpillWriter::with_buckets(buckets)?);
+        }
+        if let Some(w) = slot.as_mut() {
+            w.push(key, processing_ms, seq, record)?;
+        }
+        self.raw_bytes[day] += raw_len as u64 + 1;
+        Ok(())
+    }
+
+    /// Each day's spill (from every worker's shard of it) and its records' raw bytes.
+    pub fn into_days(workers: Vec<DayShards>) -> Vec<(Spill, u64)> {
+        let n = workers.iter().map(|w| w.days.len()).max().unwrap_or(1);
+        let mut out: Vec<(Vec<SpillWriter>, u64)> = (0..n).map(|_| (Vec::new(), 0)).collect();
+        for w in workers {
+            for (i, (shard, bytes)) in w.days.into_iter().zip(w.raw_bytes).enumerate() {
+                out[i].0.extend(shard);
+                out[i].1 += bytes;
+            }
+        }
+        out.into_iter()
+            .map(|(shards, bytes)| (Spill::from_shards(shards), bytes))
+            .collect()
     }
 }
 
@@ -150,6 +216,7 @@ impl Spill {
     /// The buckets, each to be drained on its own (by one worker or several in turn).
     pub fn into_buckets(self) -> Result<Vec<Bucket>> {
         let mut buckets: Vec<Bucket> = (0..BUCKETS).map(|_| Bucket { parts: Vec::new() }).collect();
+        // (Every shard of one spill has the same number of buckets: a key's bucket is one.)
         for shard in self.shards {
             for (i, b) in shard.buckets.into_iter().enumerate() {
                 if b.count == 0 {

@@ -11,6 +11,7 @@
 //! invocation that finishes an hour goes on with the next hours of the same day while its
 //! time allows, so a day slightly too big takes two invocations, not twenty-four.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use jiff::civil::Date;
@@ -43,6 +44,13 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
         .slice
         .day()
         .ok_or_else(|| Error::event("the export table is sliced by day, not snapshotted"))?;
+    if claim.widen {
+        match crate::window::run(app, claim, deadline).await? {
+            Some(crate::window::Windowed::Done(r, label)) => return Ok(Ran::Done(r, label)),
+            Some(crate::window::Windowed::Partial(why)) => return Ok(Ran::Partial(why)),
+            None => {}
+        }
+    }
     let mut done: Vec<(SliceId, SliceResult)> = Vec::new();
     let mut slowest = Duration::ZERO;
     let mut current = lease.clone();
@@ -59,8 +67,16 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
             // later one's goes back to the queue here, and what was done stays done.
             Err(e) if first => return Err(e),
             Err(e) => {
-                give_back(app, &current).await;
-                tracing::warn!(table = "export", slice = %current.slice, kind = %e.kind(), error = %e, "slice failed; it stays pending");
+                let before = slices.iter().find(|r| r.slice == current.slice);
+                match crate::park::record(app, &current, before, &e).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        tracing::warn!(table = "export", slice = %current.slice, kind = %e.kind(), error = %e, "slice stopped; it stays pending");
+                    }
+                    Err(re) => {
+                        tracing::warn!(error = %re, "could not record the failed attempt; the lease will expire");
+                    }
+                }
                 break;
             }
         };
@@ -91,12 +107,12 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
             break;
         }
         // A fresh attempt id: it names the slice's parts.
-        let (now_ms, until) = crate::handler::lease_times(deadline);
+        let (now_ms, until) = crate::schedule::lease_times(deadline);
         let next = plan::claim_next_of(
             app.store.as_ref(),
             Table::Export,
             Some(day),
-            &crate::handler::new_attempt_id(),
+            &crate::schedule::new_attempt_id(),
             now_ms,
             until,
         )
@@ -117,11 +133,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
     }
     let mut total = SliceResult::default();
     for (_, r) in &done {
-        total.records += r.records;
-        total.bytes += r.bytes;
-        total.files += r.files;
-        total.duplicates += r.duplicates;
-        total.raw_bytes += r.raw_bytes;
+        total.add(r);
     }
     // The day's commit reports the whole day; hours report themselves.
     let label = match done.last() {
@@ -171,7 +183,7 @@ async fn step(
                 );
                 return Ok(Step::Split { predicted });
             }
-            match replicate::export_slice(app, lease, deadline).await? {
+            match replicate::export_slice(app, lease, before(slices, lease), deadline).await? {
                 Exported::Done(r) => Ok(Step::Done(r)),
                 Exported::TooBig(why) => {
                     split_day(app, lease, day).await?;
@@ -182,20 +194,47 @@ async fn step(
                 }
             }
         }
-        SliceId::Hours { .. } => match replicate::export_slice(app, lease, deadline).await? {
-            Exported::Done(r) => Ok(Step::Done(r)),
-            Exported::TooBig(why) => {
-                tracing::error!(
-                    table = "export", slice = %lease.slice, reason = %why,
-                    "an hour slice does not fit in one invocation: give the function more time or memory"
-                );
-                Ok(Step::Partial(why))
-            }
-        },
         SliceId::Full => Err(Error::event(
             "the export table is sliced by day, not snapshotted",
         )),
+        piece if !plan::pieces_of(slices, piece).is_empty() => {
+            assemble_piece(app, lease, slices).await
+        }
+        piece => {
+            match replicate::export_slice(app, lease, before(slices, lease), deadline).await? {
+                Exported::Done(r) => Ok(Step::Done(r)),
+                Exported::TooBig(why) => {
+                    let pieces = plan::pieces(piece);
+                    if pieces.is_empty() {
+                        // At the floor: a failure like any other, counted, and in the end parked.
+                        tracing::error!(
+                            table = "export", slice = %piece, reason = %why,
+                            "a piece at the floor does not fit in one invocation: give the function more time or memory"
+                        );
+                        return Err(Error::transient(format!(
+                            "{why}; {piece} is the smallest piece a day is split into"
+                        )));
+                    }
+                    if let Some(tried) = smaller_never_helped(slices, day, &pieces) {
+                        return Err(Error::transient(format!(
+                            "{why}; smaller pieces of {day} ({tried}) fail as well, so {piece} is not split further"
+                        )));
+                    }
+                    split_into(app, lease, &pieces).await?;
+                    tracing::warn!(table = "export", slice = %piece, reason = %why, pieces = pieces.len(), "slice too big for one request; split into smaller pieces");
+                    Ok(Step::Partial(format!(
+                        "{why}; {piece} is re-planned as {} pieces",
+                        pieces.len()
+                    )))
+                }
+            }
+        }
     }
+}
+
+/// The record of the slice `lease` holds, as it was when claimed.
+fn before<'a>(slices: &'a [SliceRecord], lease: &Lease) -> Option<&'a SliceRecord> {
+    slices.iter().find(|r| r.slice == lease.slice)
 }
 
 /// Days smaller than this predict nothing: their time is mostly latency, not size.
@@ -224,8 +263,33 @@ fn hour(day: Date, h: u8) -> SliceId {
 
 /// Queues the day's 24 hour slices, then gives the day back: it now waits for them.
 async fn split_day(app: &App, lease: &Lease, day: Date) -> Result<()> {
-    for h in 0..24u8 {
-        app.store.enqueue(Table::Export, hour(day, h), None).await?;
+    split_into(app, lease, &plan::pieces(SliceId::Day(day))).await
+}
+
+/// When pieces as long as `pieces` were already tried for `day` and none of them committed
+/// while some failed, one of those that failed: Mixpanel fails the day at that size too (a
+/// fault of the day, not of its size), and splitting more would only multiply the failing
+/// requests. Returns `None` when smaller pieces may help.
+fn smaller_never_helped(slices: &[SliceRecord], day: Date, pieces: &[SliceId]) -> Option<SliceId> {
+    let len = |s: &SliceId| s.minutes().map(|(from, to)| to - from);
+    let size = len(pieces.first()?)?;
+    let same: Vec<&SliceRecord> = slices
+        .iter()
+        .filter(|r| r.slice.day() == Some(day) && !pieces.contains(&r.slice))
+        .filter(|r| len(&r.slice) == Some(size))
+        .collect();
+    if same.iter().any(|r| r.status == SliceStatus::Committed) {
+        return None;
+    }
+    same.iter()
+        .find(|r| r.failures > 0 || r.status == SliceStatus::Failed)
+        .map(|r| r.slice)
+}
+
+/// Queues `pieces` of the held slice, then gives the slice back: it now waits for them.
+async fn split_into(app: &App, lease: &Lease, pieces: &[SliceId]) -> Result<()> {
+    for piece in pieces {
+        app.store.enqueue(Table::Export, *piece, None).await?;
     }
     app.store.release(lease).await
 }
@@ -264,22 +328,30 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
         )));
     }
     let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
-    let present: std::collections::HashMap<String, u64> = app
-        .sink
-        .list(&format!("{folder}/"))
-        .await?
-        .into_iter()
-        .map(|o| (o.key, o.size))
-        .collect();
+    let rejected_folder = commit::rejected_folder(&app.prefix, Table::Export, lease.slice)?;
+    let mut present: std::collections::HashMap<String, u64> = HashMap::new();
+    for f in [&folder, &rejected_folder] {
+        present.extend(
+            app.sink
+                .list(&format!("{f}/"))
+                .await?
+                .into_iter()
+                .map(|o| (o.key, o.size)),
+        );
+    }
     let mut files: Vec<FileEntry> = Vec::new();
+    let mut rejected_files: Vec<FileEntry> = Vec::new();
     let mut total = Recorded::default();
     let mut again = Vec::new();
     for h in &hours {
         let rec = Recorded::parse(h.result.as_deref());
-        let whole = rec.as_ref().is_some_and(|rec| {
-            rec.files
+        let all_in = |folder: &str, parts: &[FileEntry]| {
+            parts
                 .iter()
                 .all(|f| present.get(&format!("{folder}/{}", f.name)) == Some(&f.bytes))
+        };
+        let whole = rec.as_ref().is_some_and(|rec| {
+            all_in(&folder, &rec.files) && all_in(&rejected_folder, &rec.rejected_files)
         });
         match rec {
             Some(rec) if whole => {
@@ -287,7 +359,9 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
                 total.ms += rec.ms;
                 total.records += rec.records;
                 total.duplicates += rec.duplicates;
+                total.rejected += rec.rejected;
                 files.extend(rec.files);
+                rejected_files.extend(rec.rejected_files);
             }
             // Its record or its parts are gone: that hour is replicated again.
             _ => again.push(h.slice),
@@ -295,6 +369,8 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
     }
     if !again.is_empty() {
         for h in &again {
+            // An hour split into pieces lists their parts: they are replicated again too.
+            plan::requeue_pieces(app.store.as_ref(), slices, Table::Export, *h, u64::MAX).await?;
             app.store.enqueue(Table::Export, *h, Some(u64::MAX)).await?;
         }
         let named: Vec<String> = again.iter().map(ToString::to_string).collect();
@@ -305,23 +381,92 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
         )));
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
+    rejected_files.sort_by(|a, b| a.name.cmp(&b.name));
     let result = SliceResult {
         records: total.records,
         bytes: files.iter().map(|f| f.bytes).sum(),
         files: files.len() as u64,
         duplicates: total.duplicates,
         raw_bytes: total.raw_bytes,
+        rejected: total.rejected,
     };
-    commit::commit(
+    let rejected = commit::RejectedParts {
+        folder: rejected_folder,
+        lines: total.rejected,
+        files: rejected_files,
+    };
+    commit::commit_with_rejected(
         app.store.as_ref(),
         app.sink.as_ref(),
         lease,
         &folder,
         &partition,
         files,
+        &rejected,
         Some(&total.to_json()),
+        commit::ShrinkGuard::for_slice(app.settings.shrink_guard_percent, before(slices, lease)),
     )
     .await?;
     commit::advance_bookmark(app.store.as_ref(), Table::Export, app.settings.start_date).await?;
+    Ok(Step::Done(result))
+}
+
+/// Records a slice split into pieces (an hour into quarters, ...) from its pieces once every
+/// one is committed: the slice's record lists all their parts, so the day's commit finds them
+/// as it finds an hour's.
+async fn assemble_piece(app: &App, lease: &Lease, slices: &[SliceRecord]) -> Result<Step> {
+    let expected = plan::pieces(lease.slice);
+    let pieces = plan::pieces_of(slices, lease.slice);
+    if let Some(p) = pieces.iter().find(|p| p.status != SliceStatus::Committed) {
+        return Ok(Step::Partial(format!(
+            "{} waits for its piece {} to be committed",
+            lease.slice, p.slice
+        )));
+    }
+    if pieces.len() < expected.len() {
+        // A split cut short (a crash, a failed write): its missing pieces are queued now.
+        split_into(app, lease, &expected).await?;
+        return Ok(Step::Partial(format!(
+            "the split of {} was cut short; its missing pieces are queued now",
+            lease.slice
+        )));
+    }
+    let mut total = Recorded::default();
+    let mut again = Vec::new();
+    for p in &pieces {
+        match Recorded::parse(p.result.as_deref()) {
+            Some(rec) => {
+                total.raw_bytes += rec.raw_bytes;
+                total.ms += rec.ms;
+                total.records += rec.records;
+                total.duplicates += rec.duplicates;
+                total.rejected += rec.rejected;
+                total.files.extend(rec.files);
+                total.rejected_files.extend(rec.rejected_files);
+            }
+            None => again.push(p.slice),
+        }
+    }
+    if !again.is_empty() {
+        for p in &again {
+            app.store.enqueue(Table::Export, *p, Some(u64::MAX)).await?;
+        }
+        let named: Vec<String> = again.iter().map(ToString::to_string).collect();
+        return Ok(Step::Partial(format!(
+            "the records of {} were missing; those pieces are replicated again",
+            named.join(", ")
+        )));
+    }
+    total.files.sort_by(|a, b| a.name.cmp(&b.name));
+    total.rejected_files.sort_by(|a, b| a.name.cmp(&b.name));
+    let result = SliceResult {
+        records: total.records,
+        bytes: total.files.iter().map(|f| f.bytes).sum(),
+        files: total.files.len() as u64,
+        duplicates: total.duplicates,
+        raw_bytes: total.raw_bytes,
+        rejected: total.rejected,
+    };
+    commit::complete(app.store.as_ref(), lease, Some(&total.to_json())).await?;
     Ok(Step::Done(result))
 }

@@ -67,19 +67,18 @@ async fn mixpanel_answering_html_with_200_is_a_bad_response() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_json_line_fails_the_attempt() {
-    let body = "{\"event\":\"a\",\"properties\":{\"time\":1,\"distinct_id\":\"u\"}}\n{\"event\":\"b\",\"properties\":{\"time\":\n";
-    let (kind, msg) = export_answering(200, body).await;
+async fn mixpanel_answering_an_error_object_with_200_is_a_bad_response() {
+    let (kind, msg) = export_answering(200, "{\"error\": \"Internal error\"}\n").await;
     assert_eq!(kind, ErrorKind::BadResponse);
     assert_eq!(
         msg,
-        "unusable export line (EOF while parsing a value at line 1 column 34): \"{\\\"event\\\":\\\"b\\\",\\\"properties\\\":{\\\"time\\\":\""
+        "unusable export line (no \"properties\" object at line 1 column 27): \"{\\\"error\\\": \\\"Internal error\\\"}\""
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_split_across_lines_fails_the_attempt() {
-    let body = "{\"event\":\"a\",\"properties\":{\"time\":1,\n\"distinct_id\":\"u\"}}\n";
+async fn a_body_of_lines_that_are_no_events_is_a_bad_response() {
+    let body = "{\"event\":\"a\",\"properties\":{\"time\":\nnot an event\n";
     let (kind, msg) = export_answering(200, body).await;
     assert_eq!(kind, ErrorKind::BadResponse);
     assert!(
@@ -153,10 +152,10 @@ async fn a_body_that_is_not_the_gzip_it_claims_fails_clearly() {
     let s = Settings::from_lookup(RunMode::Local, |k| vars.get(k).cloned()).unwrap();
     let app = local_app_in(s, dir.path()).await;
     let e = handle_export_day(&app, day, deadline()).await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Transient);
+    assert_eq!(e.kind(), ErrorKind::BadResponse);
     assert!(
         e.to_string()
-            .starts_with("the export body broke off: error decoding response body"),
+            .starts_with("the export body cannot be decoded: error decoding response body"),
         "{e}"
     );
     assert!(read_partition(&app.sink, "", "export", day).await.is_none());

@@ -50,7 +50,10 @@ async fn every_seed_recovers_to_the_exact_ground_truth_through_faults_kills_and_
     let concurrency = std::env::var("CHAOS_CONCURRENCY")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(16);
+        // Four seeds at once: sixteen share one moto server too thinly now that a slice's
+        // failures, the shrink guard and the rejected lines add state and storage calls (seeds
+        // that pass alone in seconds ran out of their 200 s there).
+        .unwrap_or(4);
     let with_aws = seeds.iter().any(|&s| Plan::new(s).target == Target::Aws);
     let env = Arc::new(ChaosEnv::start(with_aws).await);
     let started = Instant::now();
@@ -389,12 +392,18 @@ async fn a_listing_restart_that_fails_keeps_the_parts_its_saved_progress_names()
     let project = Project::start(cfg).await;
     let sim = project.simulator();
     let dir = tempfile::tempdir().unwrap();
-    let app = project.local_app(dir.path(), &[]).await;
+    // Failed attempts are tried again at once (no backoff) in this test.
+    let app = project
+        .local_app(dir.path(), &[("SLICE_RETRY_BACKOFF_SECONDS", "0")])
+        .await;
     let event = serde_json::json!({"table": "cohort_members"});
     let engage = |fault| mixpanel_sim::FaultRule {
         path: "/api/2.0/engage".into(),
         from_date: None,
         times: 1,
+        covering: None,
+        wider_than: None,
+        holding: None,
         fault,
     };
     // 1. Page 0 answers at once, page 1 after the deadline: progress is saved at page 1 of
@@ -418,7 +427,8 @@ async fn a_listing_restart_that_fails_keeps_the_parts_its_saved_progress_names()
         }));
     }
     let long = || tokio::time::Instant::now() + Duration::from_secs(60);
-    assert!(handler::handle(&app, event.clone(), long()).await.is_err());
+    let r = handler::handle(&app, event.clone(), long()).await.unwrap();
+    assert_eq!((r.status, r.failed), (Status::Partial, 1), "{r:?}");
     // 3. The next invocation resumes from the saved progress (the session is still valid).
     let r = handler::handle(&app, event, long()).await.unwrap();
     assert_eq!(r.status, Status::Done, "{r:?}");
@@ -469,6 +479,7 @@ async fn a_failed_prune_leaves_no_abandoned_snapshot_behind() {
         .settings(&[
             ("OUTPUT_BUCKET", "prune-fails"),
             ("STATE_TABLE", "prune-state"),
+            ("SLICE_RETRY_BACKOFF_SECONDS", "0"),
         ])
         .unwrap();
     settings.output_dir = None;

@@ -49,9 +49,23 @@ async fn plan_lists_pending_days_without_changing_anything_then_sync_commits_the
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(lines.iter().all(|l| l["status"] == "done"), "{lines:?}");
-    assert_eq!(
-        lines.iter().filter(|l| l["table"] == "export").count(),
-        4,
+    // Days with no history near them are fetched alone (two workers: one or two such
+    // probes), the others as one window (`a..b`): every day is in exactly one line.
+    let mut covered: Vec<jiff::civil::Date> = lines
+        .iter()
+        .filter(|l| l["table"] == "export")
+        .flat_map(|l| {
+            let label = l["slice"].as_str().unwrap();
+            match label.split_once("..") {
+                Some((a, b)) => days(a.parse().unwrap(), b.parse().unwrap()),
+                None => vec![label.parse().unwrap()],
+            }
+        })
+        .collect();
+    covered.sort();
+    assert_eq!(covered, days(first, today_in("UTC")), "{lines:#?}");
+    assert!(
+        lines.iter().filter(|l| l["table"] == "export").count() < 4,
         "{lines:#?}"
     );
     let tables: std::collections::BTreeSet<&str> =
@@ -160,4 +174,57 @@ async fn sync_waits_out_a_rate_limit_that_outlasts_the_clients_retries_then_fini
     .await
     .unwrap();
     assert_eq!(rows, truth(project.simulator(), day, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_with_concurrency_replicates_days_at_once_each_exactly_once() {
+    let cfg = sim_config("UTC", 5, 40);
+    let first = cfg.first_day;
+    let today = today_in("UTC");
+    let project = Project::start(cfg).await;
+    // Every day's body takes about a second to send.
+    project.simulator().push_fault(mixpanel_sim::FaultRule::new(
+        "/api/2.0/export",
+        mixpanel_sim::FaultRule::PERSISTENT,
+        mixpanel_sim::Fault::SlowBody {
+            lines_per_second: 40,
+        },
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(&project, dir.path())
+        .args(["sync", "--table", "export", "--concurrency", "3"])
+        // A request per day, to see three at once (windows are tested apart).
+        .env("MIXPANEL_EXPORT_WINDOW_DAYS", "1")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let requests: Vec<u64> = project
+        .simulator()
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/2.0/export")
+        .map(|r| r.at_ms)
+        .collect();
+    assert_eq!(requests.len(), 6, "each day once");
+    // Three days were asked for while the first body was still being sent.
+    assert!(
+        requests[2] - requests[0] < 900,
+        "three requests at once: {requests:?}"
+    );
+    let app = project
+        .local_app(&dir.path().join("mixpanel-data"), &[])
+        .await;
+    assert_exact(&app, project.simulator(), first, today, None).await;
+
+    // A count of workers that is not one is refused with one line naming the option.
+    let out = command(&project, dir.path())
+        .args(["sync", "--concurrency", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--concurrency"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,7 +1,8 @@
 //! The real binary as a Lambda function: `cargo lambda watch --only-lambda-apis` emulates the
 //! Lambda Runtime API, the test-built `mixpanel-replicator` serves it (as on Lambda, with
 //! `AWS_LAMBDA_RUNTIME_API` set), and `cargo lambda invoke --data-file` sends it every file in
-//! `events/`, against the simulator and S3 + DynamoDB + Secrets Manager on moto.
+//! `events/`, against the simulator and S3 + DynamoDB + Secrets Manager on moto. An SQS event
+//! file (the fan-out queue's delivery) holds invocation events in its records' bodies.
 
 mod support;
 
@@ -11,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jiff::civil::Date;
-use mixpanel_replicator::handler::{Invocation, parse_event};
+use mixpanel_replicator::fanout::{is_sqs_event, parse_sqs_event};
+use mixpanel_replicator::handler::{Invocation, check_event, parse_event};
 use mixpanel_replicator::tables::Table;
 use serde_json::{Value, json};
 use support::harness::*;
@@ -64,14 +66,41 @@ fn event_files() -> Vec<(String, Value)> {
     files
 }
 
+/// The invocation events of an SQS event file's records.
+fn bodies(v: &Value) -> Vec<Invocation> {
+    parse_sqs_event(v)
+        .unwrap()
+        .iter()
+        .map(|r| parse_event(&serde_json::from_str(&r.body).unwrap()).unwrap())
+        .collect()
+}
+
 #[test]
 fn every_event_file_is_a_valid_event_and_every_use_has_one() {
     let files = event_files();
     for (name, v) in &files {
-        if let Err(e) = parse_event(v) {
+        if let Err(e) = check_event(v) {
             panic!("events/{name} is not a valid event: {e}");
         }
+        if is_sqs_event(v) {
+            for r in parse_sqs_event(v).unwrap() {
+                let body: Value = serde_json::from_str(&r.body)
+                    .unwrap_or_else(|e| panic!("events/{name}: a body is not JSON: {e}"));
+                if let Err(e) = parse_event(&body) {
+                    panic!("events/{name}: a body is not a valid event: {e}");
+                }
+            }
+        }
     }
+    let sqs = &files
+        .iter()
+        .find(|(n, _)| n == "export-sqs.json")
+        .expect("events/export-sqs.json is missing")
+        .1;
+    assert!(
+        matches!(bodies(sqs).as_slice(), [Invocation::Day(Table::Export, _)]),
+        "events/export-sqs.json: the fan-out queue's delivery of one export day"
+    );
     let get = |name: &str| -> Invocation {
         let v = &files
             .iter()
@@ -212,9 +241,18 @@ fn invoke(cargo_lambda: &Path, port: u16, file: &Path) -> Result<Value, String> 
     }
 }
 
-/// The event sent for a file: its own JSON, with dates moved into the simulator's data.
-fn to_send(event: &Value, day: Date, from: Date, to: Date) -> Value {
+/// The event sent for a file: its own JSON, with dates moved into the simulator's data (the
+/// day of an SQS record's body to `sqs_day`).
+fn to_send(event: &Value, day: Date, from: Date, to: Date, sqs_day: Date) -> Value {
     let mut e = event.clone();
+    if is_sqs_event(&e) {
+        for r in e["Records"].as_array_mut().unwrap() {
+            let body: Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+            let moved = to_send(&body, sqs_day, from, to, sqs_day);
+            r["body"] = json!(moved.to_string());
+        }
+        return e;
+    }
     let obj = e.as_object_mut().unwrap();
     if obj.contains_key("date") {
         obj.insert("date".into(), json!(day.to_string()));
@@ -253,6 +291,8 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
     let yesterday = minus(today, 1);
     let project = Project::start(cfg).await;
     let aws = Aws::start_for(&project, BUCKET, STATE_TABLE, SECRET_ID).await;
+    let sqs = aws_sdk_sqs::Client::new(&aws.sdk);
+    let queue = support::aws::create_queue(&sqs, "fan-out").await;
 
     // The Runtime API emulator, without building or starting a function.
     let port = free_port();
@@ -294,6 +334,7 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
         .env("MIXPANEL_SECRET_ID", SECRET_ID)
         .env("OUTPUT_BUCKET", BUCKET)
         .env("STATE_TABLE", STATE_TABLE)
+        .env("FAN_OUT_QUEUE_URL", &queue)
         // `cargo lambda watch` sends a deadline in the past: the program falls back to this.
         .env("INVOCATION_TIME_BUDGET_SECONDS", "120")
         .current_dir(dir.path());
@@ -309,18 +350,24 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
 
     // The scheduled export first (it takes the oldest day), then days, ranges, the rest.
     let mut files = event_files();
-    let rank = |v: &Value| match parse_event(v).unwrap() {
-        Invocation::Scheduled(Table::Export) => 0,
-        Invocation::Day(Table::Export, _) => 1,
-        Invocation::Range(Table::Export, _, _) => 2,
-        _ => 3,
+    // The SQS delivery after the range, which queued its day.
+    let rank = |v: &Value| match parse_event(v) {
+        Err(_) if is_sqs_event(v) => 3,
+        Err(e) => panic!("{e}"),
+        Ok(inv) => match inv {
+            Invocation::Scheduled(Table::Export) => 0,
+            Invocation::Day(Table::Export, _) => 1,
+            Invocation::Range(Table::Export, _, _) => 2,
+            _ => 4,
+        },
     };
     files.sort_by_key(|(name, v)| (rank(v), name.clone()));
 
     let day = minus(today, 2);
+    let sqs_day = minus(today, 3);
     let mut timings = Vec::new();
     for (name, event) in &files {
-        let sent = to_send(event, day, first, yesterday);
+        let sent = to_send(event, day, first, yesterday, sqs_day);
         let file = dir.path().join(name);
         std::fs::write(&file, sent.to_string()).unwrap();
         let cl = cargo_lambda.clone();
@@ -330,6 +377,7 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
             .unwrap();
         let took = started.elapsed();
         timings.push(match &answer {
+            Ok(r) if is_sqs_event(&sent) => format!("{name}: {took:?} {r}"),
             Ok(r) => format!("{name}: {took:?} {} {}", r["status"], r["records"]),
             Err(e) => format!("{name}: {took:?} error {}", e.lines().next().unwrap_or("")),
         });
@@ -342,21 +390,43 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
             )
         };
 
+        if is_sqs_event(&sent) {
+            // Every record finished: its day committed, exactly.
+            let r = answer.unwrap_or_else(|e| panic!("{e}\n{}", context()));
+            assert_eq!(r, json!({"batchItemFailures": []}), "{}", context());
+            for inv in bodies(&sent) {
+                let Invocation::Day(Table::Export, d) = inv else {
+                    panic!("events/{name}: {inv:?}");
+                };
+                assert_eq!(d, sqs_day);
+                let (_, rows) = read_partition(&app.sink, &app.prefix, "export", d)
+                    .await
+                    .unwrap_or_else(|| panic!("export {d} was not committed"));
+                assert_eq!(
+                    rows,
+                    truth(sim, d, None),
+                    "export {d} in S3 vs the simulator's ground truth"
+                );
+            }
+            continue;
+        }
         match parse_event(&sent).unwrap() {
             Invocation::Scheduled(Table::Export) => {
+                // It works through every pending day, oldest first, within its time.
                 let r = answer.unwrap_or_else(|e| panic!("{e}\n{}", context()));
-                let truth_rows = truth(sim, first, None);
+                let all = days(first, today);
                 assert_eq!(r["status"], "done", "{r}\n{}", context());
                 assert_eq!(r["table"], "export", "{r}");
-                assert_eq!(r["slice"], first.to_string(), "the oldest pending day: {r}");
-                assert_eq!(r["records"], truth_rows.len(), "{r}");
-                let (_, rows) = read_partition(&app.sink, &app.prefix, "export", first)
-                    .await
-                    .unwrap_or_else(|| panic!("export {first} was not committed"));
+                // The oldest day alone (it has no history near it), then one window of the rest.
                 assert_eq!(
-                    rows, truth_rows,
-                    "export {first} in S3 vs the simulator's ground truth"
+                    r["slice"],
+                    format!("{first},{}..{today}", all[1]),
+                    "every pending day: {r}"
                 );
+                assert_eq!(r["slices"], all.len(), "{r}");
+                let truth_rows: usize = all.iter().map(|d| truth(sim, *d, None).len()).sum();
+                assert_eq!(r["records"], truth_rows, "{r}");
+                assert_exact(&app, sim, first, today, None).await;
             }
             Invocation::Day(Table::Export, d) => {
                 let r = answer.unwrap_or_else(|e| panic!("{e}\n{}", context()));
@@ -382,6 +452,14 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
                     .map(|d| json!({"table": "export", "date": d.to_string()}))
                     .collect();
                 assert_eq!(r["events"], json!(expected), "one event per day");
+                // ... each sent to the fan-out queue as one message.
+                let mut sent: Vec<Value> = support::aws::receive_all(&sqs, &queue)
+                    .await
+                    .iter()
+                    .map(|m| serde_json::from_str(m.body().unwrap()).unwrap())
+                    .collect();
+                sent.sort_by_key(|v| v["date"].as_str().unwrap().to_string());
+                assert_eq!(sent, expected, "the fan-out queue's messages");
             }
             other => assert_answered(name, other.table(), &answer),
         }
@@ -390,7 +468,7 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
     eprintln!("invocations: {timings:#?}");
 
     // The EMF lines the function prints are what the template's RateLimitedAlarm reads.
-    // One EMF document per invocation.
+    // One EMF document per invocation event (the SQS file's one record included).
     let log = std::fs::read_to_string(&function.log).unwrap();
     let emf_lines: Vec<&str> = log.lines().filter(|l| l.contains("\"_aws\"")).collect();
     assert_eq!(

@@ -12,9 +12,9 @@ use support::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_workers_backfilling_meet_no_429_and_use_over_90_percent_of_the_allowed_rate() {
-    const LIMIT: u32 = 20;
-    const WINDOW_SECS: u64 = 6;
-    let mut cfg = sim_config("UTC", 59, 5);
+    const LIMIT: u32 = 10;
+    const WINDOW_SECS: u64 = 12;
+    let mut cfg = sim_config("UTC", 39, 5);
     cfg.rate_limit = Some(RateLimit {
         requests: LIMIT,
         window: Duration::from_secs(WINDOW_SECS),
@@ -26,6 +26,8 @@ async fn eight_workers_backfilling_meet_no_429_and_use_over_90_percent_of_the_al
         ("MIXPANEL_EXPORT_REQUESTS_PER_WINDOW", LIMIT.to_string()),
         ("MIXPANEL_RATE_WINDOW_SECONDS", WINDOW_SECS.to_string()),
         ("MIXPANEL_EXPORT_REQUESTS_PER_SECOND", "1000".to_string()),
+        // One request per day, so that 40 requests meet the budget (windows are tested apart).
+        ("MIXPANEL_EXPORT_WINDOW_DAYS", "1".to_string()),
     ];
     let extra: Vec<(&str, &str)> = limits.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let today = today_in("UTC");
@@ -41,7 +43,7 @@ async fn eight_workers_backfilling_meet_no_429_and_use_over_90_percent_of_the_al
     )
     .await
     .unwrap();
-    assert_eq!((r.status, r.queued), (Status::FanOut, 60));
+    assert_eq!((r.status, r.queued), (Status::FanOut, 40));
 
     let mut workers = Vec::new();
     for _ in 0..8 {
@@ -55,8 +57,10 @@ async fn eight_workers_backfilling_meet_no_429_and_use_over_90_percent_of_the_al
                 let r = handler::handle(&app, json!({"table": "export"}), deadline)
                     .await
                     .unwrap();
+                // A worker works through days while its deadline allows: `partial` when the
+                // deadline came with days left, never a failure.
                 match r.status {
-                    Status::Done => done += 1,
+                    Status::Done | Status::Partial if r.failed == 0 => done += r.slices,
                     Status::Idle => return done,
                     other => panic!("unexpected {other:?}: {r:?}"),
                 }
@@ -67,7 +71,7 @@ async fn eight_workers_backfilling_meet_no_429_and_use_over_90_percent_of_the_al
     for w in workers {
         total += w.await.unwrap();
     }
-    assert_eq!(total, 60);
+    assert_eq!(total, 40);
 
     let requests = project.simulator().requests();
     let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
@@ -75,8 +79,10 @@ async fn eight_workers_backfilling_meet_no_429_and_use_over_90_percent_of_the_al
         statuses.iter().all(|s| *s == 200),
         "no 429, no error: {statuses:?}"
     );
-    assert_eq!(requests.len(), 60, "one request per day");
-    // Whenever the budget is what holds the workers back, a slot freed by request j - LIMIT
+    assert_eq!(requests.len(), 40, "one request per day");
+    // The window is long against the work of a slice (eight workers need one slice each per
+    // 9.6 s to keep the budget busy), so the budget is what holds them back, on a slow or
+    // loaded machine too. Whenever the budget is what holds the workers back, a slot freed by request j - LIMIT
     // must be used as soon as the sliding window allows: request j follows request j - LIMIT
     // by about one window. The achieved rate over the allowed rate is WINDOW / mean gap.
     let at: Vec<u64> = requests.iter().map(|r| r.at_ms).collect();

@@ -74,6 +74,9 @@ async fn no_command_or_failure_ever_shows_the_secret() {
             path: path.into(),
             from_date: None,
             times: 1,
+            covering: None,
+            wider_than: None,
+            holding: None,
             fault,
         });
     }

@@ -9,7 +9,9 @@ use jiff::civil::{Date, date};
 use mixpanel_replicator::error::ErrorKind;
 use mixpanel_replicator::state::dynamo::DynamoStore;
 use mixpanel_replicator::state::local::LocalStore;
-use mixpanel_replicator::state::{Lease, Schema, SliceId, SliceStatus, StateStore};
+use mixpanel_replicator::state::{
+    Failure, Lease, Schema, SliceError, SliceId, SliceStatus, StateStore,
+};
 use mixpanel_replicator::tables::Table;
 use support::aws::create_state_table;
 use support::moto::Moto;
@@ -81,6 +83,9 @@ conformance!(
     init_schema_keeps_the_first_schema,
     merge_schema_adds_missing_columns,
     concurrent_schema_merges_lose_no_column,
+    a_failed_attempt_is_recorded_with_its_backoff_and_error,
+    a_parked_slice_is_never_claimed_or_requeued_until_a_person_retries_it,
+    fail_needs_the_lease,
 );
 
 const DAY: Date = date(2026, 11, 1);
@@ -123,6 +128,116 @@ async fn claimed(
         .await
         .unwrap()
         .unwrap()
+}
+
+fn failure(failures: u32, park: bool, retry_at_ms: Option<u64>) -> Failure {
+    Failure {
+        failures,
+        park,
+        retry_at_ms,
+        error: SliceError {
+            kind: "BadResponse".into(),
+            message: format!("garbage, attempt {failures}"),
+            at_ms: 1000 + u64::from(failures),
+        },
+    }
+}
+
+async fn a_failed_attempt_is_recorded_with_its_backoff_and_error(store: Arc<dyn StateStore>) {
+    let slice = day(1);
+    store.enqueue(T, slice, None).await.unwrap();
+    let lease = claimed(&*store, T, slice, "a", 0, 10_000).await;
+    assert!(
+        store
+            .fail(&lease, &failure(1, false, Some(5000)))
+            .await
+            .unwrap()
+    );
+    let r = record(&*store, slice).await;
+    assert_eq!(r.status, SliceStatus::Pending);
+    assert_eq!((r.failures, r.retry_at_ms), (1, Some(5000)));
+    assert_eq!(r.error, Some(failure(1, false, None).error));
+    assert_eq!(r.lease_expires_ms, None);
+
+    // The next attempt succeeds: failures, backoff and error are gone.
+    let lease = claimed(&*store, T, slice, "b", 6000, 10_000).await;
+    assert!(store.complete(&lease, 7000, None).await.unwrap());
+    let r = record(&*store, slice).await;
+    assert_eq!(r.status, SliceStatus::Committed);
+    assert_eq!((r.failures, r.retry_at_ms, r.error), (0, None, None));
+}
+
+async fn a_parked_slice_is_never_claimed_or_requeued_until_a_person_retries_it(
+    store: Arc<dyn StateStore>,
+) {
+    let slice = day(2);
+    store.enqueue(T, slice, None).await.unwrap();
+    let lease = claimed(&*store, T, slice, "a", 0, 10_000).await;
+    assert!(
+        store
+            .fail(&lease, &failure(5, true, Some(9999)))
+            .await
+            .unwrap()
+    );
+    let r = record(&*store, slice).await;
+    assert_eq!(r.status, SliceStatus::Failed);
+    assert_eq!(
+        (r.failures, r.retry_at_ms),
+        (5, None),
+        "a parked slice has no backoff"
+    );
+    assert_eq!(r.error.as_ref().unwrap().message, "garbage, attempt 5");
+
+    assert!(
+        store
+            .claim(T, slice, "b", 20_000, 30_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(!store.enqueue(T, slice, Some(u64::MAX)).await.unwrap());
+    assert_eq!(record(&*store, slice).await.status, SliceStatus::Failed);
+
+    // A person's retry: pending, counting from zero, the error kept for whoever looks.
+    assert!(store.reset_failures(T, slice).await.unwrap());
+    let r = record(&*store, slice).await;
+    assert_eq!(
+        (r.status, r.failures, r.retry_at_ms),
+        (SliceStatus::Pending, 0, None)
+    );
+    assert_eq!(r.error.as_ref().unwrap().message, "garbage, attempt 5");
+    assert!(
+        !store.reset_failures(T, slice).await.unwrap(),
+        "nothing left to retry"
+    );
+    assert!(
+        store
+            .claim(T, slice, "c", 20_000, 30_000)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // A committed slice or an unknown one is no person's retry.
+    assert!(!store.reset_failures(T, day(9)).await.unwrap());
+}
+
+async fn fail_needs_the_lease(store: Arc<dyn StateStore>) {
+    let slice = day(3);
+    store.enqueue(T, slice, None).await.unwrap();
+    let first = claimed(&*store, T, slice, "a", 0, 1000).await;
+    let second = claimed(&*store, T, slice, "b", 2000, 3000).await;
+    assert!(!store.fail(&first, &failure(1, true, None)).await.unwrap());
+    let r = record(&*store, slice).await;
+    assert_eq!((r.status, r.failures), (SliceStatus::Leased, 0));
+    assert_eq!(r.lease_owner.as_deref(), Some("b"));
+    assert!(
+        store
+            .fail(&second, &failure(1, false, Some(4000)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(record(&*store, slice).await.status, SliceStatus::Pending);
 }
 
 async fn enqueue_queues_a_new_slice_once(store: Arc<dyn StateStore>) {

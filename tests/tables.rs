@@ -308,6 +308,9 @@ async fn an_engage_page_slower_than_the_deadline_answers_partial_on_time_and_res
         path: "/api/2.0/engage".into(),
         from_date: None,
         times: 1,
+        covering: None,
+        wider_than: None,
+        holding: None,
         fault: mixpanel_sim::Fault::SlowFirstByte { delay },
     };
     // Page 0 at once, page 1 ten seconds late.

@@ -89,6 +89,12 @@ const CODE_CALLS: &[(&str, &str, &str)] = &[
         "secretsmanager:GetSecretValue",
         "CredentialsProvider::get (cached five minutes)",
     ),
+    // src/fanout.rs
+    (
+        "send_message_batch",
+        "sqs:SendMessage",
+        "FanOutQueue::send (a range's day events, ten per call)",
+    ),
 ];
 
 /// Methods called on SDK clients that are not AWS operations.
@@ -133,9 +139,18 @@ const OTHER_OPERATIONS: &[&str] = &[
     "batch_get_secret_value",
     "update_secret",
     "rotate_secret",
+    // SQS (the event source mapping receives and deletes, not the program)
+    "send_message",
+    "receive_message",
+    "delete_message",
+    "delete_message_batch",
+    "change_message_visibility",
+    "get_queue_attributes",
+    "get_queue_url",
+    "create_queue",
+    "purge_queue",
     // others the program does not use today
     "put_metric_data",
-    "send_message",
     "invoke",
     "decrypt",
     "generate_data_key",
@@ -154,6 +169,18 @@ const PLATFORM_ACTIONS: &[(&str, &str)] = &[
     (
         "sqs:SendMessage",
         "the on-failure destination of asynchronous invocations (the DLQ)",
+    ),
+    (
+        "sqs:ReceiveMessage",
+        "the fan-out queue's event source mapping polls with the function's role",
+    ),
+    (
+        "sqs:DeleteMessage",
+        "the event source mapping deletes the records the function finished",
+    ),
+    (
+        "sqs:GetQueueAttributes",
+        "the event source mapping reads the queue's attributes",
     ),
     (
         "kms:Decrypt",
@@ -352,6 +379,10 @@ fn the_function_sets_only_known_settings_every_setting_and_every_required_one() 
                 assert_eq!(value, &json!({"Ref": "StateTable"}));
                 assert_eq!(resources(&t)["StateTable"]["Type"], "AWS::DynamoDB::Table");
             }
+            "FAN_OUT_QUEUE_URL" => {
+                assert_eq!(value, &json!({"Ref": "FanOutQueue"}), "the queue's URL");
+                assert_eq!(resources(&t)["FanOutQueue"]["Type"], "AWS::SQS::Queue");
+            }
             _ => {
                 let param = camel(var);
                 assert_eq!(
@@ -379,6 +410,10 @@ fn default_environment(t: &Value) -> BTreeMap<String, String> {
             let v = match var.as_str() {
                 "OUTPUT_BUCKET" => "my-bucket".to_string(),
                 "STATE_TABLE" => "my-stack-StateTable-ABC".to_string(),
+                "FAN_OUT_QUEUE_URL" => {
+                    "https://sqs.us-east-1.amazonaws.com/123456789012/my-stack-FanOutQueue-ABC"
+                        .to_string()
+                }
                 _ => {
                     let param = value["Ref"].as_str().unwrap();
                     default_of(&params[param]).unwrap_or_else(|| match param {
@@ -410,6 +445,9 @@ fn the_parameter_defaults_are_the_programs_defaults_and_every_allowed_value_is_v
     assert_eq!(code.output_prefix, deployed.output_prefix, "OUTPUT_PREFIX");
     // Set or not, the prefix is the same on S3; only the local-folder variant records whether.
     code.local_prefix = deployed.local_prefix.clone();
+    // The fan-out queue is a resource of the stack; the program's default is none (local runs).
+    assert_eq!(code.fan_out_queue_url, None);
+    code.fan_out_queue_url = deployed.fan_out_queue_url.clone();
     assert_eq!(
         format!("{deployed:#?}"),
         format!("{code:#?}"),
@@ -683,6 +721,22 @@ fn the_function_role_allows_exactly_the_calls_the_code_makes() {
         [json!({"Fn::GetAtt": ["DeadLetterQueue", "Arn"]})]
     );
     assert_eq!(
+        replicator["sqs:SendMessage"],
+        [json!({"Fn::GetAtt": ["FanOutQueue", "Arn"]})],
+        "the function sends day events only to the fan-out queue"
+    );
+    for a in [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+    ] {
+        assert_eq!(
+            platform[a],
+            [json!({"Fn::GetAtt": ["FanOutQueue", "Arn"]})],
+            "{a}: the event source mapping polls only the fan-out queue"
+        );
+    }
+    assert_eq!(
         platform["kms:Decrypt"],
         [json!({"Ref": "MixpanelSecretKmsKeyArn"})]
     );
@@ -868,6 +922,20 @@ fn the_function_storage_and_alarms_are_as_documented() {
             mixpanel_replicator::metrics::NAMESPACE
         )
     );
+    // Parked slices: the alarm reads the metric the function emits on every invocation.
+    let parked = &res["ParkedSlicesAlarm"]["Properties"];
+    assert_eq!(
+        parked["Metrics"][0]["Expression"].as_str().unwrap(),
+        format!(
+            "SELECT MAX(ParkedSlices) FROM SCHEMA({}, \"Table\")",
+            mixpanel_replicator::metrics::NAMESPACE
+        )
+    );
+    assert_eq!(parked["Threshold"], json!(1));
+    assert!(
+        include_str!("../src/metrics.rs").contains("\"ParkedSlices\": parked"),
+        "the function emits the ParkedSlices metric the alarm reads"
+    );
     for (name, a) in &alarms {
         assert_eq!(
             a["Properties"]["AlarmActions"],
@@ -897,5 +965,85 @@ fn the_function_storage_and_alarms_are_as_documented() {
     assert_eq!(
         glue["Parameters"]["storage.location.template"]["Fn::Sub"][0],
         "s3://${BucketName}/${OutputPrefix}/export/_symlink/date=${!date}/"
+    );
+}
+
+#[test]
+fn the_fan_out_queue_feeds_the_function_one_day_event_at_a_time_with_bounded_concurrency() {
+    let t = template();
+    let res = resources(&t);
+    let params = t["Parameters"].as_object().unwrap();
+
+    // Never delivered again while an invocation may still run it: six times the longest
+    // timeout the FunctionTimeout parameter allows, as AWS recommends for an SQS event source.
+    let queue = &res["FanOutQueue"]["Properties"];
+    let max_timeout = params["FunctionTimeout"]["MaxValue"].as_u64().unwrap();
+    assert!(
+        queue["VisibilityTimeout"].as_u64().unwrap() >= 6 * max_timeout,
+        "VisibilityTimeout {} vs 6 x {max_timeout}",
+        queue["VisibilityTimeout"]
+    );
+    // A message that keeps failing (or is not a valid event) ends in the dead-letter queue.
+    assert_eq!(
+        queue["RedrivePolicy"],
+        json!({"deadLetterTargetArn": {"Fn::GetAtt": ["FanOutDeadLetterQueue", "Arn"]}, "maxReceiveCount": 5})
+    );
+    let dlq = &res["FanOutDeadLetterQueue"];
+    assert_eq!(dlq["Type"], "AWS::SQS::Queue");
+    assert!(
+        dlq["Properties"]["MessageRetentionPeriod"]
+            .as_u64()
+            .unwrap()
+            > queue["MessageRetentionPeriod"].as_u64().unwrap(),
+        "a moved message keeps its first enqueue time: the DLQ keeps messages longer"
+    );
+    for q in [queue, &dlq["Properties"]] {
+        assert_eq!(q["SqsManagedSseEnabled"], true);
+    }
+
+    // The event source mapping: batches of one, partial answers, concurrency a parameter.
+    let events = function(&t)["Properties"]["Events"].as_object().unwrap();
+    let sqs: Vec<&Value> = events.values().filter(|e| e["Type"] == "SQS").collect();
+    assert_eq!(sqs.len(), 1, "one SQS event source");
+    assert_eq!(
+        sqs[0]["Properties"],
+        json!({
+            "Queue": {"Fn::GetAtt": ["FanOutQueue", "Arn"]},
+            "BatchSize": 1,
+            "FunctionResponseTypes": ["ReportBatchItemFailures"],
+            "ScalingConfig": {"MaximumConcurrency": {"Ref": "FanOutConcurrency"}}
+        })
+    );
+    let concurrency = &params["FanOutConcurrency"];
+    assert_eq!(concurrency["Type"], "Number");
+    assert_eq!(default_of(concurrency).as_deref(), Some("3"));
+    assert_eq!(
+        (
+            concurrency["MinValue"].as_u64(),
+            concurrency["MaxValue"].as_u64()
+        ),
+        (Some(2), Some(1000)),
+        "the range AWS allows for MaximumConcurrency"
+    );
+    assert_eq!(
+        environment(&t)["FAN_OUT_QUEUE_URL"],
+        json!({"Ref": "FanOutQueue"})
+    );
+
+    // Someone hears of a message in the dead-letter queue.
+    let alarm = &res["FanOutDeadLetterQueueAlarm"]["Properties"];
+    assert_eq!(alarm["Namespace"], "AWS/SQS");
+    assert_eq!(alarm["MetricName"], "ApproximateNumberOfMessagesVisible");
+    assert_eq!(
+        alarm["Dimensions"],
+        json!([{"Name": "QueueName", "Value": {"Fn::GetAtt": ["FanOutDeadLetterQueue", "QueueName"]}}])
+    );
+    assert_eq!(
+        (
+            alarm["Threshold"].as_u64(),
+            alarm["ComparisonOperator"].as_str()
+        ),
+        (Some(1), Some("GreaterThanOrEqualToThreshold")),
+        "more than zero messages"
     );
 }

@@ -152,15 +152,23 @@ impl MixpanelClient {
         p
     }
 
-    /// Starts a raw export and returns the response once its status is 200; 429 and 5xx are
-    /// retried with backoff (honouring `Retry-After`) as long as `deadline` allows.
-    pub async fn export(&self, q: &ExportQuery, deadline: Instant) -> Result<ExportResponse> {
+    /// Starts a raw export and returns the response once its status is 200. A 429 waits for
+    /// the shared budget's next slot as long as `deadline` allows; any other failure, and no
+    /// answer within `first_byte` of sending, is returned at once (the caller decides whether
+    /// the request is too heavy).
+    pub async fn export(
+        &self,
+        q: &ExportQuery,
+        first_byte: Duration,
+        deadline: Instant,
+    ) -> Result<ExportResponse> {
         let url = self.export_url();
         let (resp, permit) = self
             .send(
                 &url,
                 "/api/2.0/export",
                 Family::Export,
+                Some(first_byte),
                 deadline,
                 |project_id| {
                     self.export_params(q, project_id)
@@ -224,7 +232,7 @@ impl MixpanelClient {
         deadline: Instant,
     ) -> Result<bytes::Bytes> {
         let (resp, permit) = self
-            .send(url, shown, Family::Query, deadline, |project_id| {
+            .send(url, shown, Family::Query, None, deadline, |project_id| {
                 let mut p: Vec<(String, String)> = params
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.clone()))
@@ -252,12 +260,15 @@ impl MixpanelClient {
         self.credentials.get().await
     }
 
-    /// Sends a GET until it answers 200, retrying 429, 5xx and network failures with backoff.
+    /// Sends a GET until it answers 200, retrying 429 (and for queries 5xx and network
+    /// failures) with backoff. With `first_byte`, an answer slower than that after sending is
+    /// a transient failure.
     async fn send(
         &self,
         url: &str,
         shown: &str,
         family: Family,
+        first_byte: Option<Duration>,
         deadline: Instant,
         params: impl Fn(Option<u64>) -> Vec<(String, String)>,
     ) -> Result<(reqwest::Response, Option<Permit>)> {
@@ -272,14 +283,23 @@ impl MixpanelClient {
             };
             let query = params(creds.project_id());
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let sent = self
+            let request = self
                 .http
                 .get(url)
                 .header(reqwest::header::AUTHORIZATION, creds.authorization())
                 .header(reqwest::header::ACCEPT_ENCODING, "gzip")
                 .query(&query)
-                .send()
-                .await;
+                .send();
+            let sent = match first_byte {
+                Some(wait) => tokio::time::timeout(wait, request).await.ok(),
+                None => Some(request.await),
+            };
+            let Some(sent) = sent else {
+                return Err(Error::transient(format!(
+                    "Mixpanel sent no answer to {shown} for {:.0} s",
+                    first_byte.unwrap_or_default().as_secs_f64()
+                )));
+            };
             let (err, retry_after) = match sent {
                 Ok(resp) if resp.status() == StatusCode::OK => return Ok((resp, permit)),
                 Ok(resp) => {
@@ -293,6 +313,16 @@ impl MixpanelClient {
                     }
                     if status == StatusCode::TOO_MANY_REQUESTS {
                         self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        if let Some(budget) = &self.budget {
+                            // Every invocation now waits for the slot Mixpanel leaves; the
+                            // next attempt's grant below waits for it too (or gives up).
+                            let until = budget.rate_limited(family, retry_after).await?;
+                            tracing::warn!(
+                                path = shown,
+                                blocked_until_ms = until,
+                                "Mixpanel rate limit: requests wait for the budget's next free slot"
+                            );
+                        }
                     }
                     (err, retry_after)
                 }
@@ -301,10 +331,20 @@ impl MixpanelClient {
                     None,
                 ),
             };
-            if !matches!(err.kind(), ErrorKind::RateLimited | ErrorKind::Transient)
-                || attempt >= MAX_ATTEMPTS
-            {
+            // An export that fails otherwise (5xx, `Timeout Error`, a broken connection) is
+            // Mixpanel's sign of a day too heavy to export at once: the caller counts it and
+            // splits the request rather than sending the same one again here.
+            let retries = matches!(
+                (family, err.kind()),
+                (_, ErrorKind::RateLimited) | (Family::Query, ErrorKind::Transient)
+            );
+            if !retries || attempt >= MAX_ATTEMPTS {
                 return Err(err);
+            }
+            if err.kind() == ErrorKind::RateLimited && self.budget.is_some() {
+                // The budget holds every request back until the slot (acquired above).
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             let wait = retry_after.unwrap_or_else(|| backoff(self.base_backoff, attempt));
             if Instant::now() + wait >= deadline {

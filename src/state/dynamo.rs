@@ -5,7 +5,8 @@
 //!
 //! Items (partition key `pk`, sort key `sk`, both strings):
 //! - slice: `pk = "slice#{table}"`, `sk = {slice id}`; `status`, `lease_owner`,
-//!   `lease_expires_ms`, `committed_at_ms`, `attempts`, `progress`, `result`;
+//!   `lease_expires_ms`, `committed_at_ms`, `attempts`, `progress`, `result`, and after a failed
+//!   attempt `failures`, `retry_at_ms`, `last_error` (JSON: kind, message, time);
 //! - bookmark: `pk = "bookmark"`, `sk = {table}`; `day` (`YYYY-MM-DD`);
 //! - schema: `pk = "schema"`, `sk = {table}`; `columns` (a map of strings, or a JSON string),
 //!   `version` (a counter that makes read-modify-write merges safe).
@@ -21,7 +22,7 @@ use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::AttributeValue;
 use jiff::civil::Date;
 
-use super::{Lease, Schema, SliceId, SliceRecord, SliceStatus, StateStore};
+use super::{Failure, Lease, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore};
 use crate::error::{Error, Result, describe_sdk_error as describe};
 use crate::tables::Table;
 
@@ -238,6 +239,15 @@ impl DynamoStore {
             attempts: number(item, "attempts").map_err(bad)?.unwrap_or(0),
             progress: string(item, "progress").map(str::to_owned),
             result: string(item, "result").map(str::to_owned),
+            failures: number(item, "failures").map_err(bad)?.unwrap_or(0),
+            retry_at_ms: number(item, "retry_at_ms").map_err(bad)?,
+            error: match string(item, "last_error") {
+                None => None,
+                Some(text) => Some(
+                    SliceError::parse(text)
+                        .ok_or_else(|| bad(format!("last_error is not a failure: {text:?}")))?,
+                ),
+            },
         })
     }
 }
@@ -395,16 +405,18 @@ impl StateStore for DynamoStore {
         let request = match result {
             Some(r) => request
                 .update_expression(
-                    "SET #status = :committed, committed_at_ms = :now, #result = :result \
-                     REMOVE lease_expires_ms, progress",
+                    "SET #status = :committed, committed_at_ms = :now, #result = :result, \
+                     failures = :zero REMOVE lease_expires_ms, progress, retry_at_ms, last_error",
                 )
+                .expression_attribute_values(":zero", n(0))
                 .expression_attribute_names("#result", "result")
                 .expression_attribute_values(":result", s(r)),
             None => request
                 .update_expression(
-                    "SET #status = :committed, committed_at_ms = :now \
-                 REMOVE lease_expires_ms, progress, #result",
+                    "SET #status = :committed, committed_at_ms = :now, failures = :zero \
+                     REMOVE lease_expires_ms, progress, #result, retry_at_ms, last_error",
                 )
+                .expression_attribute_values(":zero", n(0))
                 .expression_attribute_names("#result", "result"),
         };
         let op = format!("completing slice {} of {}", lease.slice, lease.table);
@@ -418,6 +430,51 @@ impl StateStore for DynamoStore {
             .expression_attribute_values(":pending", s(SliceStatus::Pending.as_str()));
         let op = format!("releasing slice {} of {}", lease.slice, lease.table);
         self.conditional(&op, request).await.map(drop)
+    }
+
+    async fn fail(&self, lease: &Lease, failure: &Failure) -> Result<bool> {
+        let status = if failure.park {
+            SliceStatus::Failed
+        } else {
+            SliceStatus::Pending
+        };
+        let request = self
+            .update_leased(lease, None)
+            .expression_attribute_values(":status", s(status.as_str()))
+            .expression_attribute_values(":failures", n(u64::from(failure.failures)))
+            .expression_attribute_values(":error", s(failure.error.to_json()));
+        let request = match failure.retry_at_ms.filter(|_| !failure.park) {
+            Some(at) => request
+                .update_expression(
+                    "SET #status = :status, failures = :failures, last_error = :error, \
+                     retry_at_ms = :retry REMOVE lease_expires_ms",
+                )
+                .expression_attribute_values(":retry", n(at)),
+            None => request.update_expression(
+                "SET #status = :status, failures = :failures, last_error = :error \
+                 REMOVE lease_expires_ms, retry_at_ms",
+            ),
+        };
+        let op = format!(
+            "recording a failed attempt of slice {} of {}",
+            lease.slice, lease.table
+        );
+        self.conditional(&op, request).await
+    }
+
+    async fn reset_failures(&self, table: Table, slice: SliceId) -> Result<bool> {
+        let request = self
+            .update_slice(table, slice)
+            .update_expression("SET #status = :pending, failures = :zero REMOVE retry_at_ms")
+            .condition_expression(
+                "#status = :failed OR (#status = :pending AND \
+                 (failures > :zero OR attribute_exists(retry_at_ms)))",
+            )
+            .expression_attribute_values(":pending", s(SliceStatus::Pending.as_str()))
+            .expression_attribute_values(":failed", s(SliceStatus::Failed.as_str()))
+            .expression_attribute_values(":zero", n(0));
+        self.conditional(&format!("retrying slice {slice} of {table}"), request)
+            .await
     }
 
     async fn bookmark(&self, table: Table) -> Result<Option<Date>> {

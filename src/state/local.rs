@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
 
-use super::{Lease, Schema, SliceId, SliceRecord, SliceStatus, StateStore};
+use super::{Failure, Lease, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore};
 use crate::error::{Error, Result};
 use crate::tables::Table;
 
@@ -67,6 +67,16 @@ struct SliceEntry {
     progress: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     result: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<SliceError>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl SliceEntry {
@@ -79,6 +89,9 @@ impl SliceEntry {
             attempts: 0,
             progress: None,
             result: None,
+            failures: 0,
+            retry_at_ms: None,
+            error: None,
         }
     }
 
@@ -218,6 +231,9 @@ impl StateStore for LocalStore {
                         attempts: e.attempts,
                         progress: e.progress.clone(),
                         result: e.result.clone(),
+                        failures: e.failures,
+                        retry_at_ms: e.retry_at_ms,
+                        error: e.error.clone(),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -293,7 +309,7 @@ impl StateStore for LocalStore {
             let claimable = match entry.status {
                 SliceStatus::Pending => true,
                 SliceStatus::Leased => entry.lease_expires_ms.is_some_and(|e| e < now_ms),
-                SliceStatus::Committed => false,
+                SliceStatus::Committed | SliceStatus::Failed => false,
             };
             if !claimable {
                 return Ok((None, false));
@@ -340,6 +356,9 @@ impl StateStore for LocalStore {
                 e.lease_expires_ms = None;
                 e.progress = None;
                 e.result = result;
+                e.failures = 0;
+                e.retry_at_ms = None;
+                e.error = None;
             }))
         })
         .await
@@ -353,6 +372,42 @@ impl StateStore for LocalStore {
                 e.lease_expires_ms = None;
             });
             Ok(((), changed))
+        })
+        .await
+    }
+
+    async fn fail(&self, lease: &Lease, failure: &Failure) -> Result<bool> {
+        let (lease, failure) = (lease.clone(), failure.clone());
+        self.write(move |state| {
+            Ok(state.with_held(&lease, None, |e| {
+                e.status = if failure.park {
+                    SliceStatus::Failed
+                } else {
+                    SliceStatus::Pending
+                };
+                e.lease_expires_ms = None;
+                e.failures = failure.failures;
+                e.retry_at_ms = failure.retry_at_ms.filter(|_| !failure.park);
+                e.error = Some(failure.error);
+            }))
+        })
+        .await
+    }
+
+    async fn reset_failures(&self, table: Table, slice: SliceId) -> Result<bool> {
+        self.write(move |state| {
+            let Some(e) = state.slice_mut(table, slice) else {
+                return Ok((false, false));
+            };
+            let backing_off =
+                e.status == SliceStatus::Pending && (e.failures > 0 || e.retry_at_ms.is_some());
+            if e.status != SliceStatus::Failed && !backing_off {
+                return Ok((false, false));
+            }
+            e.status = SliceStatus::Pending;
+            e.failures = 0;
+            e.retry_at_ms = None;
+            Ok((true, true))
         })
         .await
     }

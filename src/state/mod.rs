@@ -33,6 +33,18 @@ pub enum SliceId {
         /// Hour after the last, 1..=24.
         to_hour: u8,
     },
+    /// Minutes `[from, to)` of one hour of a project-local day, counted from the day's
+    /// midnight: a piece of an hour Mixpanel could not export at once. Its instants are that
+    /// share of the hour's real instants (so the pieces of an hour tile it across clock
+    /// changes too).
+    Minutes {
+        /// The day.
+        day: Date,
+        /// First minute, 0..1440.
+        from: u16,
+        /// Minute after the last, within the same hour as `from`.
+        to: u16,
+    },
     /// A whole-table snapshot.
     Full,
 }
@@ -41,23 +53,39 @@ impl SliceId {
     /// The project-local day of a date slice.
     pub fn day(&self) -> Option<Date> {
         match *self {
-            SliceId::Day(d) | SliceId::Hours { day: d, .. } => Some(d),
+            SliceId::Day(d) | SliceId::Hours { day: d, .. } | SliceId::Minutes { day: d, .. } => {
+                Some(d)
+            }
             SliceId::Full => None,
         }
     }
 }
 
 impl SliceId {
-    /// The sort key: the day, then the first and last hour (a whole day is hours 0 to 24).
-    fn order_key(&self) -> (Option<Date>, u8, u8) {
+    /// The sort key: the day, then the first and last minute (a whole day is minutes 0 to
+    /// 1440).
+    fn order_key(&self) -> (Option<Date>, u16, u16) {
         match *self {
-            SliceId::Day(d) => (Some(d), 0, 24),
+            SliceId::Day(d) => (Some(d), 0, 1440),
             SliceId::Hours {
                 day,
                 from_hour,
                 to_hour,
-            } => (Some(day), from_hour, to_hour),
+            } => (
+                Some(day),
+                u16::from(from_hour) * 60,
+                u16::from(to_hour) * 60,
+            ),
+            SliceId::Minutes { day, from, to } => (Some(day), from, to),
             SliceId::Full => (None, 0, 0),
+        }
+    }
+
+    /// The minutes `[from, to)` of its day a date slice covers.
+    pub fn minutes(&self) -> Option<(u16, u16)> {
+        match self.order_key() {
+            (Some(_), from, to) => Some((from, to)),
+            (None, ..) => None,
         }
     }
 }
@@ -83,6 +111,14 @@ impl fmt::Display for SliceId {
                 from_hour,
                 to_hour,
             } => write!(f, "{day}T{from_hour:02}-{to_hour:02}"),
+            SliceId::Minutes { day, from, to } => write!(
+                f,
+                "{day}T{:02}:{:02}-{:02}:{:02}",
+                from / 60,
+                from % 60,
+                to / 60,
+                to % 60
+            ),
             SliceId::Full => f.write_str("full"),
         }
     }
@@ -97,6 +133,28 @@ impl FromStr for SliceId {
         let bad = || format!("not a slice id: {s:?}");
         match s.split_once('T') {
             None => Ok(SliceId::Day(s.parse().map_err(|_| bad())?)),
+            Some((d, m)) if m.contains(':') => {
+                let (a, b) = m.split_once('-').ok_or_else(bad)?;
+                let minute = |t: &str| -> Result<u16, String> {
+                    let (h, m) = t.split_once(':').ok_or_else(bad)?;
+                    let (h, m): (u16, u16) =
+                        (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+                    if m >= 60 {
+                        return Err(bad());
+                    }
+                    Ok(h * 60 + m)
+                };
+                let (from, to) = (minute(a)?, minute(b)?);
+                // A piece lies within one hour.
+                if from >= to || to > 1440 || from / 60 != (to - 1) / 60 {
+                    return Err(bad());
+                }
+                Ok(SliceId::Minutes {
+                    day: d.parse().map_err(|_| bad())?,
+                    from,
+                    to,
+                })
+            }
             Some((d, h)) => {
                 let (a, b) = h.split_once('-').ok_or_else(bad)?;
                 let (from_hour, to_hour): (u8, u8) =
@@ -124,6 +182,9 @@ pub enum SliceStatus {
     Leased,
     /// Replicated and committed.
     Committed,
+    /// Parked: it failed `MAX_SLICE_ATTEMPTS` times in a row. Claims skip it until a person
+    /// retries it (an explicit day event, `sync --retry-parked`).
+    Failed,
 }
 
 impl SliceStatus {
@@ -133,6 +194,7 @@ impl SliceStatus {
             SliceStatus::Pending => "pending",
             SliceStatus::Leased => "leased",
             SliceStatus::Committed => "committed",
+            SliceStatus::Failed => "failed",
         }
     }
 }
@@ -144,6 +206,7 @@ impl FromStr for SliceStatus {
             "pending" => Ok(SliceStatus::Pending),
             "leased" => Ok(SliceStatus::Leased),
             "committed" => Ok(SliceStatus::Committed),
+            "failed" => Ok(SliceStatus::Failed),
             _ => Err(format!("unknown slice status {s:?}")),
         }
     }
@@ -171,6 +234,48 @@ pub struct SliceRecord {
     /// What the last commit recorded (an hour slice's parts; a day's size and time), opaque
     /// JSON. Kept when the slice is queued again, so the next round can plan from it.
     pub result: Option<String>,
+    /// Failed attempts in a row since the slice last committed (or was retried by a person).
+    pub failures: u32,
+    /// A slice that failed is not claimed before this time, epoch milliseconds (backoff).
+    pub retry_at_ms: Option<u64>,
+    /// The last failure: why the slice is parked, or why its last attempt failed.
+    pub error: Option<SliceError>,
+}
+
+/// A failed attempt as the slice keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceError {
+    /// The error kind (`BadResponse`, `Transient`, ...).
+    pub kind: String,
+    /// The error message.
+    pub message: String,
+    /// When it failed, epoch milliseconds.
+    pub at_ms: u64,
+}
+
+impl SliceError {
+    /// The stored JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads the stored JSON; `None` when it is not one.
+    pub fn parse(text: &str) -> Option<SliceError> {
+        serde_json::from_str(text).ok()
+    }
+}
+
+/// A failed attempt to record on a held slice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Failed attempts in a row, this one included.
+    pub failures: u32,
+    /// Whether the slice is parked now (status `failed`) instead of pending again.
+    pub park: bool,
+    /// Not to be claimed again before this time (pending only).
+    pub retry_at_ms: Option<u64>,
+    /// What failed.
+    pub error: SliceError,
 }
 
 /// A lease on a slice: proof that one attempt may write it until `expires_ms`.
@@ -232,12 +337,21 @@ pub trait StateStore: Send + Sync {
     async fn save_progress(&self, lease: &Lease, progress: Option<&str>) -> Result<bool>;
 
     /// Marks the slice committed at `now_ms` with `result` (replacing the previous one) if
-    /// `lease` is still held. Returns whether it was.
+    /// `lease` is still held; its failures, backoff and error are cleared. Returns whether it was.
     async fn complete(&self, lease: &Lease, now_ms: u64, result: Option<&str>) -> Result<bool>;
 
-    /// Gives a held slice back to the queue as pending (an attempt that failed or ran out of
-    /// time). Does nothing if the lease is no longer held.
+    /// Gives a held slice back to the queue as pending (an attempt that ran out of time or
+    /// waited on a rate limit). Does nothing if the lease is no longer held.
     async fn release(&self, lease: &Lease) -> Result<()>;
+
+    /// Records a failed attempt on a held slice: pending again with its failure count, backoff
+    /// and error, or parked (`failed`). Returns whether the lease was still held.
+    async fn fail(&self, lease: &Lease, failure: &Failure) -> Result<bool>;
+
+    /// A person's retry: a parked slice becomes pending again, and a pending one loses its
+    /// backoff; either way its failure count starts over (the last error is kept). Returns
+    /// whether the slice was parked or backing off.
+    async fn reset_failures(&self, table: Table, slice: SliceId) -> Result<bool>;
 
     /// The table's bookmark: the last day D such that every slice up to D is committed.
     async fn bookmark(&self, table: Table) -> Result<Option<Date>>;
@@ -261,4 +375,72 @@ pub trait StateStore: Send + Sync {
     /// Writes a document only if its version is still `expected` (`None`: only if it does not
     /// exist yet); the new version is `expected + 1` (or 1). Returns whether it was written.
     async fn put_document(&self, name: &str, body: &str, expected: Option<u64>) -> Result<bool>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slice_ids_read_back_as_written_and_pieces_sort_beside_their_hour() {
+        let day: Date = "2026-11-01".parse().unwrap();
+        let ids = [
+            SliceId::Day(day),
+            SliceId::Hours {
+                day,
+                from_hour: 23,
+                to_hour: 24,
+            },
+            SliceId::Minutes {
+                day,
+                from: 13 * 60 + 15,
+                to: 13 * 60 + 30,
+            },
+            SliceId::Minutes {
+                day,
+                from: 23 * 60 + 55,
+                to: 1440,
+            },
+            SliceId::Full,
+        ];
+        for id in ids {
+            assert_eq!(id.to_string().parse::<SliceId>(), Ok(id), "{id}");
+        }
+        assert_eq!(ids[2].to_string(), "2026-11-01T13:15-13:30");
+        assert_eq!(ids[3].to_string(), "2026-11-01T23:55-24:00");
+        // A piece lies within one hour, and is not empty.
+        for bad in [
+            "2026-11-01T13:50-14:10",
+            "2026-11-01T13:30-13:30",
+            "2026-11-01T13:60-14:00",
+            "2026-11-01T23:55-24:05",
+        ] {
+            assert!(bad.parse::<SliceId>().is_err(), "{bad}");
+        }
+        let hour = SliceId::Hours {
+            day,
+            from_hour: 13,
+            to_hour: 14,
+        };
+        let quarter = |q: u16| SliceId::Minutes {
+            day,
+            from: 13 * 60 + q * 15,
+            to: 13 * 60 + q * 15 + 15,
+        };
+        let before = SliceId::Hours {
+            day,
+            from_hour: 12,
+            to_hour: 13,
+        };
+        let after = SliceId::Hours {
+            day,
+            from_hour: 14,
+            to_hour: 15,
+        };
+        for q in 0..4 {
+            assert!(before < quarter(q) && quarter(q) < after, "{}", quarter(q));
+        }
+        assert!(quarter(0) < hour && hour < quarter(1));
+        assert_eq!(quarter(1).minutes(), Some((795, 810)));
+    }
 }

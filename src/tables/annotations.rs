@@ -7,9 +7,15 @@ use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// The query parameters.
+/// The query parameters of the Query API's `annotations`.
 pub fn params(from: Date, to: Date) -> Vec<(&'static str, String)> {
     vec![("from_date", from.to_string()), ("to_date", to.to_string())]
+}
+
+/// The query parameters of the App API's annotations (service accounts): its filters are
+/// camelCase, and it ignores the Query API's names.
+pub fn app_params(from: Date, to: Date) -> Vec<(&'static str, String)> {
+    vec![("fromDate", from.to_string()), ("toDate", to.to_string())]
 }
 
 /// Writes one line per annotation object, as returned by either API form.

@@ -5,10 +5,18 @@ use serde_json::value::RawValue;
 
 use crate::error::Result;
 use crate::tables::engage;
+use crate::tables::json::Types;
 
-/// Writes `{"cohort_id": N, "distinct_id": ...}` and a newline.
-pub fn member_row(cohort_id: u64, profile: &RawValue, out: &mut Vec<u8>) -> Result<()> {
+/// Writes `{"cohort_id": N, "distinct_id": ...}` and a newline (the id keeps its JSON type,
+/// recorded in `ids`).
+pub fn member_row(
+    cohort_id: u64,
+    profile: &RawValue,
+    out: &mut Vec<u8>,
+    ids: &mut Types,
+) -> Result<()> {
     let distinct = engage::distinct_id(profile)?;
+    ids.add(distinct.get());
     out.extend_from_slice(format!("{{\"cohort_id\":{cohort_id},\"distinct_id\":").as_bytes());
     out.extend_from_slice(distinct.get().as_bytes());
     out.extend_from_slice(b"}\n");

@@ -8,9 +8,10 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::tables::json::{Columns, FlattenSeed, Key};
+use crate::tables::json::{Columns, FlattenSeed, Key, Types};
 
-/// Profiles asked for per page (the most Mixpanel serves).
+/// Profiles asked for per page (the most Mixpanel serves; a project may serve fewer, and its
+/// answer's `page_size` then says how many).
 pub const PAGE_SIZE: usize = 1000;
 
 /// One page of the `engage` listing.
@@ -22,6 +23,21 @@ pub struct Page<'a> {
     /// The listing's session, needed for the next page.
     #[serde(default)]
     pub session_id: Option<String>,
+    /// The page size Mixpanel served (may be smaller than asked).
+    #[serde(default)]
+    pub page_size: Option<u64>,
+    /// Profiles in the whole listing (page 0; later pages may leave it out).
+    #[serde(default)]
+    pub total: Option<u64>,
+}
+
+impl Page<'_> {
+    /// Whether another page may follow: Mixpanel's own loop goes on while a page holds the
+    /// answer's `page_size` (the requested size when the answer has none).
+    pub fn is_full(&self) -> bool {
+        let size = self.page_size.unwrap_or(PAGE_SIZE as u64);
+        !self.results.is_empty() && self.results.len() as u64 >= size
+    }
 }
 
 /// Parses a page; a body that is not one is a `BadResponse`.
@@ -59,19 +75,23 @@ pub fn is_expired_session(e: &Error) -> bool {
     e.kind() == ErrorKind::BadResponse && e.message().to_ascii_lowercase().contains("session")
 }
 
-/// Writes a profile as `{"distinct_id": ..., <$properties flattened>}` and a newline.
+/// Writes a profile as `{"distinct_id": ..., <$properties flattened>}` and a newline; the
+/// distinct id keeps its JSON type (Mixpanel sends some as integers), recorded in `ids`. A
+/// profile without `$properties` is a row of its `distinct_id` alone.
 pub fn profile_row(
     profile: &RawValue,
     out: &mut Vec<u8>,
     props: &mut Vec<u8>,
     columns: &mut Columns,
+    ids: &mut Types,
 ) -> Result<()> {
     props.clear();
     let mut de = serde_json::Deserializer::from_str(profile.get());
     let distinct = ProfileSeed { props, columns }
         .deserialize(&mut de)
         .map_err(|e| bad_profile(profile, &e.to_string()))?;
-    let distinct = distinct.ok_or_else(|| bad_profile(profile, "no $distinct_id"))?;
+    let distinct = usable_id(profile, distinct)?;
+    ids.add(distinct.get());
     out.extend_from_slice(b"{\"distinct_id\":");
     out.extend_from_slice(distinct.get().as_bytes());
     out.extend_from_slice(props);
@@ -79,7 +99,7 @@ pub fn profile_row(
     Ok(())
 }
 
-/// The `$distinct_id` of a profile.
+/// The `$distinct_id` of a profile (a string or an integer).
 pub fn distinct_id(profile: &RawValue) -> Result<&RawValue> {
     #[derive(Deserialize)]
     struct Only<'a> {
@@ -88,8 +108,12 @@ pub fn distinct_id(profile: &RawValue) -> Result<&RawValue> {
     }
     let only: Only =
         serde_json::from_str(profile.get()).map_err(|e| bad_profile(profile, &e.to_string()))?;
-    only.distinct_id
-        .ok_or_else(|| bad_profile(profile, "no $distinct_id"))
+    usable_id(profile, only.distinct_id)
+}
+
+/// The distinct id, which every row needs.
+fn usable_id<'a>(profile: &RawValue, id: Option<&'a RawValue>) -> Result<&'a RawValue> {
+    id.ok_or_else(|| bad_profile(profile, "no $distinct_id"))
 }
 
 fn bad_profile(profile: &RawValue, why: &str) -> Error {
@@ -155,10 +179,31 @@ mod tests {
         let mut out = Vec::new();
         let mut props = Vec::new();
         let mut cols = Columns::new(None);
-        profile_row(page.results[0], &mut out, &mut props, &mut cols).unwrap();
+        let mut ids = Types::default();
+        profile_row(page.results[0], &mut out, &mut props, &mut cols, &mut ids).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"distinct_id\":\"a/b c\",\"mp_reserved_email\":\"x@y\",\"n\":12345678901234567890,\"o\":{\"k\":[1.50]}}\n"
         );
+        assert_eq!(ids.name(), "string");
+    }
+
+    #[test]
+    fn an_integer_id_stays_an_integer_and_a_bare_profile_is_its_id_alone() {
+        let page = parse_page(
+            br#"{"page":0,"page_size":500,"total":2,"results":[{"$distinct_id":4},{"$distinct_id":"x","$properties":{}}]}"#,
+        )
+        .unwrap();
+        assert_eq!((page.page_size, page.total), (Some(500), Some(2)));
+        assert!(!page.is_full(), "2 of a 500-profile page: the last page");
+        let (mut out, mut props, mut cols, mut ids) =
+            (Vec::new(), Vec::new(), Columns::new(None), Types::default());
+        profile_row(page.results[0], &mut out, &mut props, &mut cols, &mut ids).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), "{\"distinct_id\":4}\n");
+        assert_eq!(ids.name(), "integer");
+        profile_row(page.results[1], &mut out, &mut props, &mut cols, &mut ids).unwrap();
+        assert_eq!(ids.name(), "integer|string");
+        let raw: Box<RawValue> = serde_json::from_str(r#"{"$properties":{}}"#).unwrap();
+        assert!(distinct_id(&raw).is_err());
     }
 }

@@ -45,33 +45,53 @@ pub fn window(
     today: Date,
     events: Option<Vec<String>>,
 ) -> Result<ExportWindow> {
-    let (day, from_hour, to_hour) = match slice {
-        SliceId::Day(d) => (d, 0u8, 24u8),
-        SliceId::Hours {
-            day,
-            from_hour,
-            to_hour,
-        } => (day, from_hour, to_hour),
+    let (day, from_minute, to_minute) = match slice {
         SliceId::Full => {
             return Err(Error::event(
                 "the export table is sliced by day, not snapshotted",
             ));
         }
+        other => match (other.day(), other.minutes()) {
+            (Some(day), Some((from, to))) => (day, from, to),
+            _ => return Err(Error::event("the export table is sliced by day")),
+        },
     };
-    let local_instant = |hour: u8| -> Result<Timestamp> {
-        let dt = if hour == 24 {
+    // The instant of a local wall-clock time of the day (minute 1440: the next midnight).
+    let wall_clock = |minute: u16| -> Result<i64> {
+        let dt = if minute >= 1440 {
             day.tomorrow().map_err(time_err)?.at(0, 0, 0, 0)
         } else {
-            day.at(hour as i8, 0, 0, 0)
+            day.at((minute / 60) as i8, (minute % 60) as i8, 0, 0)
         };
         Ok(dt
             .to_zoned_datetime(tz.clone())
             .map_err(time_err)?
-            .timestamp())
+            .timestamp()
+            .as_second())
     };
-    let start = local_instant(from_hour)?.as_second();
-    let end = local_instant(to_hour)?.as_second();
-    let whole_day = from_hour == 0 && to_hour == 24;
+    let local_instant = |minute: u16| -> Result<i64> {
+        let (hour, into) = (minute / 60, i64::from(minute % 60));
+        if into == 0 {
+            return wall_clock(minute);
+        }
+        // Whole hours are the local wall clock's; a minute inside an hour is that share of the
+        // hour's real instants, so that an hour's pieces tile it whatever the clock does (a
+        // repeated hour's pieces are twice as long, a skipped hour's empty).
+        let start = wall_clock(hour * 60)?;
+        let end = wall_clock((hour + 1) * 60)?;
+        Ok(start + (end - start) * into / 60)
+    };
+    let (start, end) =
+        if mode == ExportTimeMode::ProjectLocal && from_minute % 60 + to_minute % 60 > 0 {
+            // Events carry the wall clock, and the `where` on it is what picks a piece's events
+            // (a repeated or skipped hour's wall-clock minutes are no share of its instants): a
+            // piece keeps whatever its hour would.
+            let hour = from_minute / 60;
+            (wall_clock(hour * 60)?, wall_clock((hour + 1) * 60)?)
+        } else {
+            (local_instant(from_minute)?, local_instant(to_minute)?)
+        };
+    let whole_day = from_minute == 0 && to_minute == 1440;
     let (from_date, to_date, where_clause) = match mode {
         ExportTimeMode::Utc => {
             let from = Timestamp::from_second(start)
@@ -83,20 +103,24 @@ pub fn window(
                 .to_zoned_datetime(TimeZone::UTC)
                 .date();
             let aligned = whole_day && from == to && *tz == TimeZone::UTC;
+            // Mixpanel answers a `to_date` after its today with HTTP 400: an hour of today that
+            // has not begun (LA's evening is tomorrow in UTC) is asked within today, where its
+            // `where` on `$time` finds nothing yet.
+            let from = from.min(today);
             let w = (!aligned).then(|| time_where(start, end));
             (from, to.min(today).max(from), w)
         }
         ExportTimeMode::ProjectLocal => {
             // `time` is the local wall clock encoded as if UTC.
-            let enc = |hour: u8| -> Result<i64> {
+            let enc = |minute: u16| -> Result<i64> {
                 let base = day
                     .at(0, 0, 0, 0)
                     .to_zoned_datetime(TimeZone::UTC)
                     .map_err(time_err)?;
-                Ok(base.timestamp().as_second() + i64::from(hour) * 3600)
+                Ok(base.timestamp().as_second() + i64::from(minute) * 60)
             };
             let w = (!whole_day)
-                .then(|| -> Result<String> { Ok(time_where(enc(from_hour)?, enc(to_hour)?)) });
+                .then(|| -> Result<String> { Ok(time_where(enc(from_minute)?, enc(to_minute)?)) });
             (day, day, w.transpose()?)
         }
     };
@@ -112,6 +136,47 @@ pub fn window(
     })
 }
 
+/// The one export request of contiguous whole days `days` (a multi-day window) and each day's
+/// instant range: the dates of its first and last day's requests (the same rules as
+/// [`window`]), and a `where` on `$time` for the whole range when either day needs one.
+pub fn window_of_days(
+    days: &[Date],
+    tz: &TimeZone,
+    mode: ExportTimeMode,
+    today: Date,
+    events: Option<Vec<String>>,
+) -> Result<(ExportWindow, Vec<i64>)> {
+    let mut each = Vec::with_capacity(days.len());
+    for d in days {
+        each.push(window(SliceId::Day(*d), tz, mode, today, events.clone())?);
+    }
+    let (Some(first), Some(last)) = (each.first(), each.last()) else {
+        return Err(Error::event("a window of no days"));
+    };
+    if each.windows(2).any(|w| w[0].end != w[1].start) {
+        return Err(Error::event("the days of a window are not contiguous"));
+    }
+    let needs_where = each.iter().any(|w| w.query.where_clause.is_some());
+    let (start, end) = (first.start, last.end);
+    // (Whole local days need none in project-local mode: there `time` is the wall clock.)
+    let where_clause = needs_where.then(|| time_where(start, end));
+    let mut bounds: Vec<i64> = each.iter().map(|w| w.start).collect();
+    bounds.push(end);
+    Ok((
+        ExportWindow {
+            query: ExportQuery {
+                from_date: first.query.from_date,
+                to_date: last.query.to_date.max(first.query.from_date),
+                events,
+                where_clause,
+            },
+            start,
+            end,
+        },
+        bounds,
+    ))
+}
+
 fn time_where(start: i64, end: i64) -> String {
     format!(r#"properties["$time"] >= datetime({start}) and properties["$time"] < datetime({end})"#)
 }
@@ -121,7 +186,7 @@ fn time_err(e: jiff::Error) -> Error {
 }
 
 /// What became of one export line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LineOutcome {
     /// A record was written to the output buffer.
     Record {
@@ -135,6 +200,34 @@ pub enum LineOutcome {
     OutOfRange,
     /// An empty line.
     Blank,
+    /// The line cannot be used as it is: not JSON, no `properties` object, no `event`, or no
+    /// usable `time`. Nothing was written.
+    Unusable(Unusable),
+}
+
+/// Why a line cannot be used as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unusable {
+    /// What is wrong with it, e.g. `has no properties.time`.
+    pub why: String,
+    /// The line is JSON that breaks off before its end (the last line of a cut body).
+    pub incomplete: bool,
+}
+
+/// `time` values from this one on are milliseconds: as seconds they would be after the year
+/// 5138, and no second-resolution event is that far in the future.
+pub const MS_FROM: i64 = 100_000_000_000;
+
+/// Whether Mixpanel sets this property itself (`$insert_id`, `mp_processing_time_ms` and every
+/// `mp_` or `$mp_` property): the known-columns filter keeps these whatever the discovered
+/// schema lists, as `events/properties/top` does not always name them.
+pub fn is_system_property(key: &str) -> bool {
+    key == "$insert_id" || key.starts_with("mp_") || key.starts_with("$mp_")
+}
+
+/// Whether an output column holds a system property (see [`is_system_property`]).
+pub fn is_system_column(column: &str) -> bool {
+    is_system_property(&crate::tables::json::source_key(column))
 }
 
 /// Turns export lines into output records.
@@ -147,10 +240,15 @@ pub struct Transformer {
     columns: Columns,
     hasher: (std::hash::RandomState, std::hash::RandomState),
     props: Vec<u8>,
+    /// A multi-day window's day boundaries (first start, ..., last end); empty for one slice.
+    bounds: std::sync::Arc<[i64]>,
+    /// The window's day (index) of the last record.
+    day: usize,
 }
 
 impl Transformer {
-    /// A transformer for one slice window; `allowed` restricts the columns to a known schema.
+    /// A transformer for one slice window; `allowed` restricts the columns to a known schema
+    /// (and Mixpanel's system properties, see [`is_system_property`]).
     pub fn new(
         tz: TimeZone,
         mode: ExportTimeMode,
@@ -162,10 +260,29 @@ impl Transformer {
             mode,
             start: window.start,
             end: window.end,
-            columns: Columns::new(allowed),
+            columns: Columns::keeping(allowed, is_system_property),
             hasher: (std::hash::RandomState::new(), std::hash::RandomState::new()),
             props: Vec::with_capacity(4096),
+            bounds: std::sync::Arc::new([]),
+            day: 0,
         }
+    }
+
+    /// Routes records to the days of a multi-day window: `bounds` are the days' starts and the
+    /// last day's end (from [`window_of_days`]); see [`Transformer::day`].
+    pub fn routed(mut self, bounds: &[i64]) -> Self {
+        self.bounds = bounds.into();
+        self
+    }
+
+    /// Days the records are routed to (1 for one slice).
+    pub fn days(&self) -> usize {
+        self.bounds.len().saturating_sub(1).max(1)
+    }
+
+    /// The window's day (0 for the first) of the record the last [`Transformer::transform`] made.
+    pub fn day(&self) -> usize {
+        self.day
     }
 
     /// A transformer for another worker of the same slice: same window, column filter and dedup
@@ -179,6 +296,8 @@ impl Transformer {
             columns: self.columns.fork(),
             hasher: self.hasher.clone(),
             props: Vec::with_capacity(4096),
+            bounds: self.bounds.clone(),
+            day: 0,
         }
     }
 
@@ -188,51 +307,71 @@ impl Transformer {
     }
 
     /// Transforms one line (without its newline) and appends the record and a `\n` to `out`.
+    ///
+    /// A line that cannot be used is [`LineOutcome::Unusable`]; the only error is the line
+    /// with which Mixpanel ends a body it could not finish (`terminated early`).
     pub fn transform(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<LineOutcome> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(LineOutcome::Blank);
         }
-        let text = std::str::from_utf8(line).map_err(|_| bad_line(line, "is not UTF-8"))?;
+        let Ok(text) = std::str::from_utf8(line) else {
+            return unusable(line, "is not UTF-8", false);
+        };
         self.props.clear();
         let mut found = Found::default();
         let mut de = serde_json::Deserializer::from_str(text);
-        EventSeed {
+        let parsed = EventSeed {
             props: &mut self.props,
             found: &mut found,
             columns: &mut self.columns,
         }
         .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| bad_line(line, &e.to_string()))?;
-
-        let event = found
-            .event
-            .ok_or_else(|| bad_line(line, "has no \"event\""))?;
-        let time_raw = found
-            .time
-            .ok_or_else(|| bad_line(line, "has no properties.time"))?;
-        let encoded = parse_seconds(time_raw.get())
-            .ok_or_else(|| bad_line(line, "has a properties.time that is not a number"))?;
+        .and_then(|()| de.end());
+        if let Err(e) = parsed {
+            let incomplete = e.classify() == serde_json::error::Category::Eof;
+            return unusable(line, &e.to_string(), incomplete);
+        }
+        let Some(event) = found.event else {
+            return unusable(line, "has no \"event\"", false);
+        };
+        let Some(time_raw) = found.time else {
+            return unusable(line, "has no properties.time", false);
+        };
+        let Some(encoded) = event_second(time_raw) else {
+            return unusable(
+                line,
+                "has a properties.time that is not a number of seconds or milliseconds",
+                false,
+            );
+        };
         let instant = match self.mode {
             ExportTimeMode::Utc => encoded,
             ExportTimeMode::ProjectLocal => {
-                let civil = Timestamp::from_second(encoded)
-                    .map_err(|_| bad_line(line, "has a time out of range"))?
-                    .to_zoned_datetime(TimeZone::UTC)
-                    .datetime();
-                civil
-                    .to_zoned_datetime(self.tz.clone())
-                    .map_err(|_| bad_line(line, "has a time out of range"))?
-                    .timestamp()
-                    .as_second()
+                // A time no calendar holds is in no slice.
+                let Some(instant) = Timestamp::from_second(encoded).ok().and_then(|t| {
+                    t.to_zoned_datetime(TimeZone::UTC)
+                        .datetime()
+                        .to_zoned_datetime(self.tz.clone())
+                        .ok()
+                }) else {
+                    return Ok(LineOutcome::OutOfRange);
+                };
+                instant.timestamp().as_second()
             }
         };
         if instant < self.start || instant >= self.end {
             return Ok(LineOutcome::OutOfRange);
         }
-        let ts = Timestamp::from_second(instant)
-            .map_err(|_| bad_line(line, "has a time out of range"))?;
+        let Ok(ts) = Timestamp::from_second(instant) else {
+            return Ok(LineOutcome::OutOfRange);
+        };
+        if self.bounds.len() > 2 {
+            self.day = self
+                .bounds
+                .partition_point(|b| *b <= instant)
+                .saturating_sub(1);
+        }
 
         out.extend_from_slice(b"{\"event\":");
         out.extend_from_slice(event.get().as_bytes());
@@ -263,6 +402,8 @@ impl Transformer {
                         None => h.write_u8(0),
                     }
                     h.write_u8(0xff);
+                    // The normalized second: `1602611311`, `1602611311.5`, `"1602611311"` and
+                    // `1602611311500` are one time.
                     h.write_i64(encoded);
                     h.write(canonical(insert_id).as_bytes());
                 }
@@ -286,18 +427,96 @@ impl Transformer {
     }
 }
 
-fn bad_line(line: &[u8], why: &str) -> Error {
-    let text = String::from_utf8_lossy(line);
-    if text.contains("terminated early") {
-        return Error::transient(
+fn unusable(line: &[u8], why: &str, incomplete: bool) -> Result<LineOutcome> {
+    if is_terminated_early(line) {
+        return Err(Error::transient(
             "the export body ended with \"terminated early\"; the slice will be fetched again",
-        );
+        ));
     }
+    Ok(LineOutcome::Unusable(Unusable {
+        why: why.to_string(),
+        incomplete,
+    }))
+}
+
+/// Mixpanel's last line of a body it could not finish: `terminated early` (also seen as
+/// `export terminated early`), plain text, not JSON.
+fn is_terminated_early(line: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    !text.starts_with('{') && text.contains("terminated early")
+}
+
+/// The error of an export body that is not events, naming its first unusable line.
+pub fn unusable_error(line: &[u8], why: &str) -> Error {
+    let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line));
     let excerpt: String = text.chars().take(120).collect();
     Error::new(
         ErrorKind::BadResponse,
         format!("unusable export line ({why}): {excerpt:?}"),
     )
+}
+
+/// Whether a line holds a raw control byte that [`repair`] would escape (a trailing `\r` is the
+/// line end of a CRLF body, not content).
+pub fn has_raw_control(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.iter().any(|&b| b < 0x20)
+}
+
+/// Joins the lines of one event that raw line breaks inside its strings split (`pieces`, in
+/// body order, each without its `\n`), with every raw control byte inside a string — the
+/// breaks too — written as its JSON escape (`\n`, `\r`, `\t`, `\u00XX`), so the value is
+/// exactly what was sent. Raw bytes outside strings are kept (a break between two tokens is
+/// whitespace). `None` when a control byte follows a backslash (no escape can stand for that).
+pub fn repair(pieces: &[&[u8]], out: &mut Vec<u8>) -> Option<()> {
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, piece) in pieces.iter().enumerate() {
+        let last = i + 1 == pieces.len();
+        let piece = if last {
+            piece.strip_suffix(b"\r").unwrap_or(piece)
+        } else {
+            piece
+        };
+        let breaks: &[u8] = if last { b"" } else { b"\n" };
+        for &b in piece.iter().chain(breaks) {
+            if !in_string {
+                in_string = b == b'"';
+                out.push(b);
+                continue;
+            }
+            if escaped {
+                if b < 0x20 {
+                    return None;
+                }
+                escaped = false;
+                out.push(b);
+                continue;
+            }
+            match b {
+                b'\\' => {
+                    escaped = true;
+                    out.push(b);
+                }
+                b'"' => {
+                    in_string = false;
+                    out.push(b);
+                }
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0..=0x1f => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 15)]);
+                }
+                _ => out.push(b),
+            }
+        }
+    }
+    Some(())
 }
 
 /// A JSON string's value without its quotes when it has no escapes (the common case), else decoded.
@@ -316,13 +535,24 @@ fn canonical(raw: &RawValue) -> Cow<'_, str> {
     Cow::Borrowed(s)
 }
 
-fn parse_seconds(raw: &str) -> Option<i64> {
-    raw.parse::<i64>().ok().or_else(|| {
-        raw.parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .map(|f| f.floor() as i64)
-    })
+/// The second a `properties.time` means: epoch seconds as an integer, a float (`1602611311.5`)
+/// or a numeric string (`"1602611311"`), and milliseconds from [`MS_FROM`] on
+/// (`1602611311500`). A fraction of a second is cut (floor): Mixpanel's dedup key and the
+/// output's `time` are in seconds. `None` for anything else (`true`, `"yesterday"`, `null`).
+fn event_second(raw: &RawValue) -> Option<i64> {
+    let s = raw.get();
+    let text = if s.starts_with('"') {
+        canonical(raw)
+    } else {
+        Cow::Borrowed(s)
+    };
+    if let Ok(n) = text.parse::<i64>() {
+        return Some(if n >= MS_FROM { n.div_euclid(1000) } else { n });
+    }
+    let f = text.parse::<f64>().ok().filter(|f| f.is_finite())?;
+    let secs = if f >= MS_FROM as f64 { f / 1000.0 } else { f };
+    // A cast saturates: a time beyond i64 is out of every slice.
+    Some(secs.floor() as i64)
 }
 
 fn parse_u64(raw: &str) -> Option<u64> {
@@ -660,8 +890,7 @@ mod tests {
         );
     }
 
-    #[test]
-    fn missing_distinct_id_is_null_and_bad_lines_fail() {
+    fn oct13() -> Transformer {
         let tz = TimeZone::UTC;
         let w = window(
             SliceId::Day(d("2020-10-13")),
@@ -671,7 +900,19 @@ mod tests {
             None,
         )
         .unwrap();
-        let mut t = Transformer::new(tz, ExportTimeMode::Utc, &w, None);
+        Transformer::new(tz, ExportTimeMode::Utc, &w, None)
+    }
+
+    fn why(outcome: LineOutcome) -> String {
+        match outcome {
+            LineOutcome::Unusable(u) => u.why,
+            other => panic!("usable: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_distinct_id_is_null_and_bad_lines_are_unusable() {
+        let mut t = oct13();
         let mut out = Vec::new();
         t.transform(
             br#"{"event":"e","properties":{"time":1602611311}}"#,
@@ -679,29 +920,157 @@ mod tests {
         )
         .unwrap();
         assert!(String::from_utf8_lossy(&out).contains("\"distinct_id\":null"));
-        assert_eq!(
-            t.transform(b"terminated early", &mut out)
-                .unwrap_err()
-                .kind(),
-            ErrorKind::Transient
+        out.clear();
+        for line in [b"terminated early".as_slice(), b"export terminated early\r"] {
+            assert_eq!(
+                t.transform(line, &mut out).unwrap_err().kind(),
+                ErrorKind::Transient
+            );
+        }
+        let cut = t.transform(b"{\"event\":\"e\",\"prop", &mut out).unwrap();
+        assert!(
+            matches!(&cut, LineOutcome::Unusable(u) if u.incomplete),
+            "{cut:?}"
         );
-        assert_eq!(
-            t.transform(b"{\"event\":\"e\",\"prop", &mut out)
-                .unwrap_err()
-                .kind(),
-            ErrorKind::BadResponse
-        );
-        assert_eq!(
-            t.transform(b"<html>", &mut out).unwrap_err().kind(),
-            ErrorKind::BadResponse
-        );
-        assert_eq!(
-            t.transform(br#"{"event":"e","properties":{}}"#, &mut out)
-                .unwrap_err()
-                .kind(),
-            ErrorKind::BadResponse
-        );
+        for (line, says) in [
+            (b"<html>".as_slice(), "expected value at line 1 column 1"),
+            (
+                br#"{"event":"e","properties":{}}"#,
+                "has no properties.time",
+            ),
+            (
+                br#"{"event":"e","time":1602611311}"#,
+                "no \"properties\" object at line 1 column 31",
+            ),
+            (br#"{"properties":{"time":1602611311}}"#, "has no \"event\""),
+            (
+                br#"{"event":"e","properties":{"time":"yesterday"}}"#,
+                "has a properties.time that is not a number of seconds or milliseconds",
+            ),
+            (
+                br#"{"event":"e","properties":{"time":true}}"#,
+                "has a properties.time that is not a number of seconds or milliseconds",
+            ),
+            (b"{\"event\":\"\xff\"}", "is not UTF-8"),
+        ] {
+            assert_eq!(why(t.transform(line, &mut out).unwrap()), says);
+            assert!(out.is_empty(), "nothing written for an unusable line");
+        }
         assert_eq!(t.transform(b"  ", &mut out).unwrap(), LineOutcome::Blank);
+        assert_eq!(t.transform(b"\r", &mut out).unwrap(), LineOutcome::Blank);
+    }
+
+    /// `time` as an integer, a float, a numeric string or milliseconds is one instant, cut to
+    /// the second, and one dedup key.
+    #[test]
+    fn time_is_the_instant_it_means_to_the_second() {
+        let mut t = oct13();
+        let mut keys = Vec::new();
+        for time in [
+            "1602611311",
+            "1602611311.5",
+            "1602611311.999",
+            "1.602611311e9",
+            "\"1602611311\"",
+            "\"1602611311.25\"",
+            "1602611311000",
+            "1602611311999",
+            "1602611311999.9",
+            "\"1602611311500\"",
+        ] {
+            let line = format!(
+                r#"{{"event":"e","properties":{{"time":{time},"distinct_id":"u","$insert_id":"i"}}}}"#
+            );
+            let mut out = Vec::new();
+            let LineOutcome::Record { key, .. } = t.transform(line.as_bytes(), &mut out).unwrap()
+            else {
+                panic!("{time} is no record");
+            };
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                "{\"event\":\"e\",\"distinct_id\":\"u\",\"time\":\"2020-10-13T17:48:31Z\",\"mp_reserved_insert_id\":\"i\"}\n",
+                "{time}"
+            );
+            keys.push(key.unwrap());
+        }
+        assert!(keys.windows(2).all(|k| k[0] == k[1]), "one dedup key");
+        // The last second below the milliseconds threshold is seconds; the threshold is ms.
+        assert_eq!(event_second(raw("99999999999")), Some(99_999_999_999));
+        assert_eq!(event_second(raw("100000000000")), Some(100_000_000));
+        assert_eq!(event_second(raw("-1.5")), Some(-2));
+        assert_eq!(event_second(raw("1e400")), None);
+        assert_eq!(event_second(raw("\"NaN\"")), None);
+        assert_eq!(event_second(raw("null")), None);
+        // A time beyond any calendar is in no slice, not an error.
+        let mut out = Vec::new();
+        for time in ["1e300", "9223372036854775807", "-9223372036854775808"] {
+            let line = format!(r#"{{"event":"e","properties":{{"time":{time}}}}}"#);
+            assert_eq!(
+                t.transform(line.as_bytes(), &mut out).unwrap(),
+                LineOutcome::OutOfRange,
+                "{time}"
+            );
+        }
+    }
+
+    fn raw(s: &str) -> &RawValue {
+        serde_json::from_str::<&RawValue>(s).unwrap()
+    }
+
+    fn repaired(pieces: &[&[u8]]) -> Option<String> {
+        let mut out = Vec::new();
+        repair(pieces, &mut out).map(|()| String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn repair_escapes_raw_breaks_and_control_bytes_inside_strings_only() {
+        assert_eq!(
+            repaired(&[b"{\"a\":\"one", b"two\r", b"", b"three\"}\r"]).unwrap(),
+            "{\"a\":\"one\\ntwo\\r\\n\\nthree\"}"
+        );
+        // Between tokens a break is whitespace and stays.
+        assert_eq!(
+            repaired(&[b"{\"a\":1,", b"\"b\":\"x\ty\x01\\\"\"}"]).unwrap(),
+            "{\"a\":1,\n\"b\":\"x\\ty\\u0001\\\"\"}"
+        );
+        // Escapes already there are kept as they are.
+        assert_eq!(
+            repaired(&[br#"{"a":"\u0001\n\\"}"#]).unwrap(),
+            r#"{"a":"\u0001\n\\"}"#
+        );
+        assert_eq!(repaired(&[b"{\"a\":\"x\\", b"\"}"]), None);
+    }
+
+    #[test]
+    fn system_properties_pass_the_known_columns_filter() {
+        assert!(is_system_property("$insert_id"));
+        assert!(is_system_property("mp_processing_time_ms"));
+        assert!(is_system_property("mp_lib"));
+        assert!(is_system_property("$mp_api_endpoint"));
+        assert!(!is_system_property("$city"));
+        assert!(!is_system_property("plan"));
+        let tz = TimeZone::UTC;
+        let w = window(
+            SliceId::Day(d("2020-10-13")),
+            &tz,
+            ExportTimeMode::Utc,
+            d("2026-01-01"),
+            None,
+        )
+        .unwrap();
+        let mut known = Schema::default();
+        known.columns.insert("plan".into(), "string".into());
+        let mut t = Transformer::new(tz, ExportTimeMode::Utc, &w, Some(&known));
+        let mut out = Vec::new();
+        t.transform(
+            br#"{"event":"e","properties":{"time":1602611311,"$insert_id":"i","mp_processing_time_ms":5,"mp_lib":"web","$mp_api_endpoint":"api.mixpanel.com","$city":"Paris","plan":"pro","new":1}}"#,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"event\":\"e\",\"distinct_id\":null,\"time\":\"2020-10-13T17:48:31Z\",\"mp_reserved_insert_id\":\"i\",\"mp_processing_time_ms\":5,\"mp_lib\":\"web\",\"mp_reserved_mp_api_endpoint\":\"api.mixpanel.com\",\"plan\":\"pro\"}\n"
+        );
     }
 
     #[test]
@@ -766,6 +1135,89 @@ mod tests {
         assert!(
             s.contains("\"mp_reserved_city\":\"Paris\"") && !s.contains("\"new\""),
             "{s}"
+        );
+    }
+
+    /// The pieces of every hour (quarters, then five minutes) tile the hour's instants on
+    /// clock-change days too: a repeated hour's pieces are longer, a skipped hour's empty,
+    /// Lord Howe's half-hour change included; a legacy project's pieces tile its wall clock.
+    #[test]
+    fn pieces_of_an_hour_tile_it_across_clock_changes() {
+        let today = d("2027-01-01");
+        let mut cases = vec![
+            (la(), "2026-03-08"),
+            (la(), "2026-11-01"),
+            (TimeZone::get("Australia/Lord_Howe").unwrap(), "2026-04-05"),
+            (TimeZone::get("Australia/Lord_Howe").unwrap(), "2026-10-04"),
+            (TimeZone::get("Pacific/Chatham").unwrap(), "2026-09-27"),
+            (TimeZone::get("Asia/Kolkata").unwrap(), "2026-07-01"),
+        ];
+        cases.push((TimeZone::UTC, "2026-11-01"));
+        for (tz, day) in cases {
+            for mode in [ExportTimeMode::Utc, ExportTimeMode::ProjectLocal] {
+                let w = |s: SliceId| window(s, &tz, mode, today, None).unwrap();
+                for hour in crate::plan::pieces(SliceId::Day(d(day))) {
+                    let whole = w(hour);
+                    let mut next = whole.start;
+                    let mut next_where: Option<i64> = None;
+                    for quarter in crate::plan::pieces(hour) {
+                        for five in crate::plan::pieces(quarter) {
+                            let mut p = w(five);
+                            if mode == ExportTimeMode::ProjectLocal {
+                                // A legacy project's pieces are told apart by their `where`
+                                // on the wall clock alone; each keeps its hour's instants.
+                                assert_eq!(
+                                    (p.start, p.end),
+                                    (whole.start, whole.end),
+                                    "{day} {five}"
+                                );
+                                p.start = next;
+                                p.end = whole.end;
+                            }
+                            assert_eq!(
+                                p.start, next,
+                                "{day} {mode:?} {five} starts where the last ended"
+                            );
+                            assert!(p.end >= p.start, "{day} {five}");
+                            next = p.end;
+                            // The `where` clauses tile too: no instant in two pieces or none.
+                            let clause = p.query.where_clause.clone().unwrap();
+                            let bounds: Vec<i64> = clause
+                                .split("datetime(")
+                                .skip(1)
+                                .map(|t| t.split(')').next().unwrap().parse().unwrap())
+                                .collect();
+                            if let Some(n) = next_where {
+                                assert_eq!(bounds[0], n, "{day} {mode:?} {five}: {clause}");
+                            }
+                            next_where = Some(bounds[1]);
+                        }
+                    }
+                    assert_eq!(
+                        next, whole.end,
+                        "{day} {mode:?} {hour}: the last piece ends the hour"
+                    );
+                }
+            }
+        }
+        // An ordinary quarter is its wall-clock quarter.
+        let q = window(
+            SliceId::Minutes {
+                day: d("2026-07-01"),
+                from: 13 * 60 + 15,
+                to: 13 * 60 + 30,
+            },
+            &la(),
+            ExportTimeMode::Utc,
+            today,
+            None,
+        )
+        .unwrap();
+        // 2026-07-01T13:15-07:00 = 20:15Z.
+        assert_eq!((q.start, q.end), (1_782_936_900, 1_782_937_800));
+        assert_eq!(
+            (q.query.from_date, q.query.to_date),
+            (d("2026-07-01"), d("2026-07-01"))
         );
     }
 }

@@ -63,6 +63,62 @@ fn type_bits(raw: &str) -> u8 {
     }
 }
 
+/// The JSON types seen in one column, for a column typed by its values (a distinct id may be
+/// a string or an integer): one type's name, or the names joined by `|` when mixed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Types(u8);
+
+impl Types {
+    /// Adds the type of a raw JSON value.
+    pub fn add(&mut self, raw: &str) {
+        self.0 |= type_bits(raw);
+    }
+
+    /// `integer`, `string`, or `integer|string` when both were seen (`string` when none was).
+    pub fn name(self) -> String {
+        let names: Vec<&str> = [
+            (T_STRING, "string"),
+            (T_INTEGER, "integer"),
+            (T_NUMBER, "number"),
+            (T_BOOLEAN, "boolean"),
+            (T_OBJECT, "object"),
+            (T_ARRAY, "array"),
+            (T_NULL, "null"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| self.0 & bit != 0)
+        .map(|(_, n)| n)
+        .collect();
+        if names.is_empty() {
+            return "string".into();
+        }
+        let mut names = names;
+        names.sort_unstable();
+        names.join("|")
+    }
+
+    /// The types of a stored type name (the inverse of [`Types::name`]).
+    pub fn parse(name: &str) -> Types {
+        Types(name.split('|').fold(0, |bits, n| {
+            bits | match n {
+                "string" => T_STRING,
+                "integer" => T_INTEGER,
+                "number" => T_NUMBER,
+                "boolean" => T_BOOLEAN,
+                "object" => T_OBJECT,
+                "array" => T_ARRAY,
+                "null" => T_NULL,
+                _ => 0,
+            }
+        }))
+    }
+
+    /// Both sets of types.
+    pub fn union(self, other: Types) -> Types {
+        Types(self.0 | other.0)
+    }
+}
+
 /// The properties a table writes: which are allowed (a known schema) and which were seen.
 #[derive(Debug, Default)]
 pub struct Columns {
@@ -70,6 +126,8 @@ pub struct Columns {
     allowed: Option<HashSet<String>>,
     /// Property keys seen (as sent), with their output prefix and JSON types.
     seen: HashMap<String, Column, foldhash::fast::RandomState>,
+    /// Property keys kept whatever `allowed` says (a table's system properties).
+    always: Option<fn(&str) -> bool>,
 }
 
 /// A property key seen: one lookup gives all that writing it needs.
@@ -89,6 +147,15 @@ impl Columns {
         Columns {
             allowed: known.map(|s| s.columns.keys().map(|c| source_key(c)).collect()),
             seen: HashMap::default(),
+            always: None,
+        }
+    }
+
+    /// Columns limited to `known` when given, but always keeping the keys `always` accepts.
+    pub fn keeping(known: Option<&Schema>, always: fn(&str) -> bool) -> Self {
+        Columns {
+            always: Some(always),
+            ..Columns::new(known)
         }
     }
 
@@ -97,6 +164,7 @@ impl Columns {
         Columns {
             allowed: self.allowed.clone(),
             seen: HashMap::default(),
+            always: self.always,
         }
     }
 
@@ -118,7 +186,8 @@ impl Columns {
         let column = match self.seen.get_mut(key) {
             Some(c) => c,
             None => {
-                let keep = self.allowed.as_ref().is_none_or(|a| a.contains(key));
+                let keep = self.allowed.as_ref().is_none_or(|a| a.contains(key))
+                    || self.always.is_some_and(|always| always(key));
                 let mut prefix = Vec::with_capacity(key.len() + 16);
                 prefix.extend_from_slice(b",\"");
                 if key.starts_with('$') {

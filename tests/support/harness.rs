@@ -111,6 +111,9 @@ impl Project {
             path: "/api/2.0/export".into(),
             from_date,
             times,
+            covering: None,
+            wider_than: None,
+            holding: None,
             fault,
         });
     }
@@ -483,6 +486,21 @@ pub async fn assert_layout(app: &App) {
         let parts: Vec<&str> = key.split('/').collect();
         let ok = match parts.as_slice() {
             [t, f] => tables.contains(t) && (*f == "_latest.json" || *f == "_schema.json"),
+            // Source lines that could not be used, kept raw per day.
+            [t, "_rejected", folder, name] if tables.contains(t) => {
+                folder
+                    .strip_prefix("date=")
+                    .is_some_and(|d| d.parse::<Date>().is_ok())
+                    && name
+                        .strip_prefix("part-")
+                        .and_then(|r| r.strip_suffix(".jsonl.gz"))
+                        .and_then(|r| r.split_once('-'))
+                        .is_some_and(|(a, n)| {
+                            a.len() == 12
+                                && a.bytes().all(|b| b.is_ascii_hexdigit())
+                                && digits(n, 5)
+                        })
+            }
             [t, "_symlink", p, "manifest"] => {
                 tables.contains(t)
                     && (*p == "latest"

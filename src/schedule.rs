@@ -1,0 +1,426 @@
+//! The scheduler: how an invocation spends its time on a table's slice queue. It claims the
+//! oldest claimable slice (never-committed first, see [`plan::claim_next_seeing`]), runs it
+//! with its table's runner under its lease, records a failure on the slice, works through the
+//! queue while the deadline allows ([`drain`]) and sends what it cannot finish to the fan-out
+//! queue ([`dispatch`]). Planning and claiming are [`plan`]'s; the handler and the command call
+//! this module, and no module here calls them.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::error::{Error, ErrorKind, Result};
+use crate::plan;
+use crate::replicate::SliceResult;
+use crate::state::SliceId;
+use crate::tables::Table;
+
+/// The status of an invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// A slice was replicated and committed.
+    Done,
+    /// A range was queued as per-day slices.
+    FanOut,
+    /// The deadline came first; progress was saved; invoke again.
+    Partial,
+    /// Nothing was pending.
+    Idle,
+    /// The plan does not allow this table.
+    Skipped,
+}
+
+/// The JSON answer of an invocation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Response {
+    /// What happened.
+    pub status: Status,
+    /// The table.
+    pub table: String,
+    /// The slice worked on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<String>,
+    /// Records written.
+    pub records: u64,
+    /// Stored bytes written.
+    pub bytes: u64,
+    /// Files written.
+    pub files: u64,
+    /// Duplicate deliveries dropped.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub duplicates: u64,
+    /// Export source lines that could not be used, kept raw under `_rejected/`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rejected: u64,
+    /// Slices queued by this invocation.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub queued: u64,
+    /// Slices whose attempt failed in this invocation (they are tried again later, or parked).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub failed: u64,
+    /// Slices of the table parked after failing `MAX_SLICE_ATTEMPTS` times (as far as this
+    /// invocation saw).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub parked: u64,
+    /// Slices committed by this invocation (a scheduled one works through several).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub slices: u64,
+    /// The per-day events of a fan-out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<Value>>,
+    /// Why it was skipped, partial or idle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Partial because Mixpanel's rate limit left no room before the deadline (for `sync`,
+    /// which then waits).
+    #[serde(skip)]
+    pub rate_limited: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Response {
+    /// An answer with `status` and nothing counted yet.
+    pub(crate) fn new(status: Status, table: Table) -> Self {
+        Response {
+            status,
+            table: table.to_string(),
+            slice: None,
+            records: 0,
+            bytes: 0,
+            files: 0,
+            duplicates: 0,
+            rejected: 0,
+            queued: 0,
+            failed: 0,
+            parked: 0,
+            slices: 0,
+            events: None,
+            reason: None,
+            rate_limited: false,
+        }
+    }
+}
+
+/// Time kept back from the deadline for committing and answering.
+fn margin(total: Duration) -> Duration {
+    (total / 5).min(Duration::from_secs(30))
+}
+
+/// A fresh attempt id (also the part file name stem).
+pub fn new_attempt_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+/// Now and the end of a lease that outlives this invocation (so it is never taken while we run).
+pub fn lease_times(deadline: Instant) -> (u64, u64) {
+    let now_ms = Timestamp::now().as_millisecond() as u64;
+    let left = deadline.saturating_duration_since(Instant::now());
+    (now_ms, now_ms + left.as_millis() as u64 + 60_000)
+}
+
+/// With `MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`, the export columns are those Mixpanel
+/// lists when the table is first discovered (`events/properties/top`).
+async fn first_discovery(app: &App, deadline: Instant) -> Result<()> {
+    if app.settings.select_properties_by_default || app.store.schema(Table::Export).await?.is_some()
+    {
+        return Ok(());
+    }
+    let discovered = crate::discovery::discover(app, Table::Export, deadline).await?;
+    app.store.init_schema(Table::Export, &discovered).await?;
+    Ok(())
+}
+
+/// What a table's runner did.
+enum Ran {
+    /// Committed (with the slice label when it covered several days).
+    Done(SliceResult, Option<String>),
+    /// Progress saved before the deadline.
+    Partial(String),
+}
+
+/// Works through the pending slices of `table`, oldest first, while the deadline allows one
+/// more (judged by the slowest so far) and the shared request budget grants requests. Answers
+/// `done` with every slice committed (`slice` lists them) when nothing claimable is left,
+/// `partial` when work remains (the deadline, a rate limit, a slice's own partial answer) or a
+/// slice failed (it is recorded; it backs off, so the next invocation goes on with the others),
+/// `idle` when there was nothing to do.
+pub async fn drain(app: &App, table: Table, deadline: Instant) -> Result<Response> {
+    let store = app.store.as_ref();
+    let mut total: Option<Response> = None;
+    let mut labels: Vec<String> = Vec::new();
+    let mut slowest = Duration::ZERO;
+    loop {
+        let owner = new_attempt_id();
+        let (now_ms, until) = lease_times(deadline);
+        let (claim, slices) =
+            plan::claim_next_seeing(store, table, None, &owner, now_ms, until).await?;
+        let parked = crate::park::parked(&slices).count() as u64;
+        let Some(claim) = claim else {
+            return Ok(match total {
+                Some(mut r) => {
+                    r.parked = r.parked.max(parked);
+                    r
+                }
+                None => {
+                    let mut r = Response::new(Status::Idle, table);
+                    r.parked = parked;
+                    r.reason = Some(if parked > 0 {
+                        format!("nothing pending but {parked} parked slice(s); see `plan`")
+                    } else {
+                        "nothing pending".into()
+                    });
+                    r
+                }
+            });
+        };
+        let began = Instant::now();
+        let (r, _) = attempt_slice(app, &claim, deadline).await?;
+        slowest = slowest.max(began.elapsed());
+        let acc = total.get_or_insert_with(|| Response::new(Status::Done, table));
+        acc.records += r.records;
+        acc.bytes += r.bytes;
+        acc.files += r.files;
+        acc.duplicates += r.duplicates;
+        acc.rejected += r.rejected;
+        acc.failed += r.failed;
+        acc.parked = acc.parked.max(parked) + r.parked;
+        if r.status == Status::Done {
+            acc.slices += r.slices;
+            labels.extend(r.slice.clone());
+            acc.slice = Some(labels.join(","));
+        } else {
+            // Partial (deadline, rate limit, progress saved) or failed (recorded): what was
+            // committed stays committed; the next invocation goes on.
+            acc.status = r.status;
+            acc.reason = r.reason;
+            acc.rate_limited = r.rate_limited;
+            if labels.is_empty() {
+                acc.slice = r.slice;
+            }
+            return Ok(total.unwrap_or_else(|| Response::new(Status::Partial, table)));
+        }
+        // Another slice only when one as slow as the slowest so far surely fits.
+        let needs = slowest.mul_f64(1.5) + Duration::from_secs(1);
+        if Instant::now() + needs > deadline {
+            let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
+            let left = slices
+                .iter()
+                .filter(|s| s.slice != claim.lease.slice)
+                .filter(|s| plan::claimable(s, now_ms) && !plan::waits_for_hours(&slices, s))
+                .count();
+            if left > 0 {
+                acc.status = Status::Partial;
+                acc.reason = Some(format!(
+                    "the deadline is near: {left} slice(s) stay pending for the next invocation"
+                ));
+                // What was committed stays committed: a queue that cannot be reached only
+                // leaves the days to the next scheduled invocations.
+                match dispatch(app, table, &slices, &claim, now_ms).await {
+                    Ok(Some(sent)) => {
+                        acc.reason = Some(format!(
+                            "the deadline is near: {left} slice(s) stay pending; {} day event(s) sent to the fan-out queue",
+                            sent.len()
+                        ));
+                        acc.events = Some(sent);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(table = %table, error = %e, "could not send the pending days to the fan-out queue; scheduled invocations go on with them");
+                    }
+                }
+            }
+            return Ok(total.unwrap_or_else(|| Response::new(Status::Partial, table)));
+        }
+    }
+}
+
+/// A scheduled invocation that cannot finish the pending days sends the oldest of them (days
+/// not split, claimable, not the one it just did) to the fan-out queue, at most
+/// `FAN_OUT_CONCURRENCY`, so that the queue's concurrent invocations take them. A day that
+/// another invocation claims first finds its message a no-op. Returns the events sent; `None`
+/// without a queue.
+async fn dispatch(
+    app: &App,
+    table: Table,
+    slices: &[crate::state::SliceRecord],
+    done: &plan::Claim,
+    now_ms: u64,
+) -> Result<Option<Vec<Value>>> {
+    let Some(queue) = &app.fan_out else {
+        return Ok(None);
+    };
+    if !table.is_date_sliced() {
+        return Ok(None);
+    }
+    let events: Vec<Value> = slices
+        .iter()
+        .filter(|s| s.slice.day() != done.lease.slice.day())
+        .filter(|s| plan::claimable(s, now_ms) && !plan::waits_for_hours(slices, s))
+        .filter_map(|s| match s.slice {
+            SliceId::Day(d) => Some(d),
+            _ => None,
+        })
+        .take(app.settings.fan_out_concurrency as usize)
+        .map(|d| serde_json::json!({"table": table.as_str(), "date": d.to_string()}))
+        .collect();
+    if events.is_empty() {
+        return Ok(None);
+    }
+    queue.send(&events).await?;
+    Ok(Some(events))
+}
+
+pub async fn run_slice(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Response> {
+    match attempt_slice(app, claim, deadline).await? {
+        (_, Some(e)) => Err(e),
+        (resp, None) => Ok(resp),
+    }
+}
+
+/// Replicates a claimed slice. A failure of the slice's own (see [`crate::park::counts`]) is
+/// recorded on it and comes back as a `partial` answer (`failed` 1, `parked` 1 when it parked
+/// it) with the error; other failures (settings, credentials, state store) are the `Err`.
+pub async fn attempt_slice(
+    app: &App,
+    claim: &plan::Claim,
+    deadline: Instant,
+) -> Result<(Response, Option<Error>)> {
+    let lease = &claim.lease;
+    let started = Instant::now();
+    let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
+    let result =
+        match lease.table {
+            Table::Export => match first_discovery(app, work_deadline).await {
+                Ok(()) => crate::split::run(app, claim, work_deadline)
+                    .await
+                    .map(|r| match r {
+                        crate::split::Ran::Done(r, label) => Ran::Done(r, Some(label)),
+                        crate::split::Ran::Partial(why) => Ran::Partial(why),
+                    }),
+                Err(e) => Err(e),
+            },
+            Table::Funnels | Table::Revenue => crate::dated::run(app, lease, work_deadline)
+                .await
+                .map(|r| match r {
+                    crate::dated::Ran::Done(r, label) => Ran::Done(r, Some(label)),
+                    crate::dated::Ran::Partial(why) => Ran::Partial(why),
+                }),
+            Table::Engage | Table::CohortMembers | Table::Cohorts | Table::Annotations => {
+                crate::snapshot::run(app, lease, work_deadline)
+                    .await
+                    .map(|o| match o {
+                        crate::snapshot::Outcome::Done(r) => Ran::Done(r, None),
+                        crate::snapshot::Outcome::Partial(why) => Ran::Partial(why),
+                    })
+            }
+        };
+    let mut resp = Response::new(Status::Done, lease.table);
+    resp.slice = Some(lease.slice.to_string());
+    match result {
+        Ok(Ran::Done(
+            SliceResult {
+                records,
+                bytes,
+                files,
+                duplicates,
+                raw_bytes,
+                rejected,
+            },
+            label,
+        )) => {
+            if let Some(label) = label {
+                resp.slice = Some(label);
+            }
+            // A multi-day window (`a..b`) committed each of its days.
+            resp.slices = resp
+                .slice
+                .as_deref()
+                .map_or(1, crate::window::days_in_label);
+            resp.records = records;
+            resp.bytes = bytes;
+            resp.files = files;
+            resp.duplicates = duplicates;
+            resp.rejected = rejected;
+            tracing::info!(
+                table = %lease.table, slice = resp.slice.as_deref().unwrap_or_default(), status = "done", records, bytes, files, duplicates, rejected, raw_bytes,
+                duration_ms = started.elapsed().as_millis() as u64, "slice committed"
+            );
+            Ok((resp, None))
+        }
+        Ok(Ran::Partial(why)) => {
+            give_back(app, lease).await;
+            resp.status = Status::Partial;
+            resp.reason = Some(why);
+            tracing::info!(table = %lease.table, slice = %lease.slice, status = "partial", "progress saved");
+            Ok((resp, None))
+        }
+        Err(e) if crate::park::counts(e.kind()) => {
+            let before = claim.slices.iter().find(|r| r.slice == lease.slice);
+            let recorded = match crate::park::record(app, lease, before, &e).await {
+                Ok(r) => r,
+                Err(re) => {
+                    tracing::warn!(error = %re, "could not record the failed attempt; the lease will expire");
+                    None
+                }
+            };
+            let what = recorded
+                .as_ref()
+                .map(|r| r.describe(app.settings.max_slice_attempts))
+                .unwrap_or_else(|| "its lease will expire".into());
+            resp.status = Status::Partial;
+            resp.failed = 1;
+            if matches!(recorded, Some(crate::park::Recorded::Parked { .. })) {
+                resp.parked = 1;
+            }
+            resp.reason = Some(format!("{} {what}: {}: {e}", lease.slice, e.kind()));
+            Ok((resp, Some(e)))
+        }
+        Err(e) => {
+            give_back(app, lease).await;
+            match e.kind() {
+                ErrorKind::Deadline => {
+                    resp.status = Status::Partial;
+                    resp.reason = Some(e.to_string());
+                    tracing::warn!(table = %lease.table, slice = %lease.slice, status = "partial", error = %e, "slice left pending");
+                    Ok((resp, None))
+                }
+                // Mixpanel's quota is spent beyond this invocation's time: progress is kept,
+                // and a later invocation goes on (a Lambda error would only be retried sooner).
+                ErrorKind::RateLimited => {
+                    resp.status = Status::Partial;
+                    resp.reason = Some(format!("RateLimited: {e}"));
+                    resp.rate_limited = true;
+                    tracing::warn!(table = %lease.table, slice = %lease.slice, status = "partial", error = %e, "rate limited; slice left pending");
+                    Ok((resp, None))
+                }
+                ErrorKind::PaymentRequired => {
+                    if let Err(re) = crate::skip::remember(app, lease.table, e.message()).await {
+                        tracing::warn!(error = %re, "could not remember that the table is skipped");
+                    }
+                    resp.status = Status::Skipped;
+                    resp.reason = Some(e.to_string());
+                    tracing::warn!(table = %lease.table, status = "skipped", error = %e, "table skipped");
+                    Ok((resp, None))
+                }
+                _ => {
+                    tracing::error!(table = %lease.table, slice = %lease.slice, kind = %e.kind(), error = %e, "slice failed");
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+async fn give_back(app: &App, lease: &crate::state::Lease) {
+    if let Err(re) = app.store.release(lease).await {
+        tracing::warn!(error = %re, "could not give the slice back; its lease will expire");
+    }
+}

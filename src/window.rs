@@ -1,0 +1,338 @@
+//! Multi-day export requests: contiguous small pending days fetched with one request.
+//!
+//! A claimed whole day whose following days are pending whole days too, and small (judged from
+//! their own or the nearest recorded days' raw bytes), claims them as well (each with its own
+//! lease, the same attempt id) up to `MIXPANEL_EXPORT_WINDOW_DAYS` and a raw size the measured
+//! throughput reads in a share of the time left. One export request covers them
+//! (`from_date..to_date`, a `where` on `$time` for the exact instant range); each line goes to
+//! its local day by its instant as the body streams, with the day's own spill, so a day is
+//! deduplicated alone (Mixpanel's key holds the event's second: a duplicate never crosses a
+//! day). Then each day is written and committed on its own, in order, exactly as a day fetched
+//! alone: its manifest, parts, `_rejected/`, its record (its own lines' raw bytes) and the
+//! bookmark. A day with no history near it is fetched alone first (the probe).
+//!
+//! A window whose body Mixpanel fails, or that does not end before the deadline, or outgrows
+//! the disk, commits nothing: its days are given back marked to be fetched alone next, so a
+//! heavy day among them is found (and split into hours) by the single-day path. The mark
+//! (the slice's `progress`) goes with the day's next commit.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use jiff::civil::Date;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::error::{ErrorKind, Result};
+use crate::plan;
+use crate::replicate::{self, DayBody, Fetch, Heavy, Recorded, SliceResult};
+use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
+use crate::tables::Table;
+use crate::tables::export;
+
+/// A day estimated above this many raw bytes is fetched alone (where its time is measured).
+const SMALL_DAY_BYTES: u64 = 4 << 20;
+
+/// The most raw bytes one window asks for.
+const WINDOW_MAX_BYTES: u64 = 64 << 20;
+
+/// The share of the time left that a window's body may take at the measured throughput.
+const WINDOW_TIME_SHARE: f64 = 0.3;
+
+/// A day without a record of its own is judged from the nearest recorded day this close.
+const NEAR_DAYS: i64 = 31;
+
+/// The mark on a day that is next fetched alone (in its `progress`).
+const ALONE: &str = r#"{"fetch_alone":true}"#;
+
+/// How a window ended.
+pub enum Windowed {
+    /// Days were committed: their results (in order) and the label of what they covered.
+    Done(SliceResult, String),
+    /// Nothing was committed; every day is given back (the reason).
+    Partial(String),
+}
+
+/// Fetches the claimed day with the small pending days after it as one window. `None`: no
+/// window (the day alone is the next step; nothing was claimed or changed).
+pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Option<Windowed>> {
+    let lease = &claim.lease;
+    let SliceId::Day(first) = lease.slice else {
+        return Ok(None);
+    };
+    let now_ms = Timestamp::now().as_millisecond() as u64;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let days = plan_window(
+        &claim.slices,
+        first,
+        app.settings.export_window_days,
+        now_ms,
+        left,
+    );
+    if days.len() < 2 {
+        return Ok(None);
+    }
+    // The days after the first, each with its own lease; the window ends at the first taken.
+    let (now_ms, until) = crate::handler::lease_times(deadline);
+    let mut leases = vec![lease.clone()];
+    for d in &days[1..] {
+        match app
+            .store
+            .claim(Table::Export, SliceId::Day(*d), &lease.owner, now_ms, until)
+            .await?
+        {
+            Some(l) => leases.push(l),
+            None => break,
+        }
+    }
+    if leases.len() < 2 {
+        return Ok(None);
+    }
+    let days: Vec<Date> = days[..leases.len()].to_vec();
+    let last = days[days.len() - 1];
+    let label = format!("{first}..{last}");
+    let s = &app.settings;
+    let today = export::export_today(&s.timezone, s.export_time_mode, Timestamp::now());
+    let (window, bounds) = match export::window_of_days(
+        &days,
+        &s.timezone,
+        s.export_time_mode,
+        today,
+        s.export_events.clone(),
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            give_back(app, &leases[1..], false).await;
+            return Err(e);
+        }
+    };
+    let known = match replicate::known_schema(app).await {
+        Ok(k) => k,
+        Err(e) => {
+            give_back(app, &leases[1..], false).await;
+            return Err(e);
+        }
+    };
+    let heavy = Heavy {
+        signals: 0,
+        split: false,
+        whole_day: false,
+    };
+    tracing::info!(table = "export", window = %label, days = days.len(), "fetching small days with one request");
+    let fetched = replicate::fetch(
+        app,
+        &label,
+        &window,
+        &bounds,
+        known.as_ref(),
+        heavy,
+        deadline,
+    )
+    .await;
+    let fetched = match fetched {
+        Ok(Fetch::Read(f)) => f,
+        Ok(Fetch::TooBig(why)) => return Ok(Some(fall_back(app, &leases, &label, &why).await)),
+        // Mixpanel failed the body (cut off, `terminated early`, a 5xx) twice: its days are
+        // fetched alone next, where a heavy one is found and split.
+        Err(e) if e.kind() == ErrorKind::Transient => {
+            return Ok(Some(fall_back(app, &leases, &label, &e.to_string()).await));
+        }
+        // Any day of the window may be the one Mixpanel rejects: the error is the first
+        // day's (recorded, so it goes alone next), and the others are fetched alone next too,
+        // so that a day that always fails is found at once and parks alone.
+        Err(e) => {
+            give_back(app, &leases[1..], crate::park::counts(e.kind())).await;
+            return Err(e);
+        }
+    };
+    let observed = fetched.pass1.schema.clone();
+    if let Err(e) = replicate::discover(app, known.is_none(), &observed).await {
+        give_back(app, &leases[1..], false).await;
+        return Err(e);
+    }
+    let read_ms = fetched.body_began.elapsed().as_millis() as u64;
+    let total_raw = fetched.pass1.raw_bytes.max(1);
+    // Lines without a usable time belong to no day by their instant: they are kept with the
+    // window's first day.
+    let mut rejected = Some(fetched.pass1.rejected);
+    let mut done: Vec<SliceResult> = Vec::new();
+    let mut days_done = Vec::new();
+    let mut bodies = fetched.pass1.days.into_iter();
+    for (i, (day, lease)) in days.iter().zip(&leases).enumerate() {
+        let Some((spill, raw_bytes)) = bodies.next() else {
+            give_back(app, &leases[i..], false).await;
+            break;
+        };
+        // Never start a day that cannot be committed before the deadline: it comes back.
+        if Instant::now() + replicate::pass2_at_least(raw_bytes) > deadline {
+            tracing::warn!(table = "export", window = %label, day = %day, "deadline near; the window's remaining days stay pending");
+            give_back(app, &leases[i..], false).await;
+            break;
+        }
+        let before = claim.slices.iter().find(|r| r.slice == SliceId::Day(*day));
+        let guard = crate::commit::ShrinkGuard::for_slice(s.shrink_guard_percent, before);
+        let body = DayBody {
+            spill,
+            raw_bytes,
+            rejected: rejected.take().unwrap_or_default(),
+        };
+        let began = Instant::now();
+        // The day's share of reading the body, and its own writing.
+        let share = (u128::from(read_ms) * u128::from(raw_bytes) / u128::from(total_raw)) as u64;
+        let ms = move || share + began.elapsed().as_millis() as u64;
+        match replicate::write_day(app, lease, guard, body, ms, deadline).await {
+            Ok(r) => {
+                done.push(r);
+                days_done.push(*day);
+            }
+            Err(e) if i == 0 => {
+                give_back(app, &leases[1..], false).await;
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(table = "export", window = %label, day = %day, kind = %e.kind(), error = %e, "a day of the window did not commit; it and the days after it stay pending");
+                give_back(app, &leases[i..], false).await;
+                break;
+            }
+        }
+    }
+    if done.is_empty() {
+        return Ok(Some(Windowed::Partial(format!(
+            "the deadline came before the days of {label} could be written; they stay pending"
+        ))));
+    }
+    replicate::store_schema(app, &observed).await?;
+    let mut total = SliceResult::default();
+    for r in &done {
+        total.add(r);
+    }
+    let label = match (days_done.first(), days_done.last()) {
+        (Some(a), Some(b)) if a != b => format!("{a}..{b}"),
+        (Some(a), _) => a.to_string(),
+        _ => label,
+    };
+    Ok(Some(Windowed::Done(total, label)))
+}
+
+/// The window's days are marked to be fetched alone and given back (the first one by its
+/// caller, which holds it).
+async fn fall_back(app: &App, leases: &[Lease], label: &str, why: &str) -> Windowed {
+    tracing::warn!(table = "export", window = %label, reason = %why, "the window did not work out; its days are fetched alone next");
+    if let Some(first) = leases.first()
+        && let Err(e) = app.store.save_progress(first, Some(ALONE)).await
+    {
+        tracing::warn!(error = %e, "could not mark the day to be fetched alone");
+    }
+    give_back(app, &leases[1..], true).await;
+    Windowed::Partial(format!(
+        "{why}; the days of {label} are fetched one by one next"
+    ))
+}
+
+/// Gives held days back (marked to be fetched alone, when `alone`).
+async fn give_back(app: &App, leases: &[Lease], alone: bool) {
+    for l in leases {
+        if alone && let Err(e) = app.store.save_progress(l, Some(ALONE)).await {
+            tracing::warn!(error = %e, "could not mark the day to be fetched alone");
+        }
+        if let Err(e) = app.store.release(l).await {
+            tracing::warn!(error = %e, slice = %l.slice, "could not give the day back; its lease will expire");
+        }
+    }
+}
+
+/// The days a committed slice's label covers: `a..b` is a window's, anything else one slice.
+pub fn days_in_label(label: &str) -> u64 {
+    let Some((a, b)) = label.split_once("..") else {
+        return 1;
+    };
+    match (a.parse::<Date>(), b.parse::<Date>()) {
+        (Ok(a), Ok(b)) => a.until(b).map_or(1, |s| s.get_days().max(0) as u64 + 1),
+        _ => 1,
+    }
+}
+
+/// Whether a day is marked to be fetched alone.
+fn alone(r: &SliceRecord) -> bool {
+    r.progress.as_deref() == Some(ALONE)
+}
+
+/// The days of the window that begins with the claimed `first`: `first` alone when it has no
+/// history near it (the probe) or is not small, else the contiguous pending small whole days
+/// after it within `max_days` and the target size.
+pub fn plan_window(
+    slices: &[SliceRecord],
+    first: Date,
+    max_days: u32,
+    now_ms: u64,
+    left: Duration,
+) -> Vec<Date> {
+    let mut days = vec![first];
+    let record = |d: Date| slices.iter().find(|r| r.slice == SliceId::Day(d));
+    let whole = |d: Date| plan::hours_of(slices, d).is_empty();
+    if max_days < 2 || !whole(first) || record(first).is_none_or(|r| alone(r) || r.failures > 0) {
+        return days;
+    }
+    let recorded: Vec<(Date, Recorded)> = slices
+        .iter()
+        .filter_map(|r| match r.slice {
+            SliceId::Day(d) => Recorded::parse(r.result.as_deref()).map(|rec| (d, rec)),
+            _ => None,
+        })
+        .collect();
+    let estimate = |d: Date| -> Option<u64> {
+        let mut best: Option<(i64, u64)> = None;
+        for (day, rec) in &recorded {
+            let gap = (day.since(d).ok()?.get_days() as i64).abs();
+            if gap > NEAR_DAYS {
+                continue;
+            }
+            best = match best {
+                Some((g, b)) if g < gap => Some((g, b)),
+                Some((g, b)) if g == gap => Some((g, b.max(rec.raw_bytes))),
+                _ => Some((gap, rec.raw_bytes)),
+            };
+        }
+        best.map(|(_, b)| b)
+    };
+    let Some(first_bytes) = estimate(first).filter(|b| *b <= SMALL_DAY_BYTES) else {
+        return days;
+    };
+    // Raw bytes that the measured throughput reads in a share of the time left.
+    let (bytes, ms) = recorded
+        .iter()
+        .filter(|(_, r)| r.ms > 0)
+        .fold((0u64, 0u64), |(b, m), (_, r)| (b + r.raw_bytes, m + r.ms));
+    let target = if ms > 0 {
+        let per_s = bytes as f64 * 1000.0 / ms as f64;
+        ((per_s * left.as_secs_f64() * WINDOW_TIME_SHARE) as u64).min(WINDOW_MAX_BYTES)
+    } else {
+        WINDOW_MAX_BYTES
+    };
+    let mut sum = first_bytes;
+    let mut d = first;
+    while days.len() < max_days as usize {
+        let Ok(next) = d.tomorrow() else { break };
+        let Some(r) = record(next) else { break };
+        let pending = r.status == SliceStatus::Pending || r.status == SliceStatus::Leased;
+        if !pending
+            || !plan::claimable(r, now_ms)
+            || r.failures > 0
+            || r.retry_at_ms.is_some()
+            || alone(r)
+            || !whole(next)
+        {
+            break;
+        }
+        let Some(b) = estimate(next).filter(|b| *b <= SMALL_DAY_BYTES) else {
+            break;
+        };
+        if sum + b > target {
+            break;
+        }
+        sum += b;
+        days.push(next);
+        d = next;
+    }
+    days
+}
