@@ -314,7 +314,20 @@ pub(crate) async fn fetch(
         if bounds.len() > 2 {
             transformer = transformer.routed(bounds);
         }
-        match fetch_into_spill(app, &window.query, transformer, deadline, &read, &began).await {
+        // A slice that has not begun yet (an hour of today still to come) holds no event:
+        // Mixpanel is not asked, and the slice is written empty (the day is refreshed later).
+        let begun = window.start <= Timestamp::now().as_second();
+        match fetch_into_spill(
+            app,
+            &window.query,
+            begun,
+            transformer,
+            deadline,
+            &read,
+            &began,
+        )
+        .await
+        {
             Ok(pass1) => {
                 return Ok(Fetch::Read(Fetched {
                     pass1,
@@ -567,19 +580,25 @@ pub fn workers() -> usize {
 async fn fetch_into_spill(
     app: &App,
     query: &crate::mixpanel::ExportQuery,
+    ask: bool,
     transformer: Transformer,
     deadline: Instant,
     read_so_far: &AtomicU64,
     body_began: &OnceLock<Instant>,
 ) -> Result<Pass1> {
-    let first_byte_wait = (deadline.saturating_duration_since(Instant::now()) / 3)
-        .clamp(FIRST_BYTE_WAIT_MIN, FIRST_BYTE_WAIT_MAX);
-    let resp = tokio::time::timeout_at(
-        deadline,
-        app.mixpanel.export(query, first_byte_wait, deadline),
-    )
-    .await
-    .map_err(|_| deadline_error())??;
+    let mut body = if ask {
+        let first_byte_wait = (deadline.saturating_duration_since(Instant::now()) / 3)
+            .clamp(FIRST_BYTE_WAIT_MIN, FIRST_BYTE_WAIT_MAX);
+        let resp = tokio::time::timeout_at(
+            deadline,
+            app.mixpanel.export(query, first_byte_wait, deadline),
+        )
+        .await
+        .map_err(|_| deadline_error())??;
+        resp.bytes_stream().boxed()
+    } else {
+        futures_util::stream::empty().boxed()
+    };
     let _ = body_began.set(Instant::now());
     let n = workers();
     // One queue that every worker takes from, so that a busy worker never holds up the others.
@@ -600,7 +619,6 @@ async fn fetch_into_spill(
         }));
     }
     drop(rx);
-    let mut body = resp.bytes_stream();
     let read = async {
         let mut raw_bytes = 0u64;
         let mut block = BytesMut::with_capacity(BLOCK_BYTES + 64 * 1024);
