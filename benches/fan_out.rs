@@ -20,7 +20,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mixpanel_replicator::fanout::BatchResponse;
+use mixpanel_replicator::handler::sqs::BatchResponse;
 use mixpanel_replicator::handler::{self, Answer};
 use mixpanel_sim::{Fault, FaultRule, RateLimit};
 use serde_json::json;

@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::config::{RunMode, Settings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{self, Status};
-use crate::plan;
+use crate::schedule::plan;
 use crate::tables::Table;
 
 /// Replicates a Mixpanel project into S3 (or a local folder) as gzip JSON Lines.
@@ -305,7 +305,7 @@ async fn work(
                 worked.slices += resp
                     .slice
                     .as_deref()
-                    .map_or(1, crate::window::days_in_label);
+                    .map_or(1, crate::schedule::window::days_in_label);
                 worked.records += resp.records;
                 worked.bytes += resp.bytes;
                 worked.files += resp.files;

@@ -167,7 +167,7 @@ pub async fn export_slice(
     let known = known_schema(app).await?;
     let heavy = Heavy {
         signals: prior_signals,
-        split: !crate::plan::pieces(lease.slice).is_empty(),
+        split: !crate::schedule::plan::pieces(lease.slice).is_empty(),
         whole_day: matches!(lease.slice, SliceId::Day(_)),
     };
     let fetched = match fetch(

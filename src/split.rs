@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::commit::{self, FileEntry};
 use crate::error::{Error, Result};
-use crate::plan;
 use crate::replicate::{self, Exported, Recorded, SliceResult};
+use crate::schedule::plan;
 use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
 use crate::tables::Table;
 
@@ -45,9 +45,11 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
         .day()
         .ok_or_else(|| Error::event("the export table is sliced by day, not snapshotted"))?;
     if claim.widen {
-        match crate::window::run(app, claim, deadline).await? {
-            Some(crate::window::Windowed::Done(r, label)) => return Ok(Ran::Done(r, label)),
-            Some(crate::window::Windowed::Partial(why)) => return Ok(Ran::Partial(why)),
+        match crate::schedule::window::run(app, claim, deadline).await? {
+            Some(crate::schedule::window::Windowed::Done(r, label)) => {
+                return Ok(Ran::Done(r, label));
+            }
+            Some(crate::schedule::window::Windowed::Partial(why)) => return Ok(Ran::Partial(why)),
             None => {}
         }
     }
@@ -63,7 +65,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
         let step = step(app, &current, day, &slices, deadline).await;
         let outcome = match step {
             Ok(o) => o,
-            // The first slice's failure is the invocation's (the handler gives it back); a
+            // The first slice's failure is the invocation's (the scheduler gives it back); a
             // later one's goes back to the queue here, and what was done stays done.
             Err(e) if first => return Err(e),
             Err(e) => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use jiff::civil::Date;
 use mixpanel_replicator::app::App;
-use mixpanel_replicator::fanout::{BatchItemFailure, BatchResponse};
+use mixpanel_replicator::handler::sqs::{BatchItemFailure, BatchResponse};
 use mixpanel_replicator::handler::{self, Answer, Status};
 use mixpanel_replicator::state::{SliceId, SliceStatus};
 use mixpanel_replicator::tables::Table;

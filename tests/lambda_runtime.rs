@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jiff::civil::Date;
-use mixpanel_replicator::fanout::{is_sqs_event, parse_sqs_event};
+use mixpanel_replicator::handler::sqs::{is_sqs_event, parse_sqs_event};
 use mixpanel_replicator::handler::{Invocation, check_event, parse_event};
 use mixpanel_replicator::tables::Table;
 use serde_json::{Value, json};

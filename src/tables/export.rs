@@ -1156,12 +1156,12 @@ mod tests {
         for (tz, day) in cases {
             for mode in [ExportTimeMode::Utc, ExportTimeMode::ProjectLocal] {
                 let w = |s: SliceId| window(s, &tz, mode, today, None).unwrap();
-                for hour in crate::plan::pieces(SliceId::Day(d(day))) {
+                for hour in crate::schedule::plan::pieces(SliceId::Day(d(day))) {
                     let whole = w(hour);
                     let mut next = whole.start;
                     let mut next_where: Option<i64> = None;
-                    for quarter in crate::plan::pieces(hour) {
-                        for five in crate::plan::pieces(quarter) {
+                    for quarter in crate::schedule::plan::pieces(hour) {
+                        for five in crate::schedule::plan::pieces(quarter) {
                             let mut p = w(five);
                             if mode == ExportTimeMode::ProjectLocal {
                                 // A legacy project's pieces are told apart by their `where`

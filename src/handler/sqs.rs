@@ -1,124 +1,22 @@
-//! Fan-out on SQS: a range's day events are sent to the fan-out queue, whose Lambda event
-//! source mapping delivers them back as SQS events, run here record by record and answered
-//! with the records not finished (`batchItemFailures`), so SQS delivers those again and, after
-//! the queue's `maxReceiveCount`, moves them to its dead-letter queue.
-//!
-//! Messages are only hints to look at a slice: the state store is the truth. A duplicate or
-//! late message finds its day committed, leased or parked and does nothing.
+//! SQS events of the fan-out queue: each record's body is an invocation event, run here
+//! record by record and answered with the records not finished (`batchItemFailures`), so SQS
+//! delivers those again and, after the queue's `maxReceiveCount`, moves them to its
+//! dead-letter queue. A day event from the queue is a hint to look at that day
+//! ([`crate::schedule::queued_day`]): the state store is the truth.
 
 use std::time::Duration;
 
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::error::{Error, ErrorKind, Result, describe_sdk_error};
+use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{self, Invocation, Response, Status};
-use crate::plan;
-use crate::state::{SliceId, SliceRecord, SliceStatus};
-use crate::tables::Table;
-use crate::tables::export::project_today;
+use crate::schedule;
 
-/// SendMessageBatch takes at most ten messages.
-const BATCH: usize = 10;
-/// Sends of a batch's failed entries before the fan-out gives up.
-const SEND_ATTEMPTS: u32 = 4;
 /// A record is not started with less time than this left: it would only be abandoned.
 const MIN_RECORD_TIME: Duration = Duration::from_secs(15);
-
-/// The fan-out queue (`FAN_OUT_QUEUE_URL`).
-pub struct FanOutQueue {
-    client: aws_sdk_sqs::Client,
-    url: String,
-}
-
-impl FanOutQueue {
-    /// The queue at `url`, reached with `client`.
-    pub fn new(client: aws_sdk_sqs::Client, url: String) -> Self {
-        FanOutQueue { client, url }
-    }
-
-    /// The queue's URL.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// Sends every event as one message (SendMessageBatch, ten at a time), retrying the entries
-    /// SQS did not take. An error names the queue and what SQS said.
-    pub async fn send(&self, events: &[Value]) -> Result<()> {
-        for chunk in events.chunks(BATCH) {
-            let mut left: Vec<(String, String)> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (i.to_string(), e.to_string()))
-                .collect();
-            let mut attempt = 0;
-            while !left.is_empty() {
-                attempt += 1;
-                let entries = left
-                    .iter()
-                    .map(|(id, body)| {
-                        SendMessageBatchRequestEntry::builder()
-                            .id(id)
-                            .message_body(body)
-                            .build()
-                            .map_err(|e| self.error(e.to_string()))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                // The entries SQS did not take, with its reasons; a failed call is all of them.
-                let (retry, why): (Vec<String>, Vec<String>) = match self
-                    .client
-                    .send_message_batch()
-                    .queue_url(&self.url)
-                    .set_entries(Some(entries))
-                    .send()
-                    .await
-                {
-                    Ok(out) => out
-                        .failed
-                        .into_iter()
-                        .map(|f| {
-                            let why = format!("{}: {}", f.code, f.message.unwrap_or_default());
-                            (f.id, why)
-                        })
-                        .unzip(),
-                    Err(e) => (
-                        left.iter().map(|(id, _)| id.clone()).collect(),
-                        vec![describe_sdk_error(&e)],
-                    ),
-                };
-                if retry.is_empty() {
-                    break;
-                }
-                if attempt >= SEND_ATTEMPTS {
-                    return Err(self.error(format!(
-                        "{} of {} messages not accepted after {attempt} attempts: {}",
-                        retry.len(),
-                        chunk.len(),
-                        why.join("; ")
-                    )));
-                }
-                left.retain(|(id, _)| retry.contains(id));
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-            }
-        }
-        tracing::info!(queue = %self.url, messages = events.len(), "day events sent to the fan-out queue");
-        Ok(())
-    }
-
-    fn error(&self, why: impl std::fmt::Display) -> Error {
-        Error::new(
-            ErrorKind::Transient,
-            format!(
-                "cannot send the day events to the fan-out queue {}: {why} (the days are queued \
-                 in the state store; scheduled invocations still replicate them)",
-                self.url
-            ),
-        )
-    }
-}
 
 /// Whether an event is an SQS event (`{"Records": [...]}`) rather than an invocation event.
 pub fn is_sqs_event(v: &Value) -> bool {
@@ -230,20 +128,16 @@ pub async fn handle_batch(
             });
             continue;
         }
-        let started = Instant::now();
-        let before = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
         let parsed = parse_body(&record);
         let table = parsed
             .as_ref()
             .map(|i| i.table().as_str())
             .unwrap_or("invalid");
-        let (result, finished) = match parsed {
-            Ok(inv) => match run_record(app, inv, &record, deadline).await {
-                Ok((resp, finished)) => (Ok(resp), finished),
-                Err(e) => (Err(e), false),
-            },
-            Err(e) => (Err(e), false),
+        let work = async {
+            let inv = parsed?;
+            run_record(app, inv, &record, deadline).await
         };
+        let result = handler::reported(app, table, emf, work, |(r, _)| r).await;
         match &result {
             Err(e) if e.kind() == ErrorKind::InvalidEvent => tracing::error!(
                 message_id = %record.message_id, kind = %e.kind(), error = %e,
@@ -255,15 +149,7 @@ pub async fn handle_batch(
             ),
             Ok(_) => {}
         }
-        let after = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
-        crate::metrics::report(
-            table,
-            result.as_ref(),
-            started.elapsed().as_millis() as u64,
-            before,
-            after,
-            emf,
-        );
+        let finished = matches!(result, Ok((_, true)));
         if !finished {
             answer.batch_item_failures.push(BatchItemFailure {
                 item_identifier: record.message_id,
@@ -305,7 +191,7 @@ async fn run_record(
     deadline: Instant,
 ) -> Result<(Response, bool)> {
     match inv {
-        Invocation::Day(table, day) => queued_day(app, table, day, deadline).await,
+        Invocation::Day(table, day) => schedule::queued_day(app, table, day, deadline).await,
         _ => {
             let event: Value = serde_json::from_str(&record.body)
                 .map_err(|e| Error::event(format!("SQS message {}: {e}", record.message_id)))?;
@@ -316,90 +202,10 @@ async fn run_record(
     }
 }
 
-/// A day event from the queue: claims the day's pending slices and replicates them, or, when
-/// the day is committed, leased or parked, does nothing. Unlike a day event invoked by a
-/// person, it never re-queues a committed day nor retries a parked one: a message may be a
-/// duplicate or late, and the state store decides.
-async fn queued_day(
-    app: &App,
-    table: Table,
-    day: jiff::civil::Date,
-    deadline: Instant,
-) -> Result<(Response, bool)> {
-    let today = project_today(&app.settings.timezone, jiff::Timestamp::now());
-    if day > today {
-        return Err(Error::event(format!(
-            "`date` {day} is after today ({today}) in the project's timezone"
-        )));
-    }
-    if let Some(reason) = crate::skip::remembered(app, table).await? {
-        let mut r = Response::new(Status::Skipped, table);
-        r.slice = Some(day.to_string());
-        r.reason = Some(reason);
-        return Ok((r, true));
-    }
-    let store = app.store.as_ref();
-    let slices = store.slices(table).await?;
-    // A message for a day the store does not know (sent by hand, or after the state was reset)
-    // queues it, as a range event would have.
-    if !slices.iter().any(|r| r.slice.day() == Some(day)) {
-        store.enqueue(table, SliceId::Day(day), None).await?;
-    }
-    let owner = handler::new_attempt_id();
-    let (now_ms, until) = handler::lease_times(deadline);
-    let resp = match plan::claim_next_of(store, table, Some(day), &owner, now_ms, until).await? {
-        Some(claim) => match handler::attempt_slice(app, &claim, deadline).await? {
-            // The failure is recorded on the slice (tried again, or parked).
-            (resp, Some(_)) => return Ok((resp, false)),
-            (resp, None) => resp,
-        },
-        None => {
-            let mut r = Response::new(Status::Idle, table);
-            r.slice = Some(day.to_string());
-            r
-        }
-    };
-    let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
-    let slices = store.slices(table).await?;
-    let (finished, why) = settled(&slices, day, now_ms);
-    let mut resp = resp;
-    if resp.status == Status::Idle {
-        resp.reason = Some(why.into());
-    }
-    let finished = finished && resp.status != Status::Partial;
-    Ok((resp, finished))
-}
-
-/// Whether nothing of `day` is left for this message to do, and in what state the day is.
-fn settled(slices: &[SliceRecord], day: jiff::civil::Date, now_ms: u64) -> (bool, &'static str) {
-    let of_day: Vec<&SliceRecord> = slices
-        .iter()
-        .filter(|r| r.slice.day() == Some(day))
-        .collect();
-    if of_day.is_empty() {
-        return (false, "not queued");
-    }
-    let mut why = "committed";
-    for r in of_day {
-        match r.status {
-            SliceStatus::Committed => {}
-            SliceStatus::Failed => why = "parked: retry it with a day event",
-            SliceStatus::Leased if r.lease_expires_ms.is_some_and(|e| e >= now_ms) => {
-                if why == "committed" {
-                    why = "another invocation is replicating it";
-                }
-            }
-            SliceStatus::Leased | SliceStatus::Pending => {
-                return (false, "pending: backing off after a failed attempt");
-            }
-        }
-    }
-    (true, why)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tables::Table;
     use serde_json::json;
 
     #[test]

@@ -24,8 +24,8 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::{ErrorKind, Result};
-use crate::plan;
 use crate::replicate::{self, DayBody, Fetch, Heavy, Recorded, SliceResult};
+use crate::schedule::plan;
 use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
 use crate::tables::Table;
 use crate::tables::export;
@@ -73,7 +73,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
         return Ok(None);
     }
     // The days after the first, each with its own lease; the window ends at the first taken.
-    let (now_ms, until) = crate::handler::lease_times(deadline);
+    let (now_ms, until) = super::lease_times(deadline);
     let mut leases = vec![lease.clone()];
     for d in &days[1..] {
         match app

@@ -2,8 +2,14 @@
 //! oldest claimable slice (never-committed first, see [`plan::claim_next_seeing`]), runs it
 //! with its table's runner under its lease, records a failure on the slice, works through the
 //! queue while the deadline allows ([`drain`]) and sends what it cannot finish to the fan-out
-//! queue ([`dispatch`]). Planning and claiming are [`plan`]'s; the handler and the command call
-//! this module, and no module here calls them.
+//! queue ([`dispatch`]). Planning and claiming are [`plan`]'s, multi-day export requests
+//! [`window`]'s, sending to the fan-out queue [`queue`]'s; a day the queue delivers back is
+//! looked at by [`queued_day`]. The handler and the command call this module, and no module
+//! here calls them.
+
+pub mod plan;
+pub mod queue;
+pub mod window;
 
 use std::time::Duration;
 
@@ -14,10 +20,10 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::{Error, ErrorKind, Result};
-use crate::plan;
 use crate::replicate::SliceResult;
-use crate::state::SliceId;
+use crate::state::{SliceId, SliceRecord, SliceStatus};
 use crate::tables::Table;
+use crate::tables::export::project_today;
 
 /// The status of an invocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -340,10 +346,7 @@ pub async fn attempt_slice(
                 resp.slice = Some(label);
             }
             // A multi-day window (`a..b`) committed each of its days.
-            resp.slices = resp
-                .slice
-                .as_deref()
-                .map_or(1, crate::window::days_in_label);
+            resp.slices = resp.slice.as_deref().map_or(1, window::days_in_label);
             resp.records = records;
             resp.bytes = bytes;
             resp.files = files;
@@ -422,5 +425,127 @@ pub async fn attempt_slice(
 async fn give_back(app: &App, lease: &crate::state::Lease) {
     if let Err(re) = app.store.release(lease).await {
         tracing::warn!(error = %re, "could not give the slice back; its lease will expire");
+    }
+}
+
+/// A day event from the queue: claims the day's pending slices and replicates them, or, when
+/// the day is committed, leased or parked, does nothing. Unlike a day event invoked by a
+/// person, it never re-queues a committed day nor retries a parked one: a message may be a
+/// duplicate or late, and the state store decides.
+pub async fn queued_day(
+    app: &App,
+    table: Table,
+    day: jiff::civil::Date,
+    deadline: Instant,
+) -> Result<(Response, bool)> {
+    let today = project_today(&app.settings.timezone, jiff::Timestamp::now());
+    if day > today {
+        return Err(Error::event(format!(
+            "`date` {day} is after today ({today}) in the project's timezone"
+        )));
+    }
+    if let Some(reason) = crate::skip::remembered(app, table).await? {
+        let mut r = Response::new(Status::Skipped, table);
+        r.slice = Some(day.to_string());
+        r.reason = Some(reason);
+        return Ok((r, true));
+    }
+    let store = app.store.as_ref();
+    let slices = store.slices(table).await?;
+    // A message for a day the store does not know (sent by hand, or after the state was reset)
+    // queues it, as a range event would have.
+    if !slices.iter().any(|r| r.slice.day() == Some(day)) {
+        store.enqueue(table, SliceId::Day(day), None).await?;
+    }
+    let owner = new_attempt_id();
+    let (now_ms, until) = lease_times(deadline);
+    let resp = match plan::claim_next_of(store, table, Some(day), &owner, now_ms, until).await? {
+        Some(claim) => match attempt_slice(app, &claim, deadline).await? {
+            // The failure is recorded on the slice (tried again, or parked).
+            (resp, Some(_)) => return Ok((resp, false)),
+            (resp, None) => resp,
+        },
+        None => {
+            let mut r = Response::new(Status::Idle, table);
+            r.slice = Some(day.to_string());
+            r
+        }
+    };
+    let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
+    let slices = store.slices(table).await?;
+    let (finished, why) = settled(&slices, day, now_ms);
+    let mut resp = resp;
+    if resp.status == Status::Idle {
+        resp.reason = Some(why.into());
+    }
+    let finished = finished && resp.status != Status::Partial;
+    Ok((resp, finished))
+}
+
+/// Whether nothing of `day` is left for this message to do, and in what state the day is.
+fn settled(slices: &[SliceRecord], day: jiff::civil::Date, now_ms: u64) -> (bool, &'static str) {
+    let of_day: Vec<&SliceRecord> = slices
+        .iter()
+        .filter(|r| r.slice.day() == Some(day))
+        .collect();
+    if of_day.is_empty() {
+        return (false, "not queued");
+    }
+    let mut why = "committed";
+    for r in of_day {
+        match r.status {
+            SliceStatus::Committed => {}
+            SliceStatus::Failed => why = "parked: retry it with a day event",
+            SliceStatus::Leased if r.lease_expires_ms.is_some_and(|e| e >= now_ms) => {
+                if why == "committed" {
+                    why = "another invocation is replicating it";
+                }
+            }
+            SliceStatus::Leased | SliceStatus::Pending => {
+                return (false, "pending: backing off after a failed attempt");
+            }
+        }
+    }
+    (true, why)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The handler and the command call the core; no core module calls them back.
+    #[test]
+    fn no_core_module_calls_the_handler_or_the_command() {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        walk(&src, &mut files);
+        // The callers: the Lambda handler, the command line (and its demo), the binary.
+        let callers = ["handler", "cli.rs", "demo.rs", "main.rs", "lib.rs"];
+        let mut offenders = Vec::new();
+        for f in &files {
+            let rel = f.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+            if callers.iter().any(|c| rel.starts_with(c)) {
+                continue;
+            }
+            let text = std::fs::read_to_string(f).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                if code.contains(concat!("crate::", "handler"))
+                    || code.contains(concat!("crate::", "cli"))
+                {
+                    offenders.push(format!("src/{rel}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(files.len() > 30, "{} files under src", files.len());
+        assert!(offenders.is_empty(), "{offenders:#?}");
     }
 }

@@ -1,5 +1,7 @@
 //! The invocation: parse the event, plan, claim a slice, replicate it, answer.
 
+pub mod sqs;
+
 use std::time::{Duration, SystemTime};
 
 use jiff::Timestamp;
@@ -11,7 +13,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::config::parse_date;
 use crate::error::{Error, Result};
-use crate::plan;
+use crate::schedule::plan;
 use crate::state::SliceId;
 use crate::tables::Table;
 use crate::tables::export::project_today;
@@ -156,14 +158,14 @@ pub enum Answer {
     /// The answer to an invocation event.
     Invocation(Response),
     /// The answer to an SQS event of the fan-out queue: the records not finished.
-    Batch(crate::fanout::BatchResponse),
+    Batch(crate::handler::sqs::BatchResponse),
 }
 
 /// Handles what Lambda delivered, an invocation event or an SQS event of them, and reports it
 /// (per invocation event: a summary log line, and EMF metrics when `emf`).
 pub async fn answer(app: &App, event: Value, deadline: Instant, emf: bool) -> Result<Answer> {
-    if crate::fanout::is_sqs_event(&event) {
-        crate::fanout::handle_batch(app, &event, deadline, emf)
+    if crate::handler::sqs::is_sqs_event(&event) {
+        crate::handler::sqs::handle_batch(app, &event, deadline, emf)
             .await
             .map(Answer::Batch)
     } else {
@@ -176,8 +178,8 @@ pub async fn answer(app: &App, event: Value, deadline: Instant, emf: bool) -> Re
 /// Checks an event before anything is built: an invocation event, or the envelope of an SQS
 /// event (its bodies are checked record by record when it runs).
 pub fn check_event(v: &Value) -> Result<()> {
-    if crate::fanout::is_sqs_event(v) {
-        crate::fanout::parse_sqs_event(v).map(|_| ())
+    if crate::handler::sqs::is_sqs_event(v) {
+        crate::handler::sqs::parse_sqs_event(v).map(|_| ())
     } else {
         parse_event(v).map(|_| ())
     }
@@ -190,17 +192,30 @@ pub async fn handle_reported(
     deadline: Instant,
     emf: bool,
 ) -> Result<Response> {
-    let started = Instant::now();
-    let before = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
     // Only a valid table name becomes a metric dimension.
     let table = parse_event(&event)
         .map(|i| i.table().as_str())
         .unwrap_or("invalid");
-    let result = handle(app, event, deadline).await;
+    reported(app, table, emf, handle(app, event, deadline), |r| r).await
+}
+
+/// Runs `work` (an invocation of `table`) and reports it: a summary log line with what it
+/// asked of Mixpanel, and EMF metrics when `emf`. `response` is the invocation's answer in
+/// what `work` returns.
+pub(crate) async fn reported<T>(
+    app: &App,
+    table: &str,
+    emf: bool,
+    work: impl Future<Output = Result<T>>,
+    response: fn(&T) -> &Response,
+) -> Result<T> {
+    let started = Instant::now();
+    let before = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
+    let result = work.await;
     let after = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
     crate::metrics::report(
         table,
-        result.as_ref(),
+        result.as_ref().map(response),
         started.elapsed().as_millis() as u64,
         before,
         after,

@@ -338,7 +338,7 @@ pub struct Claim {
     pub lease: Lease,
     pub slices: Vec<SliceRecord>,
     /// Claimed as the table's oldest (not a given day's): the small days after it may join
-    /// it in one export request ([`crate::window`]).
+    /// it in one export request ([`crate::schedule::window`]).
     pub widen: bool,
 }
 
