@@ -822,7 +822,20 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
     assert!(asked(d2).iter().all(|q| q.contains("where=")));
     assert_exact(&app, project.simulator(), d1, d2, None).await;
     assert_symlink(&app.sink, &format!("export/date={d1}"), &manifest).await;
-    assert_eq!(app.store.bookmark(Table::Export).await.unwrap(), Some(d2));
+    // The bookmark is at the second day, or at today when the invocation that committed the
+    // second day had time left to commit today (which has no events) as well.
+    let today = d2.tomorrow().unwrap();
+    let today_committed = app
+        .store
+        .slices(Table::Export)
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.slice == SliceId::Day(today) && r.status == SliceStatus::Committed);
+    assert_eq!(
+        app.store.bookmark(Table::Export).await.unwrap(),
+        Some(if today_committed { today } else { d2 })
+    );
 
     // Replicating the first day again (an explicit event) runs its hours again and replaces
     // the day's parts with theirs in one commit.
