@@ -303,7 +303,7 @@ async fn eighty_funnels_under_a_60_request_budget_commit_each_day_exactly_within
         match r.status {
             Status::Done => break,
             Status::Partial => tokio::time::sleep(Duration::from_millis(250)).await,
-            other => panic!("unexpected {other:?}: {r:?}"),
+            other => panic!("unexpected {other:?}: {r:?} after {answers:?}"),
         }
         assert!(answers.len() < 200, "funnels never finished: {answers:?}");
     }

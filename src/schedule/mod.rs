@@ -216,10 +216,12 @@ pub async fn drain(app: &App, table: Table, deadline: Instant) -> Result<Respons
         // Another slice only when one as slow as the slowest so far surely fits.
         let needs = slowest.mul_f64(1.5) + Duration::from_secs(1);
         if Instant::now() + needs > deadline {
+            // Read again: the slice just run may have been a window that committed the days
+            // after it too (export, funnels, revenue).
+            let slices = store.slices(table).await?;
             let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
             let left = slices
                 .iter()
-                .filter(|s| s.slice != claim.lease.slice)
                 .filter(|s| plan::claimable(s, now_ms) && !plan::waits_for_hours(&slices, s))
                 .count();
             if left > 0 {
