@@ -515,3 +515,26 @@ async fn a_failed_prune_leaves_no_abandoned_snapshot_behind() {
         );
     }
 }
+
+/// A multi-day window commits day by day: the binary killed right after the fourth day was
+/// marked committed (one or two days alone first, the probes of its two workers, then days of
+/// the window) leaves those days committed and the others pending, and the next
+/// run commits the rest exactly (every invariant of the suite is checked: each day equal to the
+/// ground truth, no part a manifest does not name, bookmarks, leases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_killed_after_its_first_days_committed_commits_the_rest_exactly_on_the_next_run() {
+    let env = ChaosEnv::start(true).await;
+    let mut plan = killed_once(
+        vec![mixpanel_replicator::tables::Table::Export],
+        KillPoint::AfterState {
+            needle: COMPLETION,
+            nth: 3,
+        },
+    );
+    plan.days = 10;
+    plan.events_per_day = 40;
+    let outcome = run_plan(&env, &plan)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.kills, 1, "{outcome:?}");
+}

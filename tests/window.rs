@@ -265,6 +265,69 @@ async fn a_window_whose_body_does_not_end_in_time_falls_back_to_single_days() {
     assert_eq!(requests.len(), 2 + 6, "{requests:?}");
 }
 
+/// Whether this machine lets an unprivileged process mount a small file system of its own
+/// (a user and mount namespace): what the disk-full test needs.
+fn can_mount_a_small_tmpfs() -> bool {
+    std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_whose_spill_fills_the_temporary_storage_falls_back_to_single_days() {
+    if !can_mount_a_small_tmpfs() {
+        // Checked where it can be: this machine cannot give the binary a small /tmp.
+        eprintln!("skipped: `unshare -rm` cannot mount a tmpfs here");
+        return;
+    }
+    // Ten days of ~220 kB of raw JSONL each, and a temporary storage of 1 MiB: a day's spill
+    // fits, the window's (the nine days after the probe, and today) does not.
+    let cfg = sim_config("UTC", 10, 400);
+    let first = cfg.first_day;
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (out, spill) = (dir.path().join("out"), dir.path().join("spill"));
+    std::fs::create_dir_all(&spill).unwrap();
+    // The binary with the project's environment, in its own mount namespace with a 1 MiB /tmp.
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(&project.vars)
+        .env("SPILL", &spill)
+        .env("OUT", &out)
+        .env("BIN", BIN)
+        .env("RUST_LOG", "warn")
+        .args([
+            "-rm",
+            "sh",
+            "-c",
+            r#"mount -t tmpfs -o size=1m tmpfs "$SPILL" && TMPDIR="$SPILL" exec "$BIN" sync --table export --concurrency 1 --out "$OUT""#,
+        ]);
+    let out_run = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out_run.stderr);
+    assert!(out_run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("outgrew the temporary storage")
+            && stderr.contains("No space left on device"),
+        "the window's spill filled the storage: {stderr}"
+    );
+    // The probe, the window (stopped when the storage was full), then its days alone.
+    let requests = export_requests(project.simulator());
+    let today = today_in("UTC");
+    assert_eq!(requests.len(), 1 + 1 + 10, "{requests:?}");
+    assert_eq!(requests[1], (minus(first, -1), today), "{requests:?}");
+    assert!(
+        requests[2..].iter().all(|(f, t)| f == t),
+        "single days after the fall-back: {requests:?}"
+    );
+    let app = project.local_app(&out, &[]).await;
+    assert_exact(&app, project.simulator(), first, today, None).await;
+    assert_committed_by_contract(&app, first, today).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_lambda_a_backfill_of_120_small_days_reaches_idle_in_two_scheduled_invocations() {
     let cfg = sim_config("UTC", 120, 40);

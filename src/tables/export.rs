@@ -1138,6 +1138,47 @@ mod tests {
         );
     }
 
+    /// At every moment of a day, no request for today (its hours, the whole day, or the
+    /// attribution window ending today) has a `to_date` after Mixpanel's today, in UTC−8,
+    /// UTC+5:30 and UTC+13:45 and in both time modes: Mixpanel answers such a request 400.
+    #[test]
+    fn no_request_of_today_asks_for_a_date_after_mixpanels_today_at_any_moment() {
+        let zones = ["America/Los_Angeles", "Asia/Kolkata", "Pacific/Chatham"];
+        // Two UTC days, in five-minute steps: every local hour of today in each zone.
+        let start = d("2026-12-01")
+            .to_zoned_datetime(TimeZone::UTC)
+            .unwrap()
+            .timestamp();
+        for name in zones {
+            let tz = TimeZone::get(name).unwrap();
+            for mode in [ExportTimeMode::Utc, ExportTimeMode::ProjectLocal] {
+                for step in 0..(2 * 24 * 12) {
+                    let now = start + jiff::SignedDuration::from_mins(5 * step);
+                    let today = project_today(&tz, now);
+                    let api_today = export_today(&tz, mode, now);
+                    let mut slices = crate::schedule::plan::pieces(SliceId::Day(today));
+                    slices.push(SliceId::Day(today));
+                    for slice in slices {
+                        let w = window(slice, &tz, mode, api_today, None).unwrap();
+                        assert!(
+                            w.query.from_date <= w.query.to_date && w.query.to_date <= api_today,
+                            "{name} {mode:?} at {now}: {slice} asks {}..{} (Mixpanel's today {api_today})",
+                            w.query.from_date,
+                            w.query.to_date
+                        );
+                    }
+                    let days: Vec<Date> = (0..6).rev().map(|n| days_before(today, n)).collect();
+                    let (w, _) = window_of_days(&days, &tz, mode, api_today, None).unwrap();
+                    assert!(
+                        w.query.to_date <= api_today,
+                        "{name} {mode:?} at {now}: the window ending today asks for {}",
+                        w.query.to_date
+                    );
+                }
+            }
+        }
+    }
+
     /// The pieces of every hour (quarters, then five minutes) tile the hour's instants on
     /// clock-change days too: a repeated hour's pieces are longer, a skipped hour's empty,
     /// Lord Howe's half-hour change included; a legacy project's pieces tile its wall clock.
