@@ -46,6 +46,7 @@ pub fn report(
     duration_ms: u64,
     before: StatsSnapshot,
     after: StatsSnapshot,
+    freshness_lag_s: Option<u64>,
     emf: bool,
 ) {
     let d = after.since(before);
@@ -78,11 +79,12 @@ pub fn report(
         rate_limited = d.rate_limited,
         slice_failures = failed,
         parked,
+        freshness_lag_s,
         "invocation summary"
     );
     if emf {
         let timestamp = jiff::Timestamp::now().as_millisecond();
-        let doc = json!({
+        let mut doc = json!({
             "_aws": {
                 "Timestamp": timestamp,
                 "CloudWatchMetrics": [{
@@ -118,6 +120,13 @@ pub fn report(
             // Slices of the table parked now, waiting for a person.
             "ParkedSlices": parked,
         });
+        // How old the table's newest replicated data is (left out before its first commit).
+        if let Some(lag) = freshness_lag_s {
+            doc["FreshnessLagSeconds"] = json!(lag);
+            if let Some(metrics) = doc["_aws"]["CloudWatchMetrics"][0]["Metrics"].as_array_mut() {
+                metrics.push(json!({"Name": "FreshnessLagSeconds", "Unit": "Seconds"}));
+            }
+        }
         println!("{doc}");
     }
 }

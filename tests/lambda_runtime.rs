@@ -476,6 +476,18 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
         timings.len(),
         "one EMF line per invocation:\n{log}"
     );
+    // Once export has committed days up to today, every export invocation tells how fresh its
+    // data is: less than a day old (today's commit holds data up to the minute it was made).
+    let export_lags: Vec<u64> = emf_lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["Table"] == "export")
+        .filter_map(|e| e["FreshnessLagSeconds"].as_u64())
+        .collect();
+    assert!(
+        !export_lags.is_empty() && export_lags.iter().all(|lag| *lag < 86_400),
+        "FreshnessLagSeconds of export: {export_lags:?}\n{log}"
+    );
     for line in emf_lines {
         let emf: Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("EMF line {line}: {e}"));
@@ -508,6 +520,12 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
         }
         assert!(
             Table::ALL.iter().any(|t| emf["Table"] == t.as_str()),
+            "{line}"
+        );
+        // Declared exactly when it is there (before a table's first commit it is left out).
+        assert_eq!(
+            names.contains(&"FreshnessLagSeconds"),
+            emf["FreshnessLagSeconds"].is_u64(),
             "{line}"
         );
     }

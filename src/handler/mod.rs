@@ -213,12 +213,27 @@ pub(crate) async fn reported<T>(
     let before = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
     let result = work.await;
     let after = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
+    let lag = match table.parse::<Table>() {
+        Ok(t) => match app.store.slices(t).await {
+            Ok(slices) => crate::schedule::freshness_lag_seconds(
+                &slices,
+                &app.settings.timezone,
+                Timestamp::now(),
+            ),
+            Err(e) => {
+                tracing::warn!(table, error = %e, "could not read the slices to tell the freshness lag");
+                None
+            }
+        },
+        Err(_) => None,
+    };
     crate::metrics::report(
         table,
         result.as_ref().map(response),
         started.elapsed().as_millis() as u64,
         before,
         after,
+        lag,
         emf,
     );
     result

@@ -511,8 +511,109 @@ fn settled(slices: &[SliceRecord], day: jiff::civil::Date, now_ms: u64) -> (bool
     (true, why)
 }
 
+/// How old the newest replicated data of a table is, in seconds, from its slices: for a table
+/// by day, now minus the latest instant its committed days hold (a day's end, or the time it
+/// was committed when that came first: today committed at 10:00 holds data up to 10:00); for a
+/// snapshot, now minus its last commit. A slice re-queued for a refresh still holds what it
+/// last committed. `None` before anything was committed.
+pub fn freshness_lag_seconds(
+    slices: &[SliceRecord],
+    tz: &jiff::tz::TimeZone,
+    now: Timestamp,
+) -> Option<u64> {
+    let held_until_ms = slices
+        .iter()
+        .filter_map(|r| {
+            let committed = r.committed_at_ms?;
+            match r.slice {
+                SliceId::Full => Some(committed),
+                SliceId::Day(day) => {
+                    let end = day
+                        .tomorrow()
+                        .ok()?
+                        .to_zoned_datetime(tz.clone())
+                        .ok()?
+                        .timestamp()
+                        .as_millisecond();
+                    Some(committed.min(u64::try_from(end).unwrap_or(0)))
+                }
+                _ => None,
+            }
+        })
+        .max()?;
+    let now_ms = u64::try_from(now.as_millisecond()).unwrap_or(0);
+    Some(now_ms.saturating_sub(held_until_ms) / 1000)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::state::SliceStatus;
+
+    fn record(slice: SliceId, status: SliceStatus, committed_at: Option<&str>) -> SliceRecord {
+        SliceRecord {
+            table: Table::Export,
+            slice,
+            status,
+            lease_owner: None,
+            lease_expires_ms: None,
+            committed_at_ms: committed_at
+                .map(|t| t.parse::<Timestamp>().unwrap().as_millisecond() as u64),
+            attempts: 0,
+            progress: None,
+            result: None,
+            failures: 0,
+            retry_at_ms: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_freshness_lag_counts_from_the_newest_data_a_commit_holds() {
+        let la = jiff::tz::TimeZone::get("America/Los_Angeles").unwrap();
+        let now: Timestamp = "2026-12-02T20:00:00Z".parse().unwrap();
+        let day = |s: &str| SliceId::Day(s.parse().unwrap());
+        // Nothing committed yet: no lag to tell.
+        let pending = [record(day("2026-12-01"), SliceStatus::Pending, None)];
+        assert_eq!(freshness_lag_seconds(&pending, &la, now), None);
+        // Yesterday (Los Angeles) committed after its end: its data ends at its midnight,
+        // 08:00 UTC today; today committed at 18:00 UTC holds data up to then: 2 hours.
+        let mut slices = vec![
+            record(
+                day("2026-11-30"),
+                SliceStatus::Committed,
+                Some("2026-12-02T09:00:00Z"),
+            ),
+            record(
+                day("2026-12-01"),
+                SliceStatus::Committed,
+                Some("2026-12-02T09:30:00Z"),
+            ),
+        ];
+        assert_eq!(freshness_lag_seconds(&slices, &la, now), Some(12 * 3600));
+        // Re-queued for a refresh, today still holds what it last committed.
+        slices.push(record(
+            day("2026-12-02"),
+            SliceStatus::Pending,
+            Some("2026-12-02T18:00:00Z"),
+        ));
+        assert_eq!(freshness_lag_seconds(&slices, &la, now), Some(2 * 3600));
+        // Hour slices say nothing of their own; a snapshot's lag is its age.
+        let snapshot = [record(
+            SliceId::Full,
+            SliceStatus::Leased,
+            Some("2026-12-02T19:59:00Z"),
+        )];
+        assert_eq!(freshness_lag_seconds(&snapshot, &la, now), Some(60));
+        // A commit stamped after now (clocks apart) is no negative lag.
+        let ahead = [record(
+            SliceId::Full,
+            SliceStatus::Committed,
+            Some("2026-12-02T20:00:05Z"),
+        )];
+        assert_eq!(freshness_lag_seconds(&ahead, &la, now), Some(0));
+    }
+
     /// The handler and the command call the core; no core module calls them back.
     #[test]
     fn no_core_module_calls_the_handler_or_the_command() {
