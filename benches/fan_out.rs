@@ -1,6 +1,6 @@
 //! Fan-out throughput: N queue workers on the SQS path, against the simulator and moto.
 //!
-//! A range event queues a 30-day backfill and sends one message per day to the fan-out queue
+//! A range event queues a backfill (`FAN_OUT_BENCH_DAYS`, default 30) and sends one message per day to the fan-out queue
 //! (moto); N workers each receive one message at a time, run it through the handler as the
 //! event source mapping's SQS event would be, and delete it when it is not a batch item
 //! failure — the Lambda path without Lambda's poller. The simulator enforces Mixpanel's export
@@ -12,7 +12,9 @@
 //! `cargo bench --bench fan_out` (moto from `scripts/setup-tools`, `MOTO_SERVER` set).
 //! `FAN_OUT_BENCH_EVENTS` events a day (default 2000), sent by the simulator at
 //! `FAN_OUT_BENCH_LINES_PER_SEC` (default 2000: Mixpanel's own pace, about a second a day, is
-//! what a worker waits on), `FAN_OUT_BENCH_WORKERS` (default "1,3,5").
+//! what a worker waits on), `FAN_OUT_BENCH_WORKERS` (default "1,3,5"). `FAN_OUT_BENCH_SPLIT=1`
+//! makes every day one Mixpanel cannot export at once (each request for more than an hour is
+//! cut off `terminated early`), so each day is replicated as its 24 hour slices.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -38,9 +40,15 @@ struct Run {
     rate_limited: usize,
 }
 
-async fn run(workers: usize, events: u32, window_secs: u64, lines_per_second: u32) -> Run {
-    const DAYS: u32 = 30;
-    let mut cfg = sim_config("UTC", DAYS, events);
+async fn run(
+    workers: usize,
+    days: u32,
+    split: bool,
+    events: u32,
+    window_secs: u64,
+    lines_per_second: u32,
+) -> Run {
+    let mut cfg = sim_config("UTC", days, events);
     cfg.rate_limit = Some(RateLimit {
         requests: 60,
         window: Duration::from_secs(window_secs),
@@ -48,6 +56,18 @@ async fn run(workers: usize, events: u32, window_secs: u64, lines_per_second: u3
     let first = cfg.first_day;
     let last = minus(today_in("UTC"), 1);
     let project = Project::start(cfg).await;
+    if split {
+        // Days Mixpanel cannot export at once: every request for more than an hour of a day is
+        // cut off, so each day is split into its 24 hours, as a day too big would be. (The
+        // simulator applies the first rule that matches: these come before the pace.)
+        for day in support::harness::days(first, last) {
+            project.simulator().push_fault(FaultRule::export_day(
+                day,
+                Some(Duration::from_secs(3600)),
+                Fault::TerminatedEarly { after_lines: 30 },
+            ));
+        }
+    }
     // Mixpanel sends an export body at its own pace: the time a worker waits, not computes.
     project.simulator().push_fault(FaultRule::new(
         "/api/2.0/export",
@@ -144,6 +164,8 @@ fn main() {
         return;
     }
     let events: u32 = var("FAN_OUT_BENCH_EVENTS", "2000").parse().unwrap();
+    let days: u32 = var("FAN_OUT_BENCH_DAYS", "30").parse().unwrap();
+    let split = var("FAN_OUT_BENCH_SPLIT", "0") == "1";
     let pace: u32 = var("FAN_OUT_BENCH_LINES_PER_SEC", "2000").parse().unwrap();
     let window: u64 = var("FAN_OUT_BENCH_WINDOW_SECS", "60").parse().unwrap();
     let workers: Vec<usize> = var("FAN_OUT_BENCH_WORKERS", "1,3,5")
@@ -156,23 +178,31 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     println!(
-        "30 days x {events} events sent at {pace} lines/s, limits 60 per {window} s and 3 per s (the hour scaled to {window} s)"
+        "{days} days x {events} events sent at {pace} lines/s{}, limits 60 per {window} s and 3 per s (the hour scaled to {window} s)",
+        if split {
+            ", each day split into hours"
+        } else {
+            ""
+        }
     );
-    println!("| workers | wall s | days/s | speed-up | per worker | export requests | 429s |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| workers | wall s | days/s | speed-up | per worker | export requests | requests/s | 429s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let mut one: Option<f64> = None;
     for n in workers {
-        let r = runtime.block_on(run(n, events, window, pace));
-        let rate = 30.0 / r.wall.as_secs_f64();
+        let r = runtime.block_on(run(n, days, split, events, window, pace));
+        let rate = f64::from(days) / r.wall.as_secs_f64();
         let base = *one.get_or_insert(rate);
         println!(
-            "| {} | {:.1} | {:.2} | {:.2}x | {:.2} | {} | {} |",
+            "| {} | {:.1} | {:.2} | {:.2}x | {:.2} | {} | {:.2} | {} |",
             r.workers,
             r.wall.as_secs_f64(),
             rate,
             rate / base,
             rate / base / r.workers as f64,
             r.requests,
+            r.requests as f64 / r.wall.as_secs_f64(),
             r.rate_limited
         );
     }
