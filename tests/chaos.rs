@@ -357,24 +357,24 @@ async fn a_commit_failing_after_its_manifest_leaves_no_manifest_naming_missing_p
         .bucket("cleanup-fails")
         .key(format!("{folder}/_manifest.json"))
         .send()
-        .await;
-    if let Ok(manifest) = manifest {
-        let body = manifest.body.collect().await.unwrap().into_bytes();
-        let manifest: mixpanel_replicator::commit::Manifest =
-            serde_json::from_slice(&body).unwrap();
-        for f in &manifest.files {
-            let part = direct
-                .head_object()
-                .bucket("cleanup-fails")
-                .key(format!("{folder}/{}", f.name))
-                .send()
-                .await;
-            assert!(
-                part.is_ok(),
-                "the manifest names {}, which was deleted",
-                f.name
-            );
-        }
+        .await
+        .expect("the manifest was written before the clean-up failed, and stays");
+    let body = manifest.body.collect().await.unwrap().into_bytes();
+    let manifest: mixpanel_replicator::commit::Manifest = serde_json::from_slice(&body).unwrap();
+    assert_eq!(manifest.records, 40, "{manifest:?}");
+    assert!(!manifest.files.is_empty(), "{manifest:?}");
+    for f in &manifest.files {
+        let part = direct
+            .head_object()
+            .bucket("cleanup-fails")
+            .key(format!("{folder}/{}", f.name))
+            .send()
+            .await;
+        assert!(
+            part.is_ok(),
+            "the manifest names {}, which was deleted",
+            f.name
+        );
     }
 }
 
@@ -456,19 +456,29 @@ async fn a_failed_prune_leaves_no_abandoned_snapshot_behind() {
     support::aws::create_state_table(&aws_sdk_dynamodb::Client::new(&aws.sdk), "prune-state").await;
     // The first snapshot's manifest cannot be written (three 500s: the SDK gives up), so its
     // folder is abandoned; then the second snapshot's prune cannot list the table (three 500s).
-    let mut manifests_failed = 0;
-    let mut listings_failed = 0;
+    // Shared with the proxy, to check afterwards that both faults were served.
+    let failed = std::sync::Arc::new((
+        std::sync::atomic::AtomicU32::new(0),
+        std::sync::atomic::AtomicU32::new(0),
+    ));
+    let counts = failed.clone();
     let proxy = Proxy::start(
         &aws.moto.endpoint(),
         Box::new(move |r| {
-            if r.method == "PUT" && r.path.ends_with("/_manifest.json") && manifests_failed < 3 {
-                manifests_failed += 1;
+            use std::sync::atomic::Ordering::SeqCst;
+            let (manifests_failed, listings_failed) = (&counts.0, &counts.1);
+            if r.method == "PUT"
+                && r.path.ends_with("/_manifest.json")
+                && manifests_failed.load(SeqCst) < 3
+            {
+                manifests_failed.fetch_add(1, SeqCst);
                 return Action::Error(500);
             }
             let whole_table =
                 r.query.contains("prefix=mixpanel%2Fcohorts%2F") && !r.query.contains("snapshot");
-            if manifests_failed == 3 && whole_table && listings_failed < 3 {
-                listings_failed += 1;
+            if manifests_failed.load(SeqCst) == 3 && whole_table && listings_failed.load(SeqCst) < 3
+            {
+                listings_failed.fetch_add(1, SeqCst);
                 return Action::Error(500);
             }
             Action::Pass
@@ -508,6 +518,18 @@ async fn a_failed_prune_leaves_no_abandoned_snapshot_behind() {
     let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
     let folders: std::collections::BTreeSet<&str> =
         keys.iter().filter_map(|k| k.split('/').nth(2)).collect();
+    // Both faults were met: a first snapshot was abandoned and a prune failed.
+    assert_eq!(
+        (
+            failed.0.load(std::sync::atomic::Ordering::SeqCst),
+            failed.1.load(std::sync::atomic::Ordering::SeqCst)
+        ),
+        (3, 3),
+        "answers: {answers:#?}"
+    );
+    // The committed snapshot at least (a complete one whose publishing failed may be kept
+    // beside it, as an older snapshot is, until retention removes it).
+    assert!(!folders.is_empty(), "{keys:#?}\nanswers: {answers:#?}");
     for folder in folders {
         assert!(
             keys.contains(&format!("mixpanel/cohorts/{folder}/_manifest.json").as_str()),

@@ -470,7 +470,6 @@ async fn bad_events_and_settings_fail_clearly_and_change_nothing() {
     // Nothing was created: no state file, no output.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     assert!(project.simulator().requests().is_empty());
-    let _ = ErrorKind::InvalidEvent;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

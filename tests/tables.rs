@@ -240,7 +240,15 @@ async fn funnels_rerun_their_attribution_window_and_snapshots_keep_the_retention
                 .map(String::from)
         })
         .collect();
-    assert!(snapshots.len() <= 2, "{snapshots:?}");
+    assert_eq!(snapshots.len(), 2, "{snapshots:?}");
+    // The latest of them is the one published, and exact.
+    let (latest, rows) = read_latest_snapshot(&app, "cohorts").await.unwrap();
+    assert_eq!(
+        Some(latest.as_str()),
+        snapshots.last().map(String::as_str),
+        "{snapshots:?}"
+    );
+    assert_eq!(rows, canonical(project.simulator().cohorts_ground_truth()));
 }
 
 async fn assert_all_funnels_exact(app: &mixpanel_replicator::app::App, project: &Project) {

@@ -74,11 +74,6 @@ const CODE_CALLS: &[(&str, &str, &str)] = &[
         "DynamoStore: slice queue, leases (conditional), bookmark",
     ),
     (
-        "delete_item",
-        "dynamodb:DeleteItem",
-        "DynamoStore: removing slice items",
-    ),
-    (
         "query",
         "dynamodb:Query",
         "DynamoStore: the slices of a table (the queue)",
@@ -696,7 +691,6 @@ fn the_function_role_allows_exactly_the_calls_the_code_makes() {
         "dynamodb:GetItem",
         "dynamodb:PutItem",
         "dynamodb:UpdateItem",
-        "dynamodb:DeleteItem",
         "dynamodb:Query",
     ] {
         assert_eq!(

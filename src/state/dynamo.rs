@@ -305,25 +305,6 @@ impl StateStore for DynamoStore {
             .await
     }
 
-    async fn remove_pending(&self, table: Table, slice: SliceId) -> Result<bool> {
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.table_name)
-            .key("pk", s(slice_pk(table)))
-            .key("sk", s(slice.to_string()))
-            .condition_expression("#status = :pending")
-            .expression_attribute_names(STATUS.0, STATUS.1)
-            .expression_attribute_values(":pending", s(SliceStatus::Pending.as_str()))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if condition_failed(&e) => Ok(false),
-            Err(e) => Err(self.fail(&format!("removing slice {slice} of {table}"), e)),
-        }
-    }
-
     async fn claim(
         &self,
         table: Table,

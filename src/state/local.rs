@@ -275,24 +275,6 @@ impl StateStore for LocalStore {
         .await
     }
 
-    async fn remove_pending(&self, table: Table, slice: SliceId) -> Result<bool> {
-        self.write(move |state| {
-            let Some(slices) = state.slices.get_mut(table.as_str()) else {
-                return Ok((false, false));
-            };
-            let id = slice.to_string();
-            if slices
-                .get(&id)
-                .is_some_and(|e| e.status == SliceStatus::Pending)
-            {
-                slices.remove(&id);
-                return Ok((true, true));
-            }
-            Ok((false, false))
-        })
-        .await
-    }
-
     async fn claim(
         &self,
         table: Table,

@@ -314,10 +314,6 @@ pub trait StateStore: Send + Sync {
         requeue_committed_before_ms: Option<u64>,
     ) -> Result<bool>;
 
-    /// Removes a pending slice from the queue (a day replaced by hour slices). Returns whether it
-    /// was removed; a leased or committed slice is left alone.
-    async fn remove_pending(&self, table: Table, slice: SliceId) -> Result<bool>;
-
     /// Claims a slice that is pending, or leased with a lease expired at `now_ms`. Returns the
     /// lease, or `None` when someone else holds it or it is committed.
     async fn claim(
