@@ -31,13 +31,13 @@ async fn read_rows(app: &App, folder: &str, m: &Manifest) -> Result<Vec<String>>
     Ok(rows)
 }
 
-/// Runs the demo into `out`.
-pub async fn run(out: PathBuf) -> Result<ExitCode> {
+/// The demo's project: ten whole days of 2,000 events that ended yesterday in Los Angeles
+/// (today's events are not all in the past yet, so no day of the ground truth may lie partly
+/// in the future).
+pub fn project(now: jiff::Timestamp) -> Result<SimConfig> {
     const TIMEZONE: &str = "America/Los_Angeles";
     const DAYS: u32 = 10;
-    // Ten whole days that ended yesterday in the project's timezone: today's events are not all
-    // in the past yet, so no day of the ground truth may lie partly in the future.
-    let today = jiff::Timestamp::now()
+    let today = now
         .to_zoned_datetime(
             jiff::tz::TimeZone::get(TIMEZONE).map_err(|e| Error::setting("timezone", e))?,
         )
@@ -45,13 +45,18 @@ pub async fn run(out: PathBuf) -> Result<ExitCode> {
     let first_day = today
         .checked_sub(jiff::Span::new().days(i64::from(DAYS)))
         .map_err(|e| Error::setting("start date", e))?;
-    let config = SimConfig {
+    Ok(SimConfig {
         timezone: TIMEZONE.into(),
         events_per_day: 2000,
         first_day,
         days: DAYS,
         ..SimConfig::default()
-    };
+    })
+}
+
+/// Runs the demo into `out`.
+pub async fn run(out: PathBuf) -> Result<ExitCode> {
+    let config = project(jiff::Timestamp::now())?;
     let sim = Simulator::new(config.clone());
     let running = sim
         .serve(0)
