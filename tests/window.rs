@@ -246,7 +246,10 @@ async fn a_window_whose_body_does_not_end_in_time_falls_back_to_single_days() {
         .iter()
         .filter(|s| s.status != SliceStatus::Committed)
         .collect();
-    assert_eq!(pending.len(), 6, "{slices:?}");
+    // A loaded machine may measure the first days slow and fetch one or two more alone
+    // before the window: the window is whatever was left, two days or more.
+    let n = pending.len();
+    assert!(n >= 2, "{slices:?}");
     assert!(
         pending.iter().all(|s| s.status == SliceStatus::Pending
             && s.failures == 0
@@ -256,13 +259,21 @@ async fn a_window_whose_body_does_not_end_in_time_falls_back_to_single_days() {
     );
     // Then single days, each of which fits.
     let report = sync(&app, &[Table::Export]).await.unwrap();
-    assert_eq!((report.slices, report.failed), (6, 0));
+    assert_eq!((report.slices, report.failed), (n as u64, 0));
     let today = today_in("UTC");
     assert_exact(&app, project.simulator(), first, today, None).await;
     assert_committed_by_contract(&app, first, today).await;
+    // One window request, then single days only: one per day it held.
     let requests = export_requests(project.simulator());
-    assert!(requests[2..].iter().all(|(f, t)| f == t), "{requests:?}");
-    assert_eq!(requests.len(), 2 + 6, "{requests:?}");
+    let windows: Vec<usize> = (0..requests.len())
+        .filter(|i| requests[*i].0 != requests[*i].1)
+        .collect();
+    assert_eq!(windows.len(), 1, "{requests:?}");
+    assert!(
+        requests[windows[0] + 1..].iter().all(|(f, t)| f == t),
+        "{requests:?}"
+    );
+    assert_eq!(requests.len(), windows[0] + 1 + n, "{requests:?}");
 }
 
 /// Whether this machine lets an unprivileged process mount a small file system of its own
