@@ -445,7 +445,15 @@ pub async fn write_schema(
 ) -> Result<()> {
     let body = serde_json::json!({
         "table": table.as_str(),
-        "columns": schema.columns.iter().map(|(name, ty)| serde_json::json!({"name": name, "type": type_json(ty)})).collect::<Vec<_>>(),
+        "columns": schema
+            .columns
+            .iter()
+            .map(|(name, ty)| {
+                // The Mixpanel name of what the column holds (`$city` for `mp_reserved_city`,
+                // `Country` for a `Country__2` renamed beside `country`).
+                serde_json::json!({"name": name, "type": type_json(ty), "mixpanel_name": schema.source_of(name)})
+            })
+            .collect::<Vec<_>>(),
     });
     let bytes = serde_json::to_vec_pretty(&body).map_err(Error::storage)?;
     sink.put(

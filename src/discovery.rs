@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::MixpanelClient;
 use crate::state::Schema;
 use crate::tables::Table;
-use crate::tables::json::output_key;
+use crate::tables::json::{named_schema, output_key, source_key};
 
 /// The properties Mixpanel lists for `table` (engage or export), as output columns.
 ///
@@ -87,7 +87,12 @@ pub async fn discover(app: &App, table: Table, deadline: Instant) -> Result<Sche
             Err(e) => return Err(e),
         },
     }
-    Ok(Schema { columns })
+    // Named as the rows will be: unique when case is folded, none taking a fixed column's.
+    let properties = columns
+        .into_iter()
+        .filter(|(name, _)| !fixed.iter().any(|(f, _)| f == name))
+        .map(|(name, ty)| (source_key(&name), ty));
+    Ok(named_schema(fixed, properties))
 }
 
 /// The export's properties endpoint.

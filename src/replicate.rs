@@ -170,17 +170,7 @@ pub async fn export_slice(
         split: !crate::schedule::plan::pieces(lease.slice).is_empty(),
         whole_day: matches!(lease.slice, SliceId::Day(_)),
     };
-    let fetched = match fetch(
-        app,
-        lease.slice,
-        &window,
-        &[],
-        known.as_ref(),
-        heavy,
-        deadline,
-    )
-    .await?
-    {
+    let fetched = match fetch(app, lease.slice, &window, &[], &known, heavy, deadline).await? {
         Fetch::Read(f) => f,
         Fetch::TooBig(why) => return Ok(Exported::TooBig(why)),
     };
@@ -190,7 +180,7 @@ pub async fn export_slice(
         body_began,
     } = fetched;
     let observed = pass1.schema.clone();
-    discover(app, known.is_none(), &observed).await?;
+    discover(app, known.stored().is_none(), &observed).await?;
 
     let pass1_done = Instant::now();
     // Writing the parts takes about as long as reading did when reading was bound by our CPU,
@@ -253,13 +243,36 @@ pub async fn export_slice(
     Ok(Exported::Done(result))
 }
 
-/// The columns kept when only known properties are (`MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`).
-pub(crate) async fn known_schema(app: &App) -> Result<Option<Schema>> {
-    if app.settings.select_properties_by_default {
-        Ok(None)
-    } else {
-        app.store.schema(Table::Export).await
+/// The export schema in the state store when a slice begins: the names its columns are
+/// written under, and the columns kept when only known properties are
+/// (`MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`).
+pub(crate) struct Known {
+    stored: Option<Schema>,
+    select_all: bool,
+}
+
+impl Known {
+    /// The stored schema.
+    pub fn stored(&self) -> Option<&Schema> {
+        self.stored.as_ref()
     }
+
+    /// The columns kept, when only known properties are.
+    pub fn allowed(&self) -> Option<&Schema> {
+        if self.select_all {
+            None
+        } else {
+            self.stored.as_ref()
+        }
+    }
+}
+
+/// The export schema in the state store (see [`Known`]).
+pub(crate) async fn known_schema(app: &App) -> Result<Known> {
+    Ok(Known {
+        stored: app.store.schema(Table::Export).await?,
+        select_all: app.settings.select_properties_by_default,
+    })
 }
 
 /// The slice's (or window's) count of Mixpanel's signs of a request too heavy, and whether
@@ -297,7 +310,7 @@ pub(crate) async fn fetch(
     what: impl std::fmt::Display,
     window: &export::ExportWindow,
     bounds: &[i64],
-    known: Option<&Schema>,
+    known: &Known,
     heavy: Heavy,
     deadline: Instant,
 ) -> Result<Fetch> {
@@ -309,8 +322,13 @@ pub(crate) async fn fetch(
     loop {
         let began = OnceLock::new();
         attempt += 1;
-        let mut transformer =
-            Transformer::new(s.timezone.clone(), s.export_time_mode, window, known);
+        let mut transformer = Transformer::new(
+            s.timezone.clone(),
+            s.export_time_mode,
+            window,
+            known.allowed(),
+        )
+        .named(known.stored());
         if bounds.len() > 2 {
             transformer = transformer.routed(bounds);
         }
@@ -387,10 +405,25 @@ pub(crate) async fn fetch(
 
 /// First discovery of the columns when only known properties are kept (`first`: none were
 /// known when the body was read).
+///
+/// Then claims the column names the body was written with: the stored schema takes the new
+/// ones unless another invocation named the same properties (or names folding to the same)
+/// first, in which case nothing of the body is committed and the slice is fetched again with
+/// the stored names.
 pub(crate) async fn discover(app: &App, first: bool, observed: &Schema) -> Result<()> {
-    if app.settings.select_properties_by_default || !first {
-        return Ok(());
+    if !app.settings.select_properties_by_default && first {
+        first_discovery(app, observed).await?;
     }
+    let stored = app.store.merge_schema(Table::Export, observed).await?;
+    if !observed.agrees_with(&stored) {
+        return Err(Error::transient(
+            "another invocation named new export columns first; the slice will be fetched again with their names",
+        ));
+    }
+    Ok(())
+}
+
+async fn first_discovery(app: &App, observed: &Schema) -> Result<()> {
     let stored = app.store.init_schema(Table::Export, observed).await?;
     // (System properties are kept whatever was discovered.)
     if observed

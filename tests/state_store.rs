@@ -100,6 +100,7 @@ fn schema(columns: &[(&str, &str)]) -> Schema {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        renamed: Default::default(),
     }
 }
 
@@ -576,9 +577,12 @@ async fn merge_schema_adds_missing_columns(store: Arc<dyn StateStore>) {
     let expected = schema(&[
         ("event", "string"),
         ("mp_reserved_city", "string"),
-        ("time", "string"),
+        ("time", "integer|string"),
     ]);
-    assert_eq!(merged, expected, "a column keeps its first type");
+    assert_eq!(
+        merged, expected,
+        "a column holds every type it was seen with"
+    );
     assert_eq!(store.schema(T).await.unwrap(), Some(expected.clone()));
     assert_eq!(
         store
@@ -587,6 +591,31 @@ async fn merge_schema_adds_missing_columns(store: Arc<dyn StateStore>) {
             .unwrap(),
         expected
     );
+
+    // Names are the store's: a column whose name folds to a stored one's is left out (its
+    // writer must name it again); a renamed column joins with the property it holds, and a
+    // property named like the table's own `event` may take `event__2`.
+    let mut renamed = schema(&[
+        ("MP_RESERVED_CITY", "string"),
+        ("country__2", "string"),
+        ("event__2", "integer"),
+    ]);
+    renamed.renamed = [
+        ("country__2".to_string(), "country".to_string()),
+        ("event__2".to_string(), "event".to_string()),
+    ]
+    .into();
+    let merged = store.merge_schema(T, &renamed).await.unwrap();
+    assert!(
+        !merged.columns.contains_key("MP_RESERVED_CITY"),
+        "{merged:?}"
+    );
+    assert!(!renamed.agrees_with(&merged));
+    assert_eq!(
+        (merged.source_of("country__2"), merged.source_of("event__2")),
+        ("country".to_string(), "event".to_string())
+    );
+    assert_eq!(store.schema(T).await.unwrap(), Some(merged));
 }
 
 async fn concurrent_schema_merges_lose_no_column(store: Arc<dyn StateStore>) {

@@ -328,6 +328,8 @@ pub(crate) struct Gen {
     pub last: i64,
     /// Each day's body carries the malformed lines of real exports (see [`Messy`]).
     pub messy: bool,
+    /// Events carry properties whose column names collide (see `SimConfig::column_collisions`).
+    pub collisions: bool,
     users: u64,
     t: &'static Templates,
 }
@@ -349,6 +351,7 @@ impl Gen {
             first,
             last: first + days as i64 - 1,
             messy: false,
+            collisions: false,
             users: (n / 4).max(20),
             t: &TEMPLATES,
         }
@@ -1061,6 +1064,9 @@ impl Gen {
                 push_u64(buf, r.below(12));
             }
         }
+        if self.collisions {
+            self.write_collisions(buf, c);
+        }
         // Adversarial fragments: each once in the first events of a day, then ~8% of events.
         let w = &t.weird;
         if let Some(k) = c.forced_weird {
@@ -1072,6 +1078,37 @@ impl Gen {
                 buf.push(b',');
                 buf.extend_from_slice(&w[(start + k) % w.len()]);
             }
+        }
+    }
+}
+
+impl Gen {
+    /// Properties whose column names collide, drawn from the event's own seed (a re-delivery
+    /// carries the same): see `SimConfig::column_collisions`.
+    fn write_collisions(&self, buf: &mut Vec<u8>, c: &Core) {
+        let h = mix(c.props ^ 0xC011_1510);
+        if h.is_multiple_of(7) {
+            buf.extend_from_slice(b",\"event\":");
+            push_u64(buf, h % 1000);
+        }
+        if h % 5 == 1 {
+            let first_day = DayInfo::new(&self.tz, self.first).map_or(i64::MIN, |d| d.s1);
+            buf.extend_from_slice(if c.instant < first_day {
+                b",\"Country\":\"FR\""
+            } else {
+                b",\"country\":\"fr\""
+            });
+        }
+        if h % 6 == 2 {
+            buf.extend_from_slice(b",\"mp_reserved_city\":\"custom\"");
+        }
+        if h % 11 == 3 {
+            buf.extend_from_slice(b",\"\":1");
+        }
+        if h % 13 == 4 {
+            buf.extend_from_slice(b",\"long_key_");
+            buf.extend_from_slice("k".repeat(991).as_bytes());
+            buf.extend_from_slice(b"\":true");
         }
     }
 }

@@ -73,6 +73,11 @@ pub struct SimConfig {
     /// string (one of about 600 KB), raw and escaped control bytes in strings, a line without
     /// `properties` and a line that is not JSON (see [`Simulator::export_rejected_truth`]).
     pub messy_lines: bool,
+    /// Events carry properties whose column names collide, as real projects' do: a property
+    /// named `event`; `Country` on the first day's events and `country` on later days'; a
+    /// custom `mp_reserved_city` beside `$city`; an empty key; a 1,000-character key. Ground
+    /// truth names them as the replicator's contract says (see [`collision_column`]).
+    pub column_collisions: bool,
     /// The most profiles an `engage` page holds whatever `page_size` asks; the answer's
     /// `page_size` then says the size served, as Mixpanel's does.
     pub engage_max_page_size: Option<u32>,
@@ -106,6 +111,7 @@ impl Default for SimConfig {
             eu_revenue_400: false,
             plan_excludes: Vec::new(),
             messy_lines: false,
+            column_collisions: false,
             engage_max_page_size: None,
             engage_integer_ids: false,
             engage_omit_empty_properties: false,
@@ -306,6 +312,33 @@ struct State {
 /// Dedup key (event, distinct_id as JSON, time, $insert_id as JSON) -> (processing ms, properties, event).
 type Latest = HashMap<(String, String, i64, String), (i64, Map<String, Value>, String)>;
 
+/// The column of an export property when `column_collisions` is on: names unique when case
+/// is folded and never one of the record's own keys. The first spelling seen keeps the plain
+/// name and a later one is `{name}__2`: `event` (the record's own key), `country` (after the
+/// first day's `Country`) and a custom `mp_reserved_city` (after `$city`, on every event)
+/// become `event__2`, `country__2` and `mp_reserved_city__2`; an empty key is `_blank`; a
+/// key longer than 200 characters is cut to 182 and given `__` and the 16 hex digits of its
+/// 64-bit FNV-1a hash. Every other key is its output name (`$x` → `mp_reserved_x`).
+pub fn collision_column(key: &str) -> String {
+    match key {
+        "event" => "event__2".into(),
+        "country" => "country__2".into(),
+        "mp_reserved_city" => "mp_reserved_city__2".into(),
+        k if k.trim().is_empty() => "_blank".into(),
+        k if k.chars().count() > 200 => {
+            let head: String = k.chars().take(182).collect();
+            let hash = k.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+            format!("{head}__{hash:016x}")
+        }
+        k => match k.strip_prefix('$') {
+            Some(rest) => format!("mp_reserved_{rest}"),
+            None => k.to_string(),
+        },
+    }
+}
+
 /// Clock helpers.
 struct Clock;
 
@@ -335,6 +368,7 @@ impl Simulator {
             config.days,
         );
         generator.messy = config.messy_lines;
+        generator.collisions = config.column_collisions;
         let started_epoch_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -500,9 +534,13 @@ impl Simulator {
                     if k == "time" || k == "distinct_id" {
                         continue;
                     }
-                    let k = match k.strip_prefix('$') {
-                        Some(rest) => format!("mp_reserved_{rest}"),
-                        None => k,
+                    let k = if self.inner.config.column_collisions {
+                        collision_column(&k)
+                    } else {
+                        match k.strip_prefix('$') {
+                            Some(rest) => format!("mp_reserved_{rest}"),
+                            None => k,
+                        }
                     };
                     row.insert(k, v);
                 }

@@ -65,6 +65,10 @@ struct Args {
     /// split by raw line breaks, control bytes, a line without properties, one not JSON).
     #[arg(long)]
     messy_lines: bool,
+    /// Events carry properties whose column names collide (`event`, `Country`/`country`, a
+    /// custom `mp_reserved_city`, an empty key, a 1,000-character key).
+    #[arg(long)]
+    column_collisions: bool,
     /// Most profiles an engage page holds whatever page_size asks (the answer says the size).
     #[arg(long)]
     engage_max_page_size: Option<u32>,
@@ -160,6 +164,7 @@ fn config(args: Args) -> Result<SimConfig, String> {
             .filter(|s| !s.is_empty())
             .collect(),
         messy_lines: args.messy_lines,
+        column_collisions: args.column_collisions,
         engage_max_page_size: args.engage_max_page_size,
         engage_integer_ids: args.engage_integer_ids,
         engage_omit_empty_properties: args.engage_omit_empty_properties,

@@ -119,16 +119,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
         whole_day: false,
     };
     tracing::info!(table = "export", window = %label, days = days.len(), "fetching small days with one request");
-    let fetched = replicate::fetch(
-        app,
-        &label,
-        &window,
-        &bounds,
-        known.as_ref(),
-        heavy,
-        deadline,
-    )
-    .await;
+    let fetched = replicate::fetch(app, &label, &window, &bounds, &known, heavy, deadline).await;
     let fetched = match fetched {
         Ok(Fetch::Read(f)) => f,
         Ok(Fetch::TooBig(why)) => return Ok(Some(fall_back(app, &leases, &label, &why).await)),
@@ -146,7 +137,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
         }
     };
     let observed = fetched.pass1.schema.clone();
-    if let Err(e) = replicate::discover(app, known.is_none(), &observed).await {
+    if let Err(e) = replicate::discover(app, known.stored().is_none(), &observed).await {
         give_back(app, &leases[1..], false).await;
         return Err(e);
     }

@@ -150,7 +150,18 @@ impl DynamoStore {
             Some(_) => return Err(bad("columns is neither a map nor a JSON string".into())),
         };
         let version = number(&item, "version").map_err(bad)?;
-        Ok(Some((Schema { columns }, version)))
+        let renamed = match item.get("renamed") {
+            Some(AttributeValue::M(m)) => m
+                .iter()
+                .map(|(k, v)| match v {
+                    AttributeValue::S(key) => Ok((k.clone(), key.clone())),
+                    _ => Err(bad(format!("renamed column {k:?} is not a string"))),
+                })
+                .collect::<Result<BTreeMap<_, _>>>()?,
+            None => BTreeMap::new(),
+            Some(_) => return Err(bad("renamed is not a map".into())),
+        };
+        Ok(Some((Schema { columns, renamed }, version)))
     }
 
     /// Writes `schema` as the whole schema item if the item is still as it was read
@@ -179,6 +190,14 @@ impl DynamoStore {
             .item("sk", s(table.as_str()))
             .item("columns", AttributeValue::M(columns))
             .item("version", n(next));
+        if !schema.renamed.is_empty() {
+            let renamed: HashMap<String, AttributeValue> = schema
+                .renamed
+                .iter()
+                .map(|(k, v)| (k.clone(), s(v)))
+                .collect();
+            request = request.item("renamed", AttributeValue::M(renamed));
+        }
         request = match expected {
             None => request.condition_expression("attribute_not_exists(pk)"),
             Some(None) => request
@@ -545,7 +564,9 @@ impl StateStore for DynamoStore {
         for _ in 0..MERGE_ATTEMPTS {
             let current = self.read_schema(table).await?;
             let (merged, expected) = match &current {
-                Some((stored, version)) => (union(stored, columns), Some(*version)),
+                Some((stored, version)) => {
+                    (stored.merged(columns, table.fixed_keys()), Some(*version))
+                }
                 None => (columns.clone(), None),
             };
             if let Some((stored, _)) = &current
@@ -563,18 +584,6 @@ impl StateStore for DynamoStore {
             self.table_name
         )))
     }
-}
-
-/// `stored` plus the columns of `new` it lacks; a column's first known type wins.
-fn union(stored: &Schema, new: &Schema) -> Schema {
-    let mut merged = stored.clone();
-    for (name, kind) in &new.columns {
-        merged
-            .columns
-            .entry(name.clone())
-            .or_insert_with(|| kind.clone());
-    }
-    merged
 }
 
 /// Whether an SDK error is DynamoDB's answer that a condition did not hold.

@@ -454,13 +454,10 @@ impl StateStore for LocalStore {
         self.write(move |state| {
             let created = !state.schemas.contains_key(table.as_str());
             let stored = state.schemas.entry(table.as_str().to_owned()).or_default();
-            let before = stored.columns.len();
-            for (name, kind) in columns.columns {
-                // A column's first known type wins, as in the DynamoDB store.
-                stored.columns.entry(name).or_insert(kind);
-            }
-            let changed = created || stored.columns.len() != before;
-            Ok((stored.clone(), changed))
+            let merged = stored.merged(&columns, table.fixed_keys());
+            let changed = created || merged != *stored;
+            *stored = merged.clone();
+            Ok((merged, changed))
         })
         .await
     }

@@ -268,6 +268,13 @@ impl Transformer {
         }
     }
 
+    /// Names property columns as the table's stored schema did (see [`Columns`]): the
+    /// record's own `event`, `distinct_id` and `time` are never a property's.
+    pub fn named(mut self, stored: Option<&Schema>) -> Self {
+        self.columns = self.columns.named(stored, &FIXED_KEYS);
+        self
+    }
+
     /// Routes records to the days of a multi-day window: `bounds` are the days' starts and the
     /// last day's end (from [`window_of_days`]); see [`Transformer::day`].
     pub fn routed(mut self, bounds: &[i64]) -> Self {
@@ -426,6 +433,9 @@ impl Transformer {
         ])
     }
 }
+
+/// The keys of an export record that no property column may take.
+pub const FIXED_KEYS: [&str; 3] = ["event", "distinct_id", "time"];
 
 fn unusable(line: &[u8], why: &str, incomplete: bool) -> Result<LineOutcome> {
     if is_terminated_early(line) {

@@ -3,14 +3,16 @@
 //! type and exact value (big integers, float spelling, nesting) are kept.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::state::Schema;
+use std::sync::{Arc, Mutex};
+
+use crate::state::{Schema, folded, type_name};
 
 /// JSON types seen in a column, as bits.
 const T_STRING: u8 = 1;
@@ -37,18 +39,20 @@ pub fn source_key(c: &str) -> String {
     }
 }
 
-fn type_name(bits: u8) -> &'static str {
-    let b = if bits == T_NULL { bits } else { bits & !T_NULL };
-    match b {
-        T_STRING => "string",
-        T_INTEGER => "integer",
-        T_NUMBER | 6 => "number",
-        T_BOOLEAN => "boolean",
-        T_OBJECT => "object",
-        T_ARRAY => "array",
-        T_NULL => "null",
-        _ => "json",
-    }
+/// The JSON type names of a set of type bits.
+fn bit_names(bits: u8) -> impl Iterator<Item = &'static str> {
+    [
+        (T_STRING, "string"),
+        (T_INTEGER, "integer"),
+        (T_NUMBER, "number"),
+        (T_BOOLEAN, "boolean"),
+        (T_OBJECT, "object"),
+        (T_ARRAY, "array"),
+        (T_NULL, "null"),
+    ]
+    .into_iter()
+    .filter(move |(bit, _)| bits & bit != 0)
+    .map(|(_, n)| n)
 }
 
 fn type_bits(raw: &str) -> u8 {
@@ -119,8 +123,15 @@ impl Types {
     }
 }
 
-/// The properties a table writes: which are allowed (a known schema) and which were seen.
-#[derive(Debug, Default)]
+/// The properties a table writes: which are allowed (a known schema), which were seen, and
+/// the column each is written under.
+///
+/// Column names are unique when case is folded, as SQL engines fold them (DuckDB, Spark,
+/// Athena's JSON SerDe): a property whose output name would fold to a name already taken —
+/// one of the table's own keys (`event`, `distinct_id`, `time`), or another property's column
+/// — is written as `{name}__2` (then `__3`, ...). The first spelling seen keeps the plain name;
+/// the names already stored for the table are kept whatever comes later.
+#[derive(Debug)]
 pub struct Columns {
     /// Only these property keys (as sent) are kept, when set.
     allowed: Option<HashSet<String>>,
@@ -128,6 +139,69 @@ pub struct Columns {
     seen: HashMap<String, Column, foldhash::fast::RandomState>,
     /// Property keys kept whatever `allowed` says (a table's system properties).
     always: Option<fn(&str) -> bool>,
+    /// The columns of every property, shared by the workers of one slice.
+    naming: Arc<Mutex<Naming>>,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns::new(None)
+    }
+}
+
+/// Which column each property is written under, and which names are taken.
+#[derive(Debug, Default)]
+struct Naming {
+    /// Whether names are kept unique when case is folded (a table whose names are stored);
+    /// otherwise each property is written under its output name ([`output_key`]).
+    unique: bool,
+    /// Property key (as sent) → column name.
+    names: HashMap<String, String>,
+    /// Column names taken, case folded (the table's own keys included).
+    taken: HashSet<String>,
+}
+
+impl Naming {
+    fn name_for(&mut self, key: &str) -> String {
+        if !self.unique {
+            return output_key(key).into_owned();
+        }
+        if let Some(name) = self.names.get(key) {
+            return name.clone();
+        }
+        let base = column_name(key);
+        let mut name = base.clone();
+        let mut n = 1;
+        while self.taken.contains(&folded(&name)) {
+            n += 1;
+            name = format!("{base}__{n}");
+        }
+        self.taken.insert(folded(&name));
+        self.names.insert(key.to_string(), name.clone());
+        name
+    }
+}
+
+/// Longest column name written (Glue and Athena take 255 characters).
+const MAX_COLUMN_CHARS: usize = 200;
+
+/// A property's plain column name: its output name ([`output_key`]); `_blank` for a key that
+/// is empty or only whitespace; a key longer than [`MAX_COLUMN_CHARS`] cut there, with a hash
+/// of the whole key so that two long keys stay apart.
+pub fn column_name(key: &str) -> String {
+    let name = output_key(key);
+    if name.trim().is_empty() {
+        return "_blank".into();
+    }
+    if name.chars().count() <= MAX_COLUMN_CHARS {
+        return name.into_owned();
+    }
+    let head: String = name.chars().take(MAX_COLUMN_CHARS - 18).collect();
+    // FNV-1a: stable across versions and platforms, unlike the standard hasher.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{head}__{hash:016x}")
 }
 
 /// A property key seen: one lookup gives all that writing it needs.
@@ -137,7 +211,9 @@ struct Column {
     bits: u8,
     /// Whether the schema keeps it.
     keep: bool,
-    /// `,"output name":`, ready to copy.
+    /// Its column name.
+    name: String,
+    /// `,"column name":`, ready to copy.
     prefix: Box<[u8]>,
 }
 
@@ -145,9 +221,10 @@ impl Columns {
     /// Columns limited to `known` (output names) when given.
     pub fn new(known: Option<&Schema>) -> Self {
         Columns {
-            allowed: known.map(|s| s.columns.keys().map(|c| source_key(c)).collect()),
+            allowed: known.map(|s| s.columns.keys().map(|c| s.source_of(c)).collect()),
             seen: HashMap::default(),
             always: None,
+            naming: Arc::default(),
         }
     }
 
@@ -159,12 +236,37 @@ impl Columns {
         }
     }
 
-    /// The same filter with nothing seen yet (for another worker of the same slice).
+    /// Names columns as `stored` did (the table's schema in the state store), beside the
+    /// table's own keys `fixed`, which no property column may take.
+    pub fn named(self, stored: Option<&Schema>, fixed: &[&str]) -> Self {
+        let mut naming = Naming {
+            unique: true,
+            ..Naming::default()
+        };
+        for f in fixed {
+            naming.taken.insert(folded(f));
+        }
+        if let Some(stored) = stored {
+            for c in stored.columns.keys() {
+                naming.taken.insert(folded(c));
+                if !fixed.contains(&c.as_str()) {
+                    naming.names.insert(stored.source_of(c), c.clone());
+                }
+            }
+        }
+        Columns {
+            naming: Arc::new(Mutex::new(naming)),
+            ..self
+        }
+    }
+
+    /// The same filter and naming with nothing seen yet (for another worker of the same slice).
     pub fn fork(&self) -> Self {
         Columns {
             allowed: self.allowed.clone(),
             seen: HashMap::default(),
             always: self.always,
+            naming: self.naming.clone(),
         }
     }
 
@@ -188,16 +290,22 @@ impl Columns {
             None => {
                 let keep = self.allowed.as_ref().is_none_or(|a| a.contains(key))
                     || self.always.is_some_and(|always| always(key));
-                let mut prefix = Vec::with_capacity(key.len() + 16);
+                let name = if keep {
+                    self.naming
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .name_for(key)
+                } else {
+                    String::new()
+                };
+                let mut prefix = Vec::with_capacity(name.len() + 4);
                 prefix.extend_from_slice(b",\"");
-                if key.starts_with('$') {
-                    prefix.extend_from_slice(b"mp_reserved_");
-                }
-                write_escaped(&mut prefix, key.strip_prefix('$').unwrap_or(key));
+                write_escaped(&mut prefix, &name);
                 prefix.extend_from_slice(b"\":");
                 self.seen.entry(key.to_string()).or_insert(Column {
                     bits: 0,
                     keep,
+                    name,
                     prefix: prefix.into_boxed_slice(),
                 })
             }
@@ -210,18 +318,24 @@ impl Columns {
         out.extend_from_slice(raw.as_bytes());
     }
 
-    /// The columns seen (output names and JSON types) plus `fixed` ones.
+    /// The columns seen (names and JSON types, with the property of each renamed one) plus
+    /// `fixed` ones.
     pub fn schema(&self, fixed: &[(&str, &str)]) -> Schema {
-        let mut columns = BTreeMap::new();
+        let mut schema = Schema::default();
         for (name, ty) in fixed {
-            columns.insert(name.to_string(), ty.to_string());
+            schema.columns.insert(name.to_string(), ty.to_string());
         }
         for (k, c) in &self.seen {
             if c.keep {
-                columns.insert(output_key(k).into_owned(), type_name(c.bits).to_string());
+                schema
+                    .columns
+                    .insert(c.name.clone(), type_name(bit_names(c.bits)));
+                if c.name != output_key(k) {
+                    schema.renamed.insert(c.name.clone(), k.clone());
+                }
             }
         }
-        Schema { columns }
+        schema
     }
 }
 
@@ -295,7 +409,32 @@ pub fn fixed_schema(columns: &[(&str, &str)]) -> Schema {
             .iter()
             .map(|(n, t)| (n.to_string(), t.to_string()))
             .collect(),
+        renamed: Default::default(),
     }
+}
+
+/// The schema of the `fixed` columns and of `properties` (key as sent, type), each property
+/// named as [`Columns`] names it, in the order given.
+pub fn named_schema(
+    fixed: &[(&str, &str)],
+    properties: impl IntoIterator<Item = (String, String)>,
+) -> Schema {
+    let mut schema = fixed_schema(fixed);
+    let mut naming = Naming {
+        unique: true,
+        ..Naming::default()
+    };
+    for (f, _) in fixed {
+        naming.taken.insert(folded(f));
+    }
+    for (key, ty) in properties {
+        let name = naming.name_for(&key);
+        if name != output_key(&key) {
+            schema.renamed.insert(name.clone(), key);
+        }
+        schema.columns.insert(name, ty);
+    }
+    schema
 }
 
 /// Writes the inside of a JSON string.
@@ -322,4 +461,125 @@ pub fn write_escaped(out: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(v: &str) -> Box<RawValue> {
+        RawValue::from_string(v.to_string()).unwrap()
+    }
+
+    /// The record `{...}` of these properties (key, raw value) written through `columns`.
+    fn written(columns: &mut Columns, props: &[(&str, &str)]) -> String {
+        let mut out = Vec::new();
+        for (k, v) in props {
+            columns.push(&mut out, k, &raw(v));
+        }
+        format!(
+            "{{{}}}",
+            String::from_utf8(out).unwrap().trim_start_matches(',')
+        )
+    }
+
+    #[test]
+    fn a_column_name_is_unique_when_case_is_folded_and_never_a_fixed_key() {
+        let fixed = ["event", "distinct_id", "time"];
+        let mut c = Columns::new(None).named(None, &fixed);
+        let long_a = format!("{}a", "x".repeat(999));
+        let long_b = format!("{}b", "x".repeat(999));
+        let row = written(
+            &mut c,
+            &[
+                ("event", "124"),
+                ("Country", "\"FR\""),
+                ("country", "\"fr\""),
+                ("COUNTRY", "1"),
+                ("$city", "\"Paris\""),
+                ("mp_reserved_city", "\"custom\""),
+                ("", "1"),
+                ("  ", "2"),
+                (&long_a, "3"),
+                (&long_b, "4"),
+            ],
+        );
+        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&row).unwrap();
+        let keys: Vec<&str> = v.keys().map(String::as_str).collect();
+        let long_names: Vec<&&str> = keys.iter().filter(|k| k.starts_with("xxx")).collect();
+        assert_eq!(long_names.len(), 2, "{keys:?}");
+        assert!(
+            long_names
+                .iter()
+                .all(|k| k.chars().count() <= MAX_COLUMN_CHARS)
+        );
+        for k in [
+            "event__2",
+            "Country",
+            "country__2",
+            "COUNTRY__3",
+            "mp_reserved_city",
+            "mp_reserved_city__2",
+            "_blank",
+            "_blank__2",
+        ] {
+            assert!(keys.contains(&k), "{k} in {keys:?}");
+        }
+        assert_eq!(v["mp_reserved_city"], "Paris");
+        assert_eq!(v["mp_reserved_city__2"], "custom");
+        // The same key gets the same column in every line, and the schema says which
+        // property each renamed column holds.
+        assert_eq!(
+            written(&mut c, &[("country", "\"de\"")]),
+            r#"{"country__2":"de"}"#
+        );
+        let schema = c.schema(&[("event", "string")]);
+        assert_eq!(schema.source_of("country__2"), "country");
+        assert_eq!(schema.source_of("event__2"), "event");
+        assert_eq!(schema.source_of("mp_reserved_city__2"), "mp_reserved_city");
+        assert_eq!(schema.source_of("mp_reserved_city"), "$city");
+        let mut long_sources: Vec<String> =
+            long_names.iter().map(|n| schema.source_of(n)).collect();
+        long_sources.sort();
+        assert_eq!(long_sources, [long_a.clone(), long_b.clone()]);
+        assert_eq!(schema.columns["country__2"], "string");
+        assert_eq!(schema.columns["event"], "string");
+        assert_eq!(schema.columns["event__2"], "integer");
+        assert!(!schema.renamed.contains_key("Country"), "{schema:?}");
+    }
+
+    #[test]
+    fn stored_names_win_whatever_order_a_later_body_brings_the_variants_in() {
+        let fixed = ["event", "distinct_id", "time"];
+        let mut first = Columns::new(None).named(None, &fixed);
+        written(&mut first, &[("Country", "\"FR\""), ("country", "\"fr\"")]);
+        let stored = first.schema(&[("event", "string")]);
+        let mut later = Columns::new(None).named(Some(&stored), &fixed);
+        assert_eq!(
+            written(
+                &mut later,
+                &[
+                    ("country", "\"de\""),
+                    ("Country", "\"DE\""),
+                    ("cOuntry", "1")
+                ]
+            ),
+            r#"{"country__2":"de","Country":"DE","cOuntry__3":1}"#
+        );
+        // A worker forked from it shares the names.
+        let mut fork = later.fork();
+        assert_eq!(
+            written(&mut fork, &[("cOuntry", "2")]),
+            r#"{"cOuntry__3":2}"#
+        );
+    }
+
+    #[test]
+    fn without_stored_names_a_table_writes_each_property_under_its_plain_name() {
+        let mut c = Columns::new(None);
+        assert_eq!(
+            written(&mut c, &[("Country", "1"), ("country", "2"), ("$os", "3")]),
+            r#"{"Country":1,"country":2,"mp_reserved_os":3}"#
+        );
+    }
 }

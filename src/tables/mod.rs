@@ -60,6 +60,15 @@ impl Table {
     pub fn is_date_sliced(self) -> bool {
         matches!(self, Table::Export | Table::Funnels | Table::Revenue)
     }
+
+    /// The keys of the table's records that hold no property: no property column takes them.
+    pub fn fixed_keys(self) -> &'static [&'static str] {
+        match self {
+            Table::Export => &export::FIXED_KEYS,
+            Table::Engage => &["distinct_id"],
+            _ => &[],
+        }
+    }
 }
 
 impl fmt::Display for Table {
