@@ -314,6 +314,51 @@ fn default_of(param: &Value) -> Option<String> {
     }
 }
 
+/// Seconds between two ticks of a `rate(N unit)` schedule expression.
+fn rate_seconds(expr: &str) -> u64 {
+    let inner = expr
+        .strip_prefix("rate(")
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("not a rate expression: {expr:?}"));
+    let (n, unit) = inner
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("rate(N unit): {expr:?}"));
+    let n: u64 = n.parse().unwrap_or_else(|e| panic!("{expr:?}: {e}"));
+    let unit_seconds = match unit.trim_end_matches('s') {
+        "minute" => 60,
+        "hour" => 3600,
+        "day" => 86400,
+        other => panic!("{expr:?}: unit {other:?}"),
+    };
+    n * unit_seconds
+}
+
+/// Each table's schedule and the seconds between its ticks at the parameter's default.
+fn schedules(t: &Value) -> BTreeMap<Table, (&String, &Value, u64)> {
+    let params = t["Parameters"].as_object().unwrap();
+    resources_of_type(t, "AWS::Scheduler::Schedule")
+        .into_iter()
+        .map(|(name, schedule)| {
+            let input = schedule["Properties"]["Target"]["Input"].as_str().unwrap();
+            let table = match parse_event(&serde_json::from_str(input).unwrap()) {
+                Ok(Invocation::Scheduled(table)) => table,
+                other => panic!("{name}: {other:?}"),
+            };
+            let rate = schedule["Properties"]["ScheduleExpression"]["Ref"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: the rate is a parameter"));
+            let interval = rate_seconds(&default_of(&params[rate]).unwrap());
+            (table, (name, schedule, interval))
+        })
+        .collect()
+}
+
+/// The settings the function gets with every parameter at its default.
+fn default_settings(t: &Value) -> Settings {
+    let env = default_environment(t);
+    Settings::from_lookup(RunMode::Lambda, |k| env.get(k).cloned()).unwrap()
+}
+
 /// Every statement of every inline policy of a role.
 fn statements(role: &Value) -> Vec<(String, Value)> {
     let mut out = Vec::new();
@@ -520,10 +565,22 @@ fn one_schedule_per_table_invokes_the_function_with_its_scheduled_event() {
         );
         let state = &params[&format!("{stem}ScheduleState")];
         assert_eq!(state["AllowedValues"], json!(["ENABLED", "DISABLED"]));
-        if table == Table::Export {
-            assert_eq!(
-                state["Default"], "ENABLED",
-                "the export schedule runs by default"
+        // Every table is replicated: a fresh stack replicates all of them.
+        assert_eq!(
+            state["Default"], "ENABLED",
+            "{name}: every schedule runs by default"
+        );
+        for text in [
+            &state["Description"],
+            &params[&format!("{stem}ScheduleRate")]["Description"],
+            &p["Description"]["Fn::Sub"],
+        ] {
+            let text = text
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: a description"));
+            assert!(
+                text.contains(table.as_str()) && !text.contains("not replicated"),
+                "{name}: {text:?}"
             );
         }
     }
@@ -531,6 +588,67 @@ fn one_schedule_per_table_invokes_the_function_with_its_scheduled_event() {
         seen.into_iter().collect::<Vec<_>>(),
         Table::ALL.to_vec(),
         "exactly one schedule per table"
+    );
+}
+
+#[test]
+fn the_default_rates_refresh_every_table_within_mixpanels_budgets() {
+    let t = template();
+    let settings = default_settings(&t);
+    let refresh = settings.refresh.as_secs();
+    let window = settings.rate_window.as_secs() as f64;
+    let schedules = schedules(&t);
+    // A table is read again at the first tick at least the refresh interval after its last
+    // commit: within the refresh interval plus one tick, when every tick comes within it.
+    let cycle = |table: Table| refresh + schedules[&table].2;
+    for (name, _, interval) in schedules.values() {
+        assert!(
+            *interval <= refresh,
+            "{name}: ticks every {interval} s, less often than the refresh interval ({refresh} s)"
+        );
+    }
+
+    // Export API: export alone. Caught up, about one request per cycle.
+    let export_demand = window / cycle(Table::Export) as f64;
+    assert!(
+        export_demand <= f64::from(settings.export_requests_per_window) / 10.0,
+        "a caught-up export costs {export_demand:.1} of {} requests per window",
+        settings.export_requests_per_window
+    );
+    assert!(
+        schedules[&Table::Export].2 <= 300,
+        "new export days start within minutes"
+    );
+
+    // Query API, shared by the other six (annotations through the same ledger): the project of
+    // the template's comment (10 funnels, 20,000 profiles, 20 cohorts under 1000 members) fits.
+    let per_read = [
+        (Table::Revenue, 1),
+        (Table::Funnels, 1 + 10),
+        (Table::Engage, 20),
+        (Table::Cohorts, 1),
+        (Table::CohortMembers, 1 + 20),
+        (Table::Annotations, 1),
+    ];
+    assert_eq!(per_read.len() + 1, Table::ALL.len());
+    let per_cycle: u64 = per_read.iter().map(|(_, q)| q).sum();
+    assert_eq!(
+        per_cycle, 55,
+        "the template's comment says 55 queries per re-read"
+    );
+    let query_demand: f64 = per_read
+        .iter()
+        .map(|(table, queries)| *queries as f64 * window / cycle(*table) as f64)
+        .sum();
+    assert!(
+        query_demand <= f64::from(settings.query_requests_per_window),
+        "the example project needs {query_demand:.1} queries per window of {}",
+        settings.query_requests_per_window
+    );
+    assert_eq!(
+        query_demand.round(),
+        37.0,
+        "the template's comment says about 37 an hour"
     );
 }
 
