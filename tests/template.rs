@@ -652,6 +652,70 @@ fn the_default_rates_refresh_every_table_within_mixpanels_budgets() {
     );
 }
 
+/// The values samconfig.toml's `parameter_overrides` (every section) give `param`.
+fn samconfig_overrides(param: &str) -> Vec<String> {
+    let path = Path::new(ROOT).join("samconfig.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let prefix = format!("\"{param}=");
+    text.lines()
+        .map(str::trim_start)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| {
+            rest.split_once('"')
+                .expect("a quoted override")
+                .0
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_first_deploy_needs_no_concurrency_quota_and_refuses_the_placeholder_secret() {
+    let t = template();
+    let params = t["Parameters"].as_object().unwrap();
+
+    // No reservation by default: Lambda keeps 100 of the account's concurrency unreserved, so a
+    // new account (a quota of 10) cannot reserve any and the deploy would roll back.
+    assert_eq!(
+        default_of(&params["ReservedConcurrency"]).as_deref(),
+        Some("-1")
+    );
+    assert_eq!(
+        t["Conditions"]["HasReservedConcurrency"],
+        json!({"Fn::Not": [{"Fn::Equals": [{"Ref": "ReservedConcurrency"}, "-1"]}]})
+    );
+    assert_eq!(
+        function(&t)["Properties"]["ReservedConcurrentExecutions"],
+        json!({"Fn::If": ["HasReservedConcurrency", {"Ref": "ReservedConcurrency"}, {"Ref": "AWS::NoValue"}]}),
+        "-1 sets no ReservedConcurrentExecutions"
+    );
+
+    // samconfig.toml's secret is a placeholder the template refuses: a forgotten edit fails.
+    let secret = &params["MixpanelSecretId"];
+    assert!(
+        default_of(secret).is_none(),
+        "MixpanelSecretId has no default"
+    );
+    let pattern = regex_lite::Regex::new(secret["AllowedPattern"].as_str().unwrap()).unwrap();
+    let real = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mixpanel/credentials-AbC12f";
+    assert!(pattern.is_match(real), "a real secret ARN is allowed");
+    let placeholders = samconfig_overrides("MixpanelSecretId");
+    assert_eq!(
+        placeholders.len(),
+        2,
+        "deploy and local_invoke: {placeholders:?}"
+    );
+    for p in &placeholders {
+        assert!(
+            !pattern.is_match(p),
+            "samconfig.toml's MixpanelSecretId {p:?} passes the template's AllowedPattern: a \
+             forgotten edit would deploy"
+        );
+    }
+}
+
 /// Every SDK operation called in `src/`: `client.<op>()` in the files that use an AWS SDK.
 fn sdk_calls_in_src() -> BTreeMap<String, Vec<String>> {
     fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
