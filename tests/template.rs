@@ -592,6 +592,64 @@ fn one_schedule_per_table_invokes_the_function_with_its_scheduled_event() {
 }
 
 #[test]
+fn a_tick_the_scheduler_cannot_deliver_is_retried_briefly_then_kept_and_alarmed() {
+    let t = template();
+    let res = resources(&t);
+    for (table, (name, schedule, interval)) in schedules(&t) {
+        let target = &schedule["Properties"]["Target"];
+        // Retried a few times, for less than the interval: the next tick supersedes a stale one.
+        let retry = &target["RetryPolicy"];
+        let attempts = retry["MaximumRetryAttempts"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: MaximumRetryAttempts"));
+        assert!((1..=5).contains(&attempts), "{name}: {attempts} retries");
+        let age = retry["MaximumEventAgeInSeconds"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: MaximumEventAgeInSeconds"));
+        assert!(
+            (60..interval).contains(&age),
+            "{name} ({table}): retried for {age} s, ticks every {interval} s"
+        );
+        // Then kept in the schedule dead-letter queue.
+        assert_eq!(
+            target["DeadLetterConfig"],
+            json!({"Arn": {"Fn::GetAtt": ["ScheduleDeadLetterQueue", "Arn"]}}),
+            "{name}"
+        );
+    }
+    let queue = &res["ScheduleDeadLetterQueue"];
+    assert_eq!(queue["Type"], "AWS::SQS::Queue");
+    assert_eq!(queue["Properties"]["SqsManagedSseEnabled"], true);
+    assert_eq!(queue["Properties"]["MessageRetentionPeriod"], 1209600);
+    // Server-side encryption with SQS's own key: the scheduler's role needs no KMS permission.
+    assert!(queue["Properties"].get("KmsMasterKeyId").is_none());
+
+    // Someone hears of it.
+    let alarm = &res["ScheduleDeadLetterQueueAlarm"]["Properties"];
+    assert_eq!(alarm["Namespace"], "AWS/SQS");
+    assert_eq!(alarm["MetricName"], "ApproximateNumberOfMessagesVisible");
+    assert_eq!(
+        alarm["Dimensions"],
+        json!([{"Name": "QueueName", "Value": {"Fn::GetAtt": ["ScheduleDeadLetterQueue", "QueueName"]}}])
+    );
+    assert_eq!(
+        (
+            alarm["Threshold"].as_u64(),
+            alarm["ComparisonOperator"].as_str()
+        ),
+        (Some(1), Some("GreaterThanOrEqualToThreshold")),
+        "one message is enough"
+    );
+    for actions in ["AlarmActions", "OKActions"] {
+        assert_eq!(
+            alarm[actions],
+            json!({"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}),
+            "{actions}"
+        );
+    }
+}
+
+#[test]
 fn the_default_rates_refresh_every_table_within_mixpanels_budgets() {
     let t = template();
     let settings = default_settings(&t);
@@ -927,13 +985,28 @@ fn the_function_role_allows_exactly_the_calls_the_code_makes() {
         json!({"Type": "SQS", "Destination": {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}})
     );
 
-    // The scheduler may only invoke this function.
-    let sched: Vec<(String, Value)> = statements(&res["SchedulerRole"]);
-    assert_eq!(sched.len(), 1);
-    assert_eq!(sched[0].1["Action"], "lambda:InvokeFunction");
+    // The scheduler may only invoke this function, and put the ticks it could not deliver in
+    // their dead-letter queue.
+    let mut sched: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (_, s) in statements(&res["SchedulerRole"]) {
+        assert_eq!(s["Effect"], "Allow");
+        for a in as_strings(&s["Action"]) {
+            sched.entry(a).or_default().push(s["Resource"].clone());
+        }
+    }
     assert_eq!(
-        sched[0].1["Resource"],
-        json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})
+        sched,
+        BTreeMap::from([
+            (
+                "lambda:InvokeFunction".to_string(),
+                vec![json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})]
+            ),
+            (
+                "sqs:SendMessage".to_string(),
+                vec![json!({"Fn::GetAtt": ["ScheduleDeadLetterQueue", "Arn"]})]
+            ),
+        ]),
+        "the scheduler's role allows exactly these actions on exactly these resources"
     );
 }
 
