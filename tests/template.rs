@@ -191,6 +191,25 @@ const PLATFORM_ACTIONS: &[(&str, &str)] = &[
 /// `Resource: "*"` is allowed only where AWS cannot name a resource. Nothing here needs it.
 const STAR_RESOURCE_ALLOWED_FOR: &[&str] = &[];
 
+/// The resource types of the template that take a CloudFormation `Tags` list: each resource of
+/// these carries the project's and the stack's tags.
+const TAGGED_TYPES: &[&str] = &[
+    "AWS::S3::Bucket",
+    "AWS::DynamoDB::Table",
+    "AWS::SQS::Queue",
+    "AWS::Logs::LogGroup",
+    "AWS::IAM::Role",
+    "AWS::CloudWatch::Alarm",
+];
+
+/// The resource types of the template that take no tags at all.
+const UNTAGGABLE_TYPES: &[&str] = &[
+    "AWS::S3::BucketPolicy",
+    "AWS::Scheduler::Schedule",
+    "AWS::Glue::Database",
+    "AWS::Glue::Table",
+];
+
 /// Variables the function may set beyond the program's settings (read by the runtime or libraries).
 const STANDARD_VARIABLES: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
 
@@ -774,6 +793,45 @@ fn the_first_deploy_needs_no_concurrency_quota_and_refuses_the_placeholder_secre
     }
 }
 
+#[test]
+fn every_resource_that_takes_tags_carries_the_project_and_the_stack() {
+    let t = template();
+    let project = json!({"Key": "Project", "Value": "mixpanel-replicator"});
+    let stack = json!({"Key": "Stack", "Value": {"Ref": "AWS::StackName"}});
+    for (name, r) in resources(&t) {
+        let kind = r["Type"].as_str().unwrap();
+        if kind == "AWS::Serverless::Function" {
+            continue;
+        }
+        if TAGGED_TYPES.contains(&kind) {
+            let tags = r["Properties"]["Tags"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name} ({kind}) has no Tags"));
+            for tag in [&project, &stack] {
+                assert!(tags.contains(tag), "{name}: {tag} in {tags:?}");
+            }
+        } else {
+            assert!(
+                UNTAGGABLE_TYPES.contains(&kind),
+                "{name}: {kind} is in neither TAGGED_TYPES nor UNTAGGABLE_TYPES: tag it if it \
+                 takes tags"
+            );
+            assert!(r["Properties"].get("Tags").is_none(), "{name}");
+        }
+    }
+    // The function (SAM's map of tags), through Globals or its own properties, passed on to
+    // the resources SAM generates for it.
+    let p = &function(&t)["Properties"];
+    let globals = &t["Globals"]["Function"];
+    let tags = p.get("Tags").unwrap_or(&globals["Tags"]);
+    assert_eq!(tags["Project"], "mixpanel-replicator");
+    assert_eq!(tags["Stack"], json!({"Ref": "AWS::StackName"}));
+    assert_eq!(
+        p.get("PropagateTags").unwrap_or(&globals["PropagateTags"]),
+        true
+    );
+}
+
 /// Every SDK operation called in `src/`: `client.<op>()` in the files that use an AWS SDK.
 fn sdk_calls_in_src() -> BTreeMap<String, Vec<String>> {
     fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -1136,6 +1194,9 @@ fn the_function_storage_and_alarms_are_as_documented() {
         true
     );
     assert_eq!(table["SSESpecification"]["SSEEnabled"], true);
+    // The replica's memory: never deleted by a slip, kept when the stack goes.
+    assert_eq!(table["DeletionProtectionEnabled"], true);
+    assert_eq!(res["StateTable"]["DeletionPolicy"], "Retain");
 
     // The bucket: private, encrypted, abandoned multipart uploads cleaned up.
     let bucket = &res["Bucket"];
