@@ -729,6 +729,82 @@ fn the_default_rates_refresh_every_table_within_mixpanels_budgets() {
     );
 }
 
+#[test]
+fn a_stale_table_and_a_silent_function_are_alarmed_but_a_healthy_replica_is_not() {
+    let t = template();
+    let res = resources(&t);
+    let params = t["Parameters"].as_object().unwrap();
+    let refresh = default_settings(&t).refresh.as_secs();
+    let longest = schedules(&t).values().map(|(_, _, i)| *i).max().unwrap();
+
+    // Freshness: the stalest table's FreshnessLagSeconds above the parameter.
+    let param = &params["FreshnessLagAlarmSeconds"];
+    assert_eq!(param["Type"], "Number");
+    let threshold: u64 = default_of(param).unwrap().parse().unwrap();
+    assert_eq!(threshold, 10800, "3 hours by default");
+    // A healthy table is at most the refresh interval plus one tick old: never alarmed. A few
+    // ticks that did no work are allowed; a stale table is heard of within hours, not days.
+    assert!(
+        threshold >= refresh + 3 * longest,
+        "threshold {threshold} s vs refresh {refresh} s + 3 ticks of {longest} s"
+    );
+    assert!(threshold <= 4 * 3600, "threshold {threshold} s");
+    let alarm = &res["FreshnessAlarm"]["Properties"];
+    assert_eq!(
+        alarm["Metrics"][0]["Expression"].as_str().unwrap(),
+        format!(
+            "SELECT MAX(FreshnessLagSeconds) FROM SCHEMA({}, \"Table\")",
+            mixpanel_replicator::metrics::NAMESPACE
+        )
+    );
+    assert_eq!(alarm["Metrics"][0]["ReturnData"], true);
+    assert_eq!(
+        alarm["Threshold"],
+        json!({"Ref": "FreshnessLagAlarmSeconds"})
+    );
+    assert_eq!(alarm["ComparisonOperator"], "GreaterThanThreshold");
+    // Every table has a data point in each period (one per tick): a stale table does not flap.
+    let period = alarm["Metrics"][0]["Period"].as_u64().unwrap();
+    assert!(
+        period >= 2 * longest,
+        "period {period} s, ticks every {longest} s"
+    );
+
+    // Heartbeat: no invocation at all over twice the longest interval, missing data included.
+    let heartbeat = &res["HeartbeatAlarm"]["Properties"];
+    assert_eq!(heartbeat["Namespace"], "AWS/Lambda");
+    assert_eq!(heartbeat["MetricName"], "Invocations");
+    assert_eq!(
+        heartbeat["Dimensions"],
+        json!([{"Name": "FunctionName", "Value": {"Ref": "ReplicatorFunction"}}])
+    );
+    assert_eq!(heartbeat["Statistic"], "Sum");
+    let period = heartbeat["Period"].as_u64().unwrap();
+    assert!(
+        period >= 2 * longest && period.is_multiple_of(60),
+        "period {period} s, ticks every {longest} s"
+    );
+    assert_eq!(
+        (
+            heartbeat["Threshold"].as_u64(),
+            heartbeat["ComparisonOperator"].as_str()
+        ),
+        (Some(1), Some("LessThanThreshold")),
+        "fewer than one invocation"
+    );
+    assert_eq!(
+        heartbeat["TreatMissingData"], "breaching",
+        "Lambda sends no Invocations data point when nothing ran"
+    );
+    for name in ["FreshnessAlarm", "HeartbeatAlarm"] {
+        assert_eq!(
+            res[name]["Properties"]["OKActions"],
+            json!({"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}),
+            "{name} says when it clears"
+        );
+    }
+}
+
 /// The values samconfig.toml's `parameter_overrides` (every section) give `param`.
 fn samconfig_overrides(param: &str) -> Vec<String> {
     let path = Path::new(ROOT).join("samconfig.toml");
@@ -1229,7 +1305,10 @@ fn the_function_storage_and_alarms_are_as_documented() {
         .filter(|(_, a)| a["Properties"]["Namespace"] == "AWS/Lambda")
         .map(|(_, a)| a["Properties"]["MetricName"].as_str().unwrap())
         .collect();
-    assert_eq!(lambda_metrics, BTreeSet::from(["Errors", "Throttles"]));
+    assert_eq!(
+        lambda_metrics,
+        BTreeSet::from(["Errors", "Throttles", "Invocations"])
+    );
     let rate_limited = &res["RateLimitedAlarm"]["Properties"]["Metrics"][0]["Expression"];
     assert_eq!(
         rate_limited.as_str().unwrap(),
