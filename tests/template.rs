@@ -200,6 +200,7 @@ const TAGGED_TYPES: &[&str] = &[
     "AWS::Logs::LogGroup",
     "AWS::IAM::Role",
     "AWS::CloudWatch::Alarm",
+    "AWS::CloudWatch::Dashboard",
 ];
 
 /// The resource types of the template that take no tags at all.
@@ -801,6 +802,72 @@ fn a_stale_table_and_a_silent_function_are_alarmed_but_a_healthy_replica_is_not(
             res[name]["Properties"]["OKActions"],
             json!({"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}),
             "{name} says when it clears"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_shows_each_tables_metrics_and_the_functions_errors_in_the_stacks_region() {
+    let t = template();
+    let dashboards = resources_of_type(&t, "AWS::CloudWatch::Dashboard");
+    assert_eq!(dashboards.len(), 1, "one dashboard");
+    let body = dashboards[0].1["Properties"]["DashboardBody"]["Fn::Sub"]
+        .as_str()
+        .expect("DashboardBody: !Sub with the region and the function");
+    // What CloudFormation substitutes: the stack's region and function, `${!` for a literal.
+    assert!(body.contains("${AWS::Region}") && body.contains("${ReplicatorFunction}"));
+    let body = body
+        .replace("${AWS::Region}", "eu-west-1")
+        .replace("${ReplicatorFunction}", "my-stack")
+        .replace("${!", "${");
+    let body: Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("DashboardBody is not JSON: {e}"));
+    let widgets = body["widgets"].as_array().expect("widgets");
+    for w in widgets {
+        assert_eq!(
+            w["properties"]["region"], "eu-west-1",
+            "{}",
+            w["properties"]["title"]
+        );
+    }
+    let metrics: Vec<&Value> = widgets
+        .iter()
+        .flat_map(|w| w["properties"]["metrics"].as_array().unwrap())
+        .collect();
+
+    // Each EMF metric, one line per table: every metric of the namespace with the dimension.
+    for (metric, stat) in [
+        ("Records", "Sum"),
+        ("FreshnessLagSeconds", "Maximum"),
+        ("ParkedSlices", "Maximum"),
+        ("RateLimited", "Sum"),
+    ] {
+        let search = format!(
+            "SEARCH('{{{},Table}} MetricName=\"{metric}\"', '{stat}', 300)",
+            mixpanel_replicator::metrics::NAMESPACE
+        );
+        assert!(
+            metrics
+                .iter()
+                .any(|m| m[0]["expression"] == search.as_str()),
+            "no widget shows {search}"
+        );
+    }
+    // The names are the function's EMF metric names (FreshnessLagSeconds arrives with the
+    // handler's freshness change).
+    for metric in ["Records", "ParkedSlices", "RateLimited"] {
+        assert!(
+            include_str!("../src/metrics.rs").contains(&format!("{{\"Name\": \"{metric}\"")),
+            "the function emits no EMF metric {metric}"
+        );
+    }
+    // The function's errors and throttles, by its name.
+    for metric in ["Errors", "Throttles"] {
+        assert!(
+            metrics
+                .iter()
+                .any(|m| m == &&json!(["AWS/Lambda", metric, "FunctionName", "my-stack"])),
+            "no widget shows the function's {metric}"
         );
     }
 }
