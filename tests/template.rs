@@ -186,6 +186,26 @@ const PLATFORM_ACTIONS: &[(&str, &str)] = &[
 /// `Resource: "*"` is allowed only where AWS cannot name a resource. Nothing here needs it.
 const STAR_RESOURCE_ALLOWED_FOR: &[&str] = &[];
 
+/// The resource types of the template that take a CloudFormation `Tags` list: each resource of
+/// these carries the project's and the stack's tags.
+const TAGGED_TYPES: &[&str] = &[
+    "AWS::S3::Bucket",
+    "AWS::DynamoDB::Table",
+    "AWS::SQS::Queue",
+    "AWS::Logs::LogGroup",
+    "AWS::IAM::Role",
+    "AWS::CloudWatch::Alarm",
+    "AWS::CloudWatch::Dashboard",
+];
+
+/// The resource types of the template that take no tags at all.
+const UNTAGGABLE_TYPES: &[&str] = &[
+    "AWS::S3::BucketPolicy",
+    "AWS::Scheduler::Schedule",
+    "AWS::Glue::Database",
+    "AWS::Glue::Table",
+];
+
 /// Variables the function may set beyond the program's settings (read by the runtime or libraries).
 const STANDARD_VARIABLES: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
 
@@ -307,6 +327,51 @@ fn default_of(param: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
     }
+}
+
+/// Seconds between two ticks of a `rate(N unit)` schedule expression.
+fn rate_seconds(expr: &str) -> u64 {
+    let inner = expr
+        .strip_prefix("rate(")
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("not a rate expression: {expr:?}"));
+    let (n, unit) = inner
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("rate(N unit): {expr:?}"));
+    let n: u64 = n.parse().unwrap_or_else(|e| panic!("{expr:?}: {e}"));
+    let unit_seconds = match unit.trim_end_matches('s') {
+        "minute" => 60,
+        "hour" => 3600,
+        "day" => 86400,
+        other => panic!("{expr:?}: unit {other:?}"),
+    };
+    n * unit_seconds
+}
+
+/// Each table's schedule and the seconds between its ticks at the parameter's default.
+fn schedules(t: &Value) -> BTreeMap<Table, (&String, &Value, u64)> {
+    let params = t["Parameters"].as_object().unwrap();
+    resources_of_type(t, "AWS::Scheduler::Schedule")
+        .into_iter()
+        .map(|(name, schedule)| {
+            let input = schedule["Properties"]["Target"]["Input"].as_str().unwrap();
+            let table = match parse_event(&serde_json::from_str(input).unwrap()) {
+                Ok(Invocation::Scheduled(table)) => table,
+                other => panic!("{name}: {other:?}"),
+            };
+            let rate = schedule["Properties"]["ScheduleExpression"]["Ref"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: the rate is a parameter"));
+            let interval = rate_seconds(&default_of(&params[rate]).unwrap());
+            (table, (name, schedule, interval))
+        })
+        .collect()
+}
+
+/// The settings the function gets with every parameter at its default.
+fn default_settings(t: &Value) -> Settings {
+    let env = default_environment(t);
+    Settings::from_lookup(RunMode::Lambda, |k| env.get(k).cloned()).unwrap()
 }
 
 /// Every statement of every inline policy of a role.
@@ -515,10 +580,22 @@ fn one_schedule_per_table_invokes_the_function_with_its_scheduled_event() {
         );
         let state = &params[&format!("{stem}ScheduleState")];
         assert_eq!(state["AllowedValues"], json!(["ENABLED", "DISABLED"]));
-        if table == Table::Export {
-            assert_eq!(
-                state["Default"], "ENABLED",
-                "the export schedule runs by default"
+        // Every table is replicated: a fresh stack replicates all of them.
+        assert_eq!(
+            state["Default"], "ENABLED",
+            "{name}: every schedule runs by default"
+        );
+        for text in [
+            &state["Description"],
+            &params[&format!("{stem}ScheduleRate")]["Description"],
+            &p["Description"]["Fn::Sub"],
+        ] {
+            let text = text
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: a description"));
+            assert!(
+                text.contains(table.as_str()) && !text.contains("not replicated"),
+                "{name}: {text:?}"
             );
         }
     }
@@ -526,6 +603,374 @@ fn one_schedule_per_table_invokes_the_function_with_its_scheduled_event() {
         seen.into_iter().collect::<Vec<_>>(),
         Table::ALL.to_vec(),
         "exactly one schedule per table"
+    );
+}
+
+#[test]
+fn a_tick_the_scheduler_cannot_deliver_is_retried_briefly_then_kept_and_alarmed() {
+    let t = template();
+    let res = resources(&t);
+    for (table, (name, schedule, interval)) in schedules(&t) {
+        let target = &schedule["Properties"]["Target"];
+        // Retried a few times, for less than the interval: the next tick supersedes a stale one.
+        let retry = &target["RetryPolicy"];
+        let attempts = retry["MaximumRetryAttempts"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: MaximumRetryAttempts"));
+        assert!((1..=5).contains(&attempts), "{name}: {attempts} retries");
+        let age = retry["MaximumEventAgeInSeconds"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: MaximumEventAgeInSeconds"));
+        assert!(
+            (60..interval).contains(&age),
+            "{name} ({table}): retried for {age} s, ticks every {interval} s"
+        );
+        // Then kept in the schedule dead-letter queue.
+        assert_eq!(
+            target["DeadLetterConfig"],
+            json!({"Arn": {"Fn::GetAtt": ["ScheduleDeadLetterQueue", "Arn"]}}),
+            "{name}"
+        );
+    }
+    let queue = &res["ScheduleDeadLetterQueue"];
+    assert_eq!(queue["Type"], "AWS::SQS::Queue");
+    assert_eq!(queue["Properties"]["SqsManagedSseEnabled"], true);
+    assert_eq!(queue["Properties"]["MessageRetentionPeriod"], 1209600);
+    // Server-side encryption with SQS's own key: the scheduler's role needs no KMS permission.
+    assert!(queue["Properties"].get("KmsMasterKeyId").is_none());
+
+    // Someone hears of it.
+    let alarm = &res["ScheduleDeadLetterQueueAlarm"]["Properties"];
+    assert_eq!(alarm["Namespace"], "AWS/SQS");
+    assert_eq!(alarm["MetricName"], "ApproximateNumberOfMessagesVisible");
+    assert_eq!(
+        alarm["Dimensions"],
+        json!([{"Name": "QueueName", "Value": {"Fn::GetAtt": ["ScheduleDeadLetterQueue", "QueueName"]}}])
+    );
+    assert_eq!(
+        (
+            alarm["Threshold"].as_u64(),
+            alarm["ComparisonOperator"].as_str()
+        ),
+        (Some(1), Some("GreaterThanOrEqualToThreshold")),
+        "one message is enough"
+    );
+    for actions in ["AlarmActions", "OKActions"] {
+        assert_eq!(
+            alarm[actions],
+            json!({"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}),
+            "{actions}"
+        );
+    }
+}
+
+#[test]
+fn the_default_rates_refresh_every_table_within_mixpanels_budgets() {
+    let t = template();
+    let settings = default_settings(&t);
+    let refresh = settings.refresh.as_secs();
+    let window = settings.rate_window.as_secs() as f64;
+    let schedules = schedules(&t);
+    // A table is read again at the first tick at least the refresh interval after its last
+    // commit: within the refresh interval plus one tick, when every tick comes within it.
+    let cycle = |table: Table| refresh + schedules[&table].2;
+    for (name, _, interval) in schedules.values() {
+        assert!(
+            *interval <= refresh,
+            "{name}: ticks every {interval} s, less often than the refresh interval ({refresh} s)"
+        );
+    }
+
+    // Export API: export alone. Caught up, about one request per cycle.
+    let export_demand = window / cycle(Table::Export) as f64;
+    assert!(
+        export_demand <= f64::from(settings.export_requests_per_window) / 10.0,
+        "a caught-up export costs {export_demand:.1} of {} requests per window",
+        settings.export_requests_per_window
+    );
+    assert!(
+        schedules[&Table::Export].2 <= 300,
+        "new export days start within minutes"
+    );
+
+    // Query API, shared by the other six (annotations through the same ledger): the project of
+    // the template's comment (10 funnels, 20,000 profiles, 20 cohorts under 1000 members) fits.
+    let per_read = [
+        (Table::Revenue, 1),
+        (Table::Funnels, 1 + 10),
+        (Table::Engage, 20),
+        (Table::Cohorts, 1),
+        (Table::CohortMembers, 1 + 20),
+        (Table::Annotations, 1),
+    ];
+    assert_eq!(per_read.len() + 1, Table::ALL.len());
+    let per_cycle: u64 = per_read.iter().map(|(_, q)| q).sum();
+    assert_eq!(
+        per_cycle, 55,
+        "the template's comment says 55 queries per re-read"
+    );
+    let query_demand: f64 = per_read
+        .iter()
+        .map(|(table, queries)| *queries as f64 * window / cycle(*table) as f64)
+        .sum();
+    assert!(
+        query_demand <= f64::from(settings.query_requests_per_window),
+        "the example project needs {query_demand:.1} queries per window of {}",
+        settings.query_requests_per_window
+    );
+    assert_eq!(
+        query_demand.round(),
+        37.0,
+        "the template's comment says about 37 an hour"
+    );
+}
+
+#[test]
+fn a_stale_table_and_a_silent_function_are_alarmed_but_a_healthy_replica_is_not() {
+    let t = template();
+    let res = resources(&t);
+    let params = t["Parameters"].as_object().unwrap();
+    let refresh = default_settings(&t).refresh.as_secs();
+    let longest = schedules(&t).values().map(|(_, _, i)| *i).max().unwrap();
+
+    // Freshness: the stalest table's FreshnessLagSeconds above the parameter.
+    let param = &params["FreshnessLagAlarmSeconds"];
+    assert_eq!(param["Type"], "Number");
+    let threshold: u64 = default_of(param).unwrap().parse().unwrap();
+    assert_eq!(threshold, 10800, "3 hours by default");
+    // A healthy table is at most the refresh interval plus one tick old: never alarmed. A few
+    // ticks that did no work are allowed; a stale table is heard of within hours, not days.
+    assert!(
+        threshold >= refresh + 3 * longest,
+        "threshold {threshold} s vs refresh {refresh} s + 3 ticks of {longest} s"
+    );
+    assert!(threshold <= 4 * 3600, "threshold {threshold} s");
+    let alarm = &res["FreshnessAlarm"]["Properties"];
+    assert_eq!(
+        alarm["Metrics"][0]["Expression"].as_str().unwrap(),
+        format!(
+            "SELECT MAX(FreshnessLagSeconds) FROM SCHEMA({}, \"Table\")",
+            mixpanel_replicator::metrics::NAMESPACE
+        )
+    );
+    assert_eq!(alarm["Metrics"][0]["ReturnData"], true);
+    assert_eq!(
+        alarm["Threshold"],
+        json!({"Ref": "FreshnessLagAlarmSeconds"})
+    );
+    assert_eq!(alarm["ComparisonOperator"], "GreaterThanThreshold");
+    // Every table has a data point in each period (one per tick): a stale table does not flap.
+    let period = alarm["Metrics"][0]["Period"].as_u64().unwrap();
+    assert!(
+        period >= 2 * longest,
+        "period {period} s, ticks every {longest} s"
+    );
+
+    // Heartbeat: no invocation at all over twice the longest interval, missing data included.
+    let heartbeat = &res["HeartbeatAlarm"]["Properties"];
+    assert_eq!(heartbeat["Namespace"], "AWS/Lambda");
+    assert_eq!(heartbeat["MetricName"], "Invocations");
+    assert_eq!(
+        heartbeat["Dimensions"],
+        json!([{"Name": "FunctionName", "Value": {"Ref": "ReplicatorFunction"}}])
+    );
+    assert_eq!(heartbeat["Statistic"], "Sum");
+    let period = heartbeat["Period"].as_u64().unwrap();
+    assert!(
+        period >= 2 * longest && period.is_multiple_of(60),
+        "period {period} s, ticks every {longest} s"
+    );
+    assert_eq!(
+        (
+            heartbeat["Threshold"].as_u64(),
+            heartbeat["ComparisonOperator"].as_str()
+        ),
+        (Some(1), Some("LessThanThreshold")),
+        "fewer than one invocation"
+    );
+    assert_eq!(
+        heartbeat["TreatMissingData"], "breaching",
+        "Lambda sends no Invocations data point when nothing ran"
+    );
+    for name in ["FreshnessAlarm", "HeartbeatAlarm"] {
+        assert_eq!(
+            res[name]["Properties"]["OKActions"],
+            json!({"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}),
+            "{name} says when it clears"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_shows_each_tables_metrics_and_the_functions_errors_in_the_stacks_region() {
+    let t = template();
+    let dashboards = resources_of_type(&t, "AWS::CloudWatch::Dashboard");
+    assert_eq!(dashboards.len(), 1, "one dashboard");
+    let body = dashboards[0].1["Properties"]["DashboardBody"]["Fn::Sub"]
+        .as_str()
+        .expect("DashboardBody: !Sub with the region and the function");
+    // What CloudFormation substitutes: the stack's region and function, `${!` for a literal.
+    assert!(body.contains("${AWS::Region}") && body.contains("${ReplicatorFunction}"));
+    let body = body
+        .replace("${AWS::Region}", "eu-west-1")
+        .replace("${ReplicatorFunction}", "my-stack")
+        .replace("${!", "${");
+    let body: Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("DashboardBody is not JSON: {e}"));
+    let widgets = body["widgets"].as_array().expect("widgets");
+    for w in widgets {
+        assert_eq!(
+            w["properties"]["region"], "eu-west-1",
+            "{}",
+            w["properties"]["title"]
+        );
+    }
+    let metrics: Vec<&Value> = widgets
+        .iter()
+        .flat_map(|w| w["properties"]["metrics"].as_array().unwrap())
+        .collect();
+
+    // Each EMF metric, one line per table: every metric of the namespace with the dimension.
+    for (metric, stat) in [
+        ("Records", "Sum"),
+        ("FreshnessLagSeconds", "Maximum"),
+        ("ParkedSlices", "Maximum"),
+        ("RateLimited", "Sum"),
+    ] {
+        let search = format!(
+            "SEARCH('{{{},Table}} MetricName=\"{metric}\"', '{stat}', 300)",
+            mixpanel_replicator::metrics::NAMESPACE
+        );
+        assert!(
+            metrics
+                .iter()
+                .any(|m| m[0]["expression"] == search.as_str()),
+            "no widget shows {search}"
+        );
+    }
+    // The names are the function's EMF metric names.
+    for metric in [
+        "Records",
+        "ParkedSlices",
+        "RateLimited",
+        "FreshnessLagSeconds",
+    ] {
+        assert!(
+            include_str!("../src/metrics.rs").contains(&format!("{{\"Name\": \"{metric}\"")),
+            "the function emits no EMF metric {metric}"
+        );
+    }
+    // The function's errors and throttles, by its name.
+    for metric in ["Errors", "Throttles"] {
+        assert!(
+            metrics
+                .iter()
+                .any(|m| m == &&json!(["AWS/Lambda", metric, "FunctionName", "my-stack"])),
+            "no widget shows the function's {metric}"
+        );
+    }
+}
+
+/// The values samconfig.toml's `parameter_overrides` (every section) give `param`.
+fn samconfig_overrides(param: &str) -> Vec<String> {
+    let path = Path::new(ROOT).join("samconfig.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let prefix = format!("\"{param}=");
+    text.lines()
+        .map(str::trim_start)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| {
+            rest.split_once('"')
+                .expect("a quoted override")
+                .0
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_first_deploy_needs_no_concurrency_quota_and_refuses_the_placeholder_secret() {
+    let t = template();
+    let params = t["Parameters"].as_object().unwrap();
+
+    // No reservation by default: Lambda keeps 100 of the account's concurrency unreserved, so a
+    // new account (a quota of 10) cannot reserve any and the deploy would roll back.
+    assert_eq!(
+        default_of(&params["ReservedConcurrency"]).as_deref(),
+        Some("-1")
+    );
+    assert_eq!(
+        t["Conditions"]["HasReservedConcurrency"],
+        json!({"Fn::Not": [{"Fn::Equals": [{"Ref": "ReservedConcurrency"}, "-1"]}]})
+    );
+    assert_eq!(
+        function(&t)["Properties"]["ReservedConcurrentExecutions"],
+        json!({"Fn::If": ["HasReservedConcurrency", {"Ref": "ReservedConcurrency"}, {"Ref": "AWS::NoValue"}]}),
+        "-1 sets no ReservedConcurrentExecutions"
+    );
+
+    // samconfig.toml's secret is a placeholder the template refuses: a forgotten edit fails.
+    let secret = &params["MixpanelSecretId"];
+    assert!(
+        default_of(secret).is_none(),
+        "MixpanelSecretId has no default"
+    );
+    let pattern = regex_lite::Regex::new(secret["AllowedPattern"].as_str().unwrap()).unwrap();
+    let real = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mixpanel/credentials-AbC12f";
+    assert!(pattern.is_match(real), "a real secret ARN is allowed");
+    let placeholders = samconfig_overrides("MixpanelSecretId");
+    assert_eq!(
+        placeholders.len(),
+        2,
+        "deploy and local_invoke: {placeholders:?}"
+    );
+    for p in &placeholders {
+        assert!(
+            !pattern.is_match(p),
+            "samconfig.toml's MixpanelSecretId {p:?} passes the template's AllowedPattern: a \
+             forgotten edit would deploy"
+        );
+    }
+}
+
+#[test]
+fn every_resource_that_takes_tags_carries_the_project_and_the_stack() {
+    let t = template();
+    let project = json!({"Key": "Project", "Value": "mixpanel-replicator"});
+    let stack = json!({"Key": "Stack", "Value": {"Ref": "AWS::StackName"}});
+    for (name, r) in resources(&t) {
+        let kind = r["Type"].as_str().unwrap();
+        if kind == "AWS::Serverless::Function" {
+            continue;
+        }
+        if TAGGED_TYPES.contains(&kind) {
+            let tags = r["Properties"]["Tags"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name} ({kind}) has no Tags"));
+            for tag in [&project, &stack] {
+                assert!(tags.contains(tag), "{name}: {tag} in {tags:?}");
+            }
+        } else {
+            assert!(
+                UNTAGGABLE_TYPES.contains(&kind),
+                "{name}: {kind} is in neither TAGGED_TYPES nor UNTAGGABLE_TYPES: tag it if it \
+                 takes tags"
+            );
+            assert!(r["Properties"].get("Tags").is_none(), "{name}");
+        }
+    }
+    // The function (SAM's map of tags), through Globals or its own properties, passed on to
+    // the resources SAM generates for it.
+    let p = &function(&t)["Properties"];
+    let globals = &t["Globals"]["Function"];
+    let tags = p.get("Tags").unwrap_or(&globals["Tags"]);
+    assert_eq!(tags["Project"], "mixpanel-replicator");
+    assert_eq!(tags["Stack"], json!({"Ref": "AWS::StackName"}));
+    assert_eq!(
+        p.get("PropagateTags").unwrap_or(&globals["PropagateTags"]),
+        true
     );
 }
 
@@ -739,13 +1184,28 @@ fn the_function_role_allows_exactly_the_calls_the_code_makes() {
         json!({"Type": "SQS", "Destination": {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}})
     );
 
-    // The scheduler may only invoke this function.
-    let sched: Vec<(String, Value)> = statements(&res["SchedulerRole"]);
-    assert_eq!(sched.len(), 1);
-    assert_eq!(sched[0].1["Action"], "lambda:InvokeFunction");
+    // The scheduler may only invoke this function, and put the ticks it could not deliver in
+    // their dead-letter queue.
+    let mut sched: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (_, s) in statements(&res["SchedulerRole"]) {
+        assert_eq!(s["Effect"], "Allow");
+        for a in as_strings(&s["Action"]) {
+            sched.entry(a).or_default().push(s["Resource"].clone());
+        }
+    }
     assert_eq!(
-        sched[0].1["Resource"],
-        json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})
+        sched,
+        BTreeMap::from([
+            (
+                "lambda:InvokeFunction".to_string(),
+                vec![json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})]
+            ),
+            (
+                "sqs:SendMessage".to_string(),
+                vec![json!({"Fn::GetAtt": ["ScheduleDeadLetterQueue", "Arn"]})]
+            ),
+        ]),
+        "the scheduler's role allows exactly these actions on exactly these resources"
     );
 }
 
@@ -875,6 +1335,9 @@ fn the_function_storage_and_alarms_are_as_documented() {
         true
     );
     assert_eq!(table["SSESpecification"]["SSEEnabled"], true);
+    // The replica's memory: never deleted by a slip, kept when the stack goes.
+    assert_eq!(table["DeletionProtectionEnabled"], true);
+    assert_eq!(res["StateTable"]["DeletionPolicy"], "Retain");
 
     // The bucket: private, encrypted, abandoned multipart uploads cleaned up.
     let bucket = &res["Bucket"];
@@ -907,7 +1370,10 @@ fn the_function_storage_and_alarms_are_as_documented() {
         .filter(|(_, a)| a["Properties"]["Namespace"] == "AWS/Lambda")
         .map(|(_, a)| a["Properties"]["MetricName"].as_str().unwrap())
         .collect();
-    assert_eq!(lambda_metrics, BTreeSet::from(["Errors", "Throttles"]));
+    assert_eq!(
+        lambda_metrics,
+        BTreeSet::from(["Errors", "Throttles", "Invocations"])
+    );
     let rate_limited = &res["RateLimitedAlarm"]["Properties"]["Metrics"][0]["Expression"];
     assert_eq!(
         rate_limited.as_str().unwrap(),
