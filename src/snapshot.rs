@@ -238,10 +238,11 @@ async fn fill(
             Ok(None)
         }
         Table::Engage => {
+            let stored = app.store.schema(table).await?;
             let known = if app.settings.select_properties_by_default {
                 None
             } else {
-                match app.store.schema(table).await? {
+                match stored.clone() {
                     Some(known) => Some(known),
                     // First discovery: every property Mixpanel knows now is selected.
                     None => {
@@ -250,7 +251,14 @@ async fn fill(
                     }
                 }
             };
-            let mut columns = Columns::new(known.as_ref());
+            // Columns are named as the table's were, and as this snapshot's earlier
+            // invocations named them (one writer at a time: the snapshot's lease).
+            let fixed = table.fixed_keys();
+            let names = stored
+                .or_else(|| known.clone())
+                .unwrap_or_default()
+                .merged(&progress.columns, fixed);
+            let mut columns = Columns::new(known.as_ref()).named(Some(&names), fixed);
             let mut fair = Fairness::new(table);
             let stopped = page_through(
                 app,
@@ -263,7 +271,7 @@ async fn fill(
                 &mut fair,
             )
             .await?;
-            merge(&mut progress.columns, columns.schema(&[]));
+            progress.columns = progress.columns.merged(&columns.schema(&[]), fixed);
             // Every invocation's ids count: a later page may bring the first integer.
             progress
                 .columns

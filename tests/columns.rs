@@ -40,6 +40,17 @@ fn keys_of(line: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// The keys of a line, none twice when case is folded.
+fn unique_keys(line: &str) -> Vec<String> {
+    let keys = keys_of(line);
+    let mut folded: Vec<String> = keys.iter().map(|k| k.to_lowercase()).collect();
+    folded.sort();
+    let n = folded.len();
+    folded.dedup();
+    assert_eq!(folded.len(), n, "a key twice when case is folded: {keys:?}");
+    keys
+}
+
 /// Every line of the committed parts of `folder`, as written.
 async fn raw_lines(app: &App, folder: &str) -> Vec<String> {
     let (manifest, _) = read_manifest_rows(&app.sink, folder).await.unwrap();
@@ -60,12 +71,12 @@ async fn raw_lines(app: &App, folder: &str) -> Vec<String> {
     lines
 }
 
-/// `_schema.json` of export: column name → (types, Mixpanel name).
-async fn schema_json(app: &App) -> BTreeMap<String, (serde_json::Value, String)> {
+/// `_schema.json` of `table`: column name → (types, Mixpanel name).
+async fn schema_json(app: &App, table: &str) -> BTreeMap<String, (serde_json::Value, String)> {
     let key = if app.prefix.is_empty() {
-        "export/_schema.json".to_string()
+        format!("{table}/_schema.json")
     } else {
-        format!("{}/export/_schema.json", app.prefix)
+        format!("{}/{table}/_schema.json", app.prefix)
     };
     let body = app.sink.get(&key).await.unwrap().expect("_schema.json");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -134,7 +145,7 @@ async fn assert_unique_columns(app: &App, project: &Project) {
     assert_eq!(long.len(), 1, "{long:?}");
     assert_eq!(long[0].chars().count(), 200, "{long:?}");
 
-    let schema = schema_json(app).await;
+    let schema = schema_json(app, "export").await;
     for (column, property, types) in [
         ("event", "event", json!("string")),
         ("event__2", "event", json!("integer")),
@@ -206,4 +217,30 @@ async fn on_s3_and_dynamodb_the_column_names_are_kept_in_the_state_table() {
             String::new()
         )
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_property_named_distinct_id_gets_its_own_column() {
+    let mut cfg = sim_config("UTC", 1, 10);
+    cfg.column_collisions = true;
+    cfg.profiles = 40;
+    let project = Project::start(cfg).await;
+    let (_dir, app) = project.temp_app(&[]).await;
+    let report = sync(&app, &[Table::Engage]).await.unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let (snapshot, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
+    assert_eq!(rows, canonical(project.simulator().engage_ground_truth()));
+    let mut renamed = 0;
+    for line in raw_lines(&app, &format!("engage/{snapshot}")).await {
+        if unique_keys(&line).iter().any(|k| k == "distinct_id__2") {
+            renamed += 1;
+        }
+    }
+    assert_eq!(renamed, 10, "every fourth of 40 profiles");
+    let schema = schema_json(&app, "engage").await;
+    assert_eq!(
+        schema["distinct_id__2"],
+        (json!("string"), "distinct_id".to_string())
+    );
+    assert_eq!(schema["distinct_id"].1, "distinct_id");
 }

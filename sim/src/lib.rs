@@ -75,8 +75,9 @@ pub struct SimConfig {
     pub messy_lines: bool,
     /// Events carry properties whose column names collide, as real projects' do: a property
     /// named `event`; `Country` on the first day's events and `country` on later days'; a
-    /// custom `mp_reserved_city` beside `$city`; an empty key; a 1,000-character key. Ground
-    /// truth names them as the replicator's contract says (see [`collision_column`]).
+    /// custom `mp_reserved_city` beside `$city`; an empty key; a 1,000-character key; and
+    /// every fourth profile a property named `distinct_id`. Ground truth names them as the
+    /// replicator's contract says (see [`collision_column`]; the profile's is `distinct_id__2`).
     pub column_collisions: bool,
     /// The most profiles an `engage` page holds whatever `page_size` asks; the answer's
     /// `page_size` then says the size served, as Mixpanel's does.
@@ -382,7 +383,8 @@ impl Simulator {
         .with_shapes(
             config.engage_integer_ids,
             config.engage_omit_empty_properties,
-        );
+        )
+        .with_collisions(config.column_collisions);
         let reports = Reports::new(
             config.seed,
             config.service_account.as_ref().map_or(1, |s| s.project_id),

@@ -144,8 +144,10 @@ impl Profile {
                     String::from_utf8_lossy(&f.value)
                 )
             });
+            // A property named like the row's own key is written beside it, renamed.
             let k = match f.key.strip_prefix('$') {
                 Some(rest) => format!("mp_reserved_{rest}"),
+                None if f.key == "distinct_id" => "distinct_id__2".to_string(),
                 None => f.key.to_string(),
             };
             row.insert(k, v);
@@ -202,6 +204,8 @@ pub(crate) struct Profiles {
     integer_ids: bool,
     /// Profiles without properties are sent without `$properties`.
     omit_empty: bool,
+    /// Every fourth profile has a property named `distinct_id` (see `column_collisions`).
+    collisions: bool,
 }
 
 impl Profiles {
@@ -213,7 +217,14 @@ impl Profiles {
             last: last.max(first),
             integer_ids: false,
             omit_empty: false,
+            collisions: false,
         }
+    }
+
+    /// Profiles whose properties collide with the row's own key (`column_collisions`).
+    pub(crate) fn with_collisions(mut self, collisions: bool) -> Profiles {
+        self.collisions = collisions;
+        self
     }
 
     /// The same profiles in other wire shapes Mixpanel has: integer distinct ids, profiles
@@ -429,6 +440,14 @@ impl Profiles {
                     weird(start + k);
                 }
             }
+        }
+        if self.collisions && i % 4 == 1 && !fields.is_empty() {
+            // A property named like the row's own key: its column is `distinct_id__2`.
+            fields.push(Field {
+                key: Cow::Borrowed("distinct_id"),
+                key_json: Cow::Borrowed(b"\"distinct_id\""),
+                value: format!("\"shadow-{i}\"").into_bytes(),
+            });
         }
         let distinct_id = self.distinct_id(i);
         Profile {

@@ -348,7 +348,8 @@ impl Schema {
                 continue;
             }
             let source = new.source_of(name);
-            if !taken.insert(folded(name)) || !sources.insert(source.clone()) {
+            let property = !fixed.contains(&name.as_str());
+            if !taken.insert(folded(name)) || (property && !sources.insert(source.clone())) {
                 continue;
             }
             merged.columns.insert(name.clone(), kind.clone());
@@ -537,6 +538,13 @@ mod tests {
         let merged = merged.merged(&again, &[]);
         assert!(!again.agrees_with(&merged), "{merged:?}");
         assert_eq!(merged.source_of("mp_reserved_city"), "$city");
+        // A table's own key holds no property: a property named like it has its own column.
+        let own = schema(
+            &[("distinct_id", "string"), ("distinct_id__2", "string")],
+            &[("distinct_id__2", "distinct_id")],
+        );
+        assert_eq!(Schema::default().merged(&own, &["distinct_id"]), own);
+        assert_ne!(Schema::default().merged(&own, &[]), own);
     }
 
     #[test]
