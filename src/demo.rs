@@ -157,6 +157,12 @@ pub async fn run(out: PathBuf) -> Result<ExitCode> {
             "does NOT match"
         }
     );
+    println!();
+    println!("Query it with DuckDB (more queries, one per table, in the README):");
+    println!(
+        "  duckdb -c \"SELECT date, event, count(*) AS events FROM read_json('{}/export/date=*/part-*', hive_partitioning = true, union_by_name = true) GROUP BY ALL ORDER BY date, events DESC\"",
+        out.display()
+    );
     Ok(if all_exact && report.failed == 0 {
         ExitCode::SUCCESS
     } else {

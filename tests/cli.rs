@@ -139,6 +139,11 @@ async fn demo_replicates_the_bundled_simulator_and_checks_it() {
         "{stdout}"
     );
     assert!(!stdout.contains("DIFFERS"), "{stdout}");
+    // It ends with a DuckDB query over the folder it wrote.
+    assert!(
+        stdout.contains("duckdb -c \"SELECT date, event, count(*) AS events FROM read_json('mixpanel-data/export/date=*/part-*'"),
+        "{stdout}"
+    );
     assert!(
         dir.path()
             .join("mixpanel-data/export/_schema.json")
