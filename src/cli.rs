@@ -17,8 +17,29 @@ use crate::schedule::plan;
 use crate::tables::Table;
 
 /// Replicates a Mixpanel project into S3 (or a local folder) as gzip JSON Lines.
+/// What `--help` says after the commands: the tables, the settings a run needs, the events.
+const AFTER_HELP: &str = "\
+Tables: annotations, cohort_members, cohorts, engage, export, funnels, revenue.
+
+Settings (environment variables; the README lists every one):
+  MIXPANEL_START_DATE       the first day to replicate, YYYY-MM-DD (required)
+  MIXPANEL_API_SECRET       the project's API secret, or
+  MIXPANEL_SERVICE_ACCOUNT_USERNAME, MIXPANEL_SERVICE_ACCOUNT_SECRET and MIXPANEL_PROJECT_ID,
+                            or MIXPANEL_SECRET_ID (a Secrets Manager secret; required on Lambda)
+  MIXPANEL_PROJECT_TIMEZONE the project's timezone (default UTC)
+  MIXPANEL_REGION           us, eu or in (default us)
+  OUTPUT_BUCKET, STATE_TABLE  write to S3 and keep state in DynamoDB (required on Lambda);
+                            without them, a local folder and state file
+
+Events (`invoke --event FILE`, and what Lambda is invoked with):
+  {\"table\": \"export\"}                             replicate what is pending
+  {\"table\": \"export\", \"date\": \"2026-11-01\"}       replicate one day again
+  {\"table\": \"export\", \"from\": \"...\", \"to\": \"...\"}  queue a range (fanned out)
+  {\"table\": \"export\", \"retry_parked\": true}       retry the parked slices
+  an SQS event of those (the fan-out queue)";
+
 #[derive(Parser, Debug)]
-#[command(name = "mixpanel-replicator", version, about)]
+#[command(name = "mixpanel-replicator", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -483,4 +504,40 @@ async fn plan_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+
+    /// `--help` names every table, and only settings the program reads.
+    #[test]
+    fn the_help_names_every_table_and_only_real_settings() {
+        for t in Table::ALL {
+            assert!(AFTER_HELP.contains(t.as_str()), "{t}");
+        }
+        let names: Vec<&str> = AFTER_HELP
+            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .filter(|w| w.len() > 4 && w.contains('_'))
+            .collect();
+        assert!(names.len() >= 9, "{names:?}");
+        for n in names {
+            assert!(
+                crate::config::VARIABLES.contains(&n),
+                "{n} is not a setting"
+            );
+        }
+        // Each event shown parses as one.
+        for line in AFTER_HELP
+            .lines()
+            .filter(|l| l.trim_start().starts_with('{'))
+        {
+            let event = line.trim_start().split("  ").next().unwrap();
+            if event.contains("...") {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(event).unwrap();
+            crate::handler::parse_event(&v).unwrap_or_else(|e| panic!("{event}: {e}"));
+        }
+    }
 }
