@@ -96,14 +96,25 @@ async fn ten_adversarial_days_replicate_exactly_into_s3_with_dynamodb_state_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn days_replicate_exactly_as_zstd_into_a_local_folder() {
+async fn days_replicate_exactly_as_zstd_into_a_local_folder_and_replace_gzip_parts() {
     let cfg = sim_config("UTC", 4, 300);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let (dir, app) = project.temp_app(&[("OUTPUT_COMPRESSION", "zstd")]).await;
-
-    let report = sync(&app, &[Table::Export]).await.unwrap();
+    // Every day of the folder is read again by the second sync.
+    let mut extra = vec![
+        ("MIXPANEL_REFRESH_MINUTES", "0"),
+        ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "5"),
+    ];
+    let (dir, gzip_app) = project.temp_app(&extra).await;
+    sync(&gzip_app, &[Table::Export]).await.unwrap();
     let today = today_in("UTC");
+    assert_exact(&gzip_app, project.simulator(), first, today, None).await;
+    drop(gzip_app);
+
+    // The same folder, now as zstd: each day's gzip parts give way to its zstd parts.
+    extra.push(("OUTPUT_COMPRESSION", "zstd"));
+    let app = project.local_app(dir.path(), &extra).await;
+    let report = sync(&app, &[Table::Export]).await.unwrap();
     assert_eq!((report.slices, report.failed), (5, 0), "{report:?}");
     // Each day's rows, decoded from its zstd parts, are exactly the ground truth (and the
     // manifests' sizes, record counts and symlink manifests match the parts).
@@ -119,7 +130,7 @@ async fn days_replicate_exactly_as_zstd_into_a_local_folder() {
         }
     }
     assert_eq!(parts.len(), 4, "one part for each day with data");
-    // Nothing else in the folder is a part of another compression.
+    // Nothing else in the folder is a part: the gzip parts were removed by the commits.
     let mut stack = vec![dir.path().to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
