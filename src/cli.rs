@@ -16,7 +16,7 @@ use crate::handler::{self, Status};
 use crate::schedule::plan;
 use crate::tables::Table;
 
-/// Replicates a Mixpanel project into S3 (or a local folder) as gzip JSON Lines.
+/// Replicates a Mixpanel project into S3 (or a local folder) as gzip (or zstd) JSON Lines.
 #[derive(Parser, Debug)]
 #[command(name = "mixpanel-replicator", version, about)]
 pub struct Cli {
