@@ -2,7 +2,8 @@
 //! targets 2 and 3), plus the parser and compressor measurements that chose the defaults.
 //!
 //! `cargo bench --bench stages`; `BENCH_EVENTS` sets the day (default 1,000,000 events, about
-//! 560 MB of raw JSONL). Every speed is MB/s of the day's raw JSONL (MB = 10^6 bytes), so the
+//! 560 MB of raw JSONL); `BENCH_ONLY=e2e` runs only the end-to-end runs, `BENCH_ONLY=compressors`
+//! only the compressor comparison. Every speed is MB/s of the day's raw JSONL (MB = 10^6 bytes), so the
 //! stages add up: the pipeline's bound is 1 / Σ(1/stage).
 //!
 //! Stages run in this process on core 0; a static server on core 1 sends the day gzip-compressed
@@ -23,7 +24,7 @@ use futures_util::StreamExt;
 use mixpanel_replicator::config::{Compression, ExportTimeMode};
 use mixpanel_replicator::sink::ObjectSink;
 use mixpanel_replicator::sink::local::LocalSink;
-use mixpanel_replicator::sink::part::{GZIP_LEVEL, PartEvent, PartWriter};
+use mixpanel_replicator::sink::part::{GZIP_LEVEL, PartEvent, PartWriter, ZSTD_LEVEL};
 use mixpanel_replicator::spill::{Spill, SpillWriter};
 use mixpanel_replicator::state::SliceId;
 use mixpanel_replicator::tables::export::{self, LineOutcome, Transformer};
@@ -74,6 +75,10 @@ fn main() {
         return;
     }
     pin_thread(&[0]);
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "compressors") {
+        compressors(&survivors_of(&raw, day), mb);
+        return;
+    }
     let rate = |secs: f64| mb / secs;
     let mut rows: Vec<(String, f64)> = Vec::new();
 
@@ -392,11 +397,98 @@ fn parsers(raw: &[u8], mb: f64) {
     );
 }
 
-/// gzip backends and levels on the transformed records (what the part writer compresses).
+/// The day's records as the part writer gets them: transformed, then deduplicated (one pass
+/// each, unmeasured).
+fn survivors_of(raw: &[u8], day: mixpanel_sim::Date) -> Vec<u8> {
+    let window = export::window(
+        SliceId::Day(day),
+        &jiff::tz::TimeZone::UTC,
+        ExportTimeMode::Utc,
+        day,
+        None,
+    )
+    .unwrap();
+    let mut t = Transformer::new(jiff::tz::TimeZone::UTC, ExportTimeMode::Utc, &window, None);
+    let mut spill = SpillWriter::new().unwrap();
+    let mut out = Vec::with_capacity(64 * 1024);
+    for (seq, line) in lines(raw).enumerate() {
+        out.clear();
+        if let LineOutcome::Record { key, processing_ms } = t.transform(line, &mut out).unwrap() {
+            spill.push(key, processing_ms, seq as u64, &out).unwrap();
+        }
+    }
+    let mut survivors = Vec::with_capacity(raw.len());
+    Spill::from_shards(vec![spill])
+        .drain_deduplicated(|r| {
+            survivors.extend_from_slice(r);
+            true
+        })
+        .unwrap();
+    survivors
+}
+
+/// The fastest of `REPEAT` decompressions of `z` (gzip, or zstd when `zstd`), checked against
+/// `records`: MB/s of the day's raw JSONL. One call over the whole part, in the compression
+/// libraries' own code (zlib-rs's inflate, zstd's `ZSTD_decompress`), so that the figure is the
+/// format's and not that of a generic reader wrapper compiled into this bench.
+fn read_back(records: &[u8], mb: f64, z: &[u8], zstd: bool) -> f64 {
+    let mut out: Vec<u8> = Vec::with_capacity(records.len());
+    let (s, _) = best(|| {
+        out.clear();
+        if zstd {
+            zstd::zstd_safe::decompress(&mut out, z).unwrap();
+        } else {
+            // The 10-byte header flate2 writes (no name, no extra), the deflate stream, then
+            // the 8-byte CRC-32 and length trailer.
+            assert_eq!(z[..4], [0x1f, 0x8b, 8, 0]);
+            let mut inflate = flate2::Decompress::new(false);
+            let status = inflate
+                .decompress_vec(&z[10..], &mut out, flate2::FlushDecompress::Finish)
+                .unwrap();
+            assert_eq!(status, flate2::Status::StreamEnd);
+        }
+    });
+    assert!(out == records, "read back differs");
+    mb / s
+}
+
+/// zstd of `records` at `level`, streamed 64 KiB at a time into one frame with its checksum
+/// (what the part writer makes, without its per-record calls).
+fn zstd_stream(records: &[u8], level: i32) -> Vec<u8> {
+    let mut e =
+        zstd::stream::write::Encoder::new(Vec::with_capacity(records.len() / 4), level).unwrap();
+    e.include_checksum(true).unwrap();
+    for c in records.chunks(64 * 1024) {
+        e.write_all(c).unwrap();
+    }
+    e.finish().unwrap()
+}
+
+/// The part writer's compressed bytes of `records`, fed one record at a time.
+fn through_part_writer(records: &[&[u8]], compression: Compression) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = PartWriter::new("bench", compression, u64::MAX, |e| {
+        if let PartEvent::Data(b) = e {
+            out.extend_from_slice(&b);
+        }
+        true
+    });
+    for r in records {
+        w.write(r);
+    }
+    w.finish();
+    out
+}
+
+/// gzip and zstd backends and levels on the transformed records (what the part writer
+/// compresses): compression MB/s on one core, the stored size, and how fast it reads back.
 fn compressors(records: &[u8], mb: f64) {
-    println!("\n### Compressors on the transformed records (MB/s of the day's raw JSONL)\n");
-    println!("| backend | level | MB/s | output / transformed |");
-    println!("|---|---|---|---|");
+    println!(
+        "\n### Compressors on the transformed records ({:.1} MB; MB/s of the day's raw JSONL, {mb:.1} MB)\n",
+        records.len() as f64 / 1e6
+    );
+    println!("| backend | level | MB/s | output / transformed | read back MB/s |");
+    println!("|---|---|---|---|---|");
     for level in 1..=6u32 {
         let (s, z) = best(|| {
             let mut e = flate2::write::GzEncoder::new(
@@ -406,12 +498,13 @@ fn compressors(records: &[u8], mb: f64) {
             for c in records.chunks(64 * 1024) {
                 e.write_all(c).unwrap();
             }
-            e.finish().unwrap().len()
+            e.finish().unwrap()
         });
         println!(
-            "| flate2 + zlib-rs (streaming) | {level} | {:.0} | {:.3} |",
+            "| flate2 + zlib-rs (streaming) | {level} | {:.0} | {:.3} | {:.0} |",
             mb / s,
-            z as f64 / records.len() as f64
+            z.len() as f64 / records.len() as f64,
+            read_back(records, mb, &z, false)
         );
     }
     for level in [1, 3, 6] {
@@ -427,9 +520,34 @@ fn compressors(records: &[u8], mb: f64) {
             total
         });
         println!(
-            "| libdeflate 1.x (1 MiB members) | {level} | {:.0} | {:.3} |",
+            "| libdeflate 1.x (1 MiB members) | {level} | {:.0} | {:.3} | — |",
             mb / s,
             z as f64 / records.len() as f64
+        );
+    }
+    for level in [1, 2, 3, 4, 6, 9] {
+        let (s, z) = best(|| zstd_stream(records, level));
+        println!(
+            "| zstd 1.5 (streaming, one frame, checksum) | {level} | {:.0} | {:.3} | {:.0} |",
+            mb / s,
+            z.len() as f64 / records.len() as f64,
+            read_back(records, mb, &z, true)
+        );
+    }
+    // The part writer is given one record (~490 bytes) at a time: the cost of that, at the
+    // default levels, against the 64 KiB writes above.
+    let split: Vec<&[u8]> = records.split_inclusive(|&b| b == b'\n').collect();
+    for (compression, level) in [
+        (Compression::Gzip, GZIP_LEVEL.to_string()),
+        (Compression::Zstd, ZSTD_LEVEL.to_string()),
+    ] {
+        let (s, z) = best(|| through_part_writer(&split, compression));
+        let back = read_back(records, mb, &z, compression == Compression::Zstd);
+        println!(
+            "| part writer, record by record ({}) | {level} | {:.0} | {:.3} | {back:.0} |",
+            compression.extension(),
+            mb / s,
+            z.len() as f64 / records.len() as f64
         );
     }
 }

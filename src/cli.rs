@@ -16,7 +16,6 @@ use crate::handler::{self, Status};
 use crate::schedule::plan;
 use crate::tables::Table;
 
-/// Replicates a Mixpanel project into S3 (or a local folder) as gzip JSON Lines.
 /// What `--help` says after the commands: the tables, the settings a run needs, the events.
 const AFTER_HELP: &str = "\
 Tables: annotations, cohort_members, cohorts, engage, export, funnels, revenue.
@@ -38,6 +37,7 @@ Events (`invoke --event FILE`, and what Lambda is invoked with):
   {\"table\": \"export\", \"retry_parked\": true}       retry the parked slices
   an SQS event of those (the fan-out queue)";
 
+/// Replicates a Mixpanel project into S3 (or a local folder) as gzip (or zstd) JSON Lines.
 #[derive(Parser, Debug)]
 #[command(name = "mixpanel-replicator", version, about, after_help = AFTER_HELP)]
 pub struct Cli {

@@ -54,6 +54,8 @@ pub enum ExportTimeMode {
 pub enum Compression {
     /// gzip (`.jsonl.gz`), the default.
     Gzip,
+    /// zstd (`.jsonl.zst`): one standard frame per part, with its content checksum.
+    Zstd,
     /// None (`.jsonl`).
     None,
 }
@@ -63,8 +65,29 @@ impl Compression {
     pub fn extension(self) -> &'static str {
         match self {
             Compression::Gzip => "jsonl.gz",
+            Compression::Zstd => "jsonl.zst",
             Compression::None => "jsonl",
         }
+    }
+
+    /// The `Content-Type` of a part. No `Content-Encoding` is set: a part is a compressed file
+    /// to be read as one (by its extension), not JSON that a client should decompress.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Compression::Gzip => "application/gzip",
+            Compression::Zstd => "application/zstd",
+            Compression::None => "application/x-ndjson",
+        }
+    }
+
+    /// The compression of a part, from its file name's extension.
+    pub fn of_name(name: &str) -> Option<Compression> {
+        [Compression::Gzip, Compression::Zstd, Compression::None]
+            .into_iter()
+            .find(|c| {
+                name.strip_suffix(c.extension())
+                    .is_some_and(|stem| stem.ends_with('.'))
+            })
     }
 }
 
@@ -325,11 +348,12 @@ impl Settings {
             .as_deref()
         {
             None | Some("gzip") => Compression::Gzip,
+            Some("zstd") => Compression::Zstd,
             Some("none") => Compression::None,
             Some(other) => {
                 return Err(Error::setting(
                     "OUTPUT_COMPRESSION",
-                    format!("{other:?} is not gzip or none"),
+                    format!("{other:?} is not gzip, zstd or none"),
                 ));
             }
         };
@@ -673,6 +697,34 @@ mod tests {
             let e = settings(&vars).unwrap_err();
             assert!(e.to_string().starts_with(&format!("{var}: ")), "{var}: {e}");
         }
+    }
+
+    #[test]
+    fn output_compression_is_gzip_zstd_or_none() {
+        let base = [
+            ("MIXPANEL_API_SECRET", "s"),
+            ("MIXPANEL_START_DATE", "2026-11-01"),
+        ];
+        assert_eq!(settings(&base).unwrap().compression, Compression::Gzip);
+        for (value, expected, extension) in [
+            ("gzip", Compression::Gzip, "jsonl.gz"),
+            ("zstd", Compression::Zstd, "jsonl.zst"),
+            ("ZSTD", Compression::Zstd, "jsonl.zst"),
+            ("none", Compression::None, "jsonl"),
+        ] {
+            let s = settings(&[base[0], base[1], ("OUTPUT_COMPRESSION", value)]).unwrap();
+            assert_eq!(s.compression, expected, "{value}");
+            assert_eq!(s.compression.extension(), extension, "{value}");
+            let name = format!("part-a-00000.{extension}");
+            assert_eq!(Compression::of_name(&name), Some(expected), "{name}");
+        }
+        assert_eq!(Compression::of_name("part-a-00000.json"), None);
+        assert_eq!(Compression::of_name("_manifest.json"), None);
+        let e = settings(&[base[0], base[1], ("OUTPUT_COMPRESSION", "brotli")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "OUTPUT_COMPRESSION: \"brotli\" is not gzip, zstd or none"
+        );
     }
 
     #[test]

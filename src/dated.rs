@@ -5,10 +5,8 @@
 //! across invocations.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 
 use bytes::Bytes;
-use flate2::write::GzEncoder;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
@@ -16,11 +14,11 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::commit::{self, FileEntry};
-use crate::config::{Compression, Residency};
+use crate::config::Residency;
 use crate::error::{Error, ErrorKind, Result};
 use crate::replicate::SliceResult;
 use crate::schedule::plan;
-use crate::sink::part::GZIP_LEVEL;
+use crate::sink::part;
 use crate::state::{Lease, SliceId};
 use crate::tables::json::fixed_schema;
 use crate::tables::{Table, funnels, revenue};
@@ -372,20 +370,13 @@ async fn write_part(
         lease.owner,
         app.settings.compression.extension()
     );
-    let data = match app.settings.compression {
-        Compression::Gzip => {
-            let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::new(GZIP_LEVEL));
-            enc.write_all(&body)?;
-            enc.finish()?
-        }
-        Compression::None => body,
-    };
+    let data = part::compress(app.settings.compression, body)?;
     let bytes = data.len() as u64;
     app.sink
         .put(
             &format!("{folder}/{name}"),
             Bytes::from(data),
-            "application/gzip",
+            app.settings.compression.content_type(),
         )
         .await?;
     Ok(Some(FileEntry {

@@ -2,7 +2,6 @@
 //! summary checked against the simulator's ground truth.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,11 +17,11 @@ use crate::tables::Table;
 async fn read_rows(app: &App, folder: &str, m: &Manifest) -> Result<Vec<String>> {
     let mut rows = Vec::new();
     for f in &m.files {
-        let Some(gz) = app.sink.get(&format!("{folder}/{}", f.name)).await? else {
+        let Some(data) = app.sink.get(&format!("{folder}/{}", f.name)).await? else {
             continue;
         };
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text)?;
+        let text = crate::sink::part::decompress(&f.name, &data)?;
+        let text = std::str::from_utf8(&text).map_err(Error::storage)?;
         for line in text.lines() {
             let v: serde_json::Value = serde_json::from_str(line).map_err(Error::storage)?;
             rows.push(v.to_string());

@@ -1,4 +1,4 @@
-//! mixpanel-replicator: replicates a Mixpanel project into Amazon S3 as gzip JSON Lines.
+//! mixpanel-replicator: replicates a Mixpanel project into Amazon S3 as gzip (or zstd) JSON Lines.
 //!
 //! The path of a record: [`mixpanel`] client → [`tables`] transform → [`sink::part`] writer →
 //! [`sink`] → [`commit`].

@@ -20,7 +20,7 @@ use crate::commit::{self, FileEntry};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
 use crate::setaside::{self, Aside, BodyShape, Rejected};
-use crate::sink::part::{PartEvent, PartWriter};
+use crate::sink::part::{PartEvent, PartWriter, content_type};
 use crate::spill::{DayShards, Spill};
 use crate::state::{Lease, Schema, SliceId, SliceRecord};
 use crate::tables::Table;
@@ -1127,14 +1127,6 @@ async fn upload_parts(
         let _ = up.abort().await;
     }
     (files, failure)
-}
-
-fn content_type(name: &str) -> &'static str {
-    if name.ends_with(".gz") {
-        "application/gzip"
-    } else {
-        "application/x-ndjson"
-    }
 }
 
 /// Whether the partition's manifest is this attempt's (a commit that failed after writing it).

@@ -274,8 +274,8 @@ fn every_malformed_setting_is_named_with_what_is_expected() {
         ),
         (
             "OUTPUT_COMPRESSION",
-            "zstd",
-            "OUTPUT_COMPRESSION: \"zstd\" is not gzip or none",
+            "lz4",
+            "OUTPUT_COMPRESSION: \"lz4\" is not gzip, zstd or none",
         ),
         (
             "OUTPUT_MAX_FILE_BYTES",

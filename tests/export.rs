@@ -63,12 +63,22 @@ async fn ten_adversarial_days_replicate_exactly_into_s3_with_dynamodb_state_and_
     let cfg = sim_config("UTC", 10, 300);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    let (_aws, app) = aws_app(&project, "out-bucket", "state", "mixpanel/creds", &[]).await;
+    let (aws, app) = aws_app(&project, "out-bucket", "state", "mixpanel/creds", &[]).await;
 
     let report = sync(&app, &[Table::Export]).await.unwrap();
     assert_eq!((report.slices, report.failed), (11, 0));
     assert_eq!(app.prefix, "mixpanel");
     assert_exact(&app, project.simulator(), first, today_in("UTC"), None).await;
+    // gzip parts are application/gzip files, never a Content-Encoding a client would undo.
+    let parts = aws
+        .assert_part_headers(
+            "out-bucket",
+            "mixpanel/export",
+            "jsonl.gz",
+            "application/gzip",
+        )
+        .await;
+    assert_eq!(parts, 10, "one part for each day with data");
     let slices = app.store.slices(Table::Export).await.unwrap();
     assert_eq!(slices.len(), 11);
     assert!(
@@ -83,6 +93,60 @@ async fn ten_adversarial_days_replicate_exactly_into_s3_with_dynamodb_state_and_
             .unwrap()
             .is_some()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn days_replicate_exactly_as_zstd_into_a_local_folder_and_replace_gzip_parts() {
+    let cfg = sim_config("UTC", 4, 300);
+    let first = cfg.first_day;
+    let project = Project::start(cfg).await;
+    // Every day of the folder is read again by the second sync.
+    let mut extra = vec![
+        ("MIXPANEL_REFRESH_MINUTES", "0"),
+        ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "5"),
+    ];
+    let (dir, gzip_app) = project.temp_app(&extra).await;
+    sync(&gzip_app, &[Table::Export]).await.unwrap();
+    let today = today_in("UTC");
+    assert_exact(&gzip_app, project.simulator(), first, today, None).await;
+    drop(gzip_app);
+
+    // The same folder, now as zstd: each day's gzip parts give way to its zstd parts.
+    extra.push(("OUTPUT_COMPRESSION", "zstd"));
+    let app = project.local_app(dir.path(), &extra).await;
+    let report = sync(&app, &[Table::Export]).await.unwrap();
+    assert_eq!((report.slices, report.failed), (5, 0), "{report:?}");
+    // Each day's rows, decoded from its zstd parts, are exactly the ground truth (and the
+    // manifests' sizes, record counts and symlink manifests match the parts).
+    assert_exact(&app, project.simulator(), first, today, None).await;
+    assert_layout(&app).await;
+    let mut parts = Vec::new();
+    for day in days(first, today) {
+        let (m, _) = read_partition(&app.sink, "", "export", day).await.unwrap();
+        for f in &m.files {
+            assert!(f.name.ends_with(".jsonl.zst"), "{day}: {}", f.name);
+            let path = dir.path().join(format!("export/date={day}/{}", f.name));
+            parts.push(path);
+        }
+    }
+    assert_eq!(parts.len(), 4, "one part for each day with data");
+    // Nothing else in the folder is a part: the gzip parts were removed by the commits.
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                assert!(
+                    !name.starts_with("part-") || parts.contains(&p),
+                    "{} is not a committed zstd part",
+                    p.display()
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::io::Read;
-
 use jiff::civil::Date;
 use mixpanel_replicator::app::App;
 use mixpanel_replicator::commit::Manifest;
@@ -75,10 +73,7 @@ async fn assert_rejected_exact(app: &App, sim: &Simulator, day: Date) -> Vec<Str
             .unwrap()
             .unwrap();
         assert_eq!(gz.len() as u64, f.bytes, "{}", f.name);
-        let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_end(&mut raw)
-            .unwrap();
+        let raw = decode_part(&f.name, &gz).unwrap();
         assert!(raw.ends_with(b"\n"), "one line per rejected line");
         let these: Vec<Vec<u8>> = raw[..raw.len() - 1]
             .split(|b| *b == b'\n')

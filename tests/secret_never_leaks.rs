@@ -34,14 +34,10 @@ fn files_under(dir: &Path, out: &mut Vec<Vec<u8>>) {
             files_under(&path, out);
         } else {
             let bytes = std::fs::read(&path).unwrap();
-            // Parts are gzip: search their content too.
-            if path.extension().is_some_and(|e| e == "gz") {
-                let mut text = Vec::new();
-                use std::io::Read;
-                flate2::read::GzDecoder::new(&bytes[..])
-                    .read_to_end(&mut text)
-                    .unwrap();
-                out.push(text);
+            // Parts are compressed: search their content too.
+            let name = path.file_name().unwrap().to_string_lossy();
+            if name.ends_with(".jsonl.gz") || name.ends_with(".jsonl.zst") {
+                out.push(decode_part(&name, &bytes).unwrap());
             }
             out.push(bytes);
         }

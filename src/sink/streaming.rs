@@ -6,8 +6,8 @@ use std::sync::mpsc;
 
 use crate::commit::FileEntry;
 use crate::config::Compression;
-use crate::error::Result;
-use crate::sink::part::{PartEvent, PartWriter};
+use crate::error::{Error, Result};
+use crate::sink::part::{PartEvent, PartWriter, content_type};
 use crate::sink::{ObjectSink, Upload};
 
 type Emit = Box<dyn FnMut(PartEvent) -> bool + Send>;
@@ -19,6 +19,8 @@ pub struct StreamingParts {
     sink: Arc<dyn ObjectSink>,
     folder: String,
     current: Option<(String, Box<dyn Upload>)>,
+    /// Set when the writer refused a record: the queue is ours, so only its compressor failed.
+    failed: bool,
     /// Parts finished so far.
     pub files: Vec<FileEntry>,
 }
@@ -48,13 +50,16 @@ impl StreamingParts {
             sink,
             folder,
             current: None,
+            failed: false,
             files,
         }
     }
 
     /// Adds a record (one JSON line with its newline); call [`Self::pump`] after a batch.
     pub fn write(&mut self, record: &[u8]) {
-        self.writer.write(record);
+        if !self.writer.write(record) {
+            self.failed = true;
+        }
     }
 
     /// Uploads what the writer produced so far.
@@ -63,12 +68,8 @@ impl StreamingParts {
             match event {
                 PartEvent::Begin(name) => {
                     let key = format!("{}/{name}", self.folder);
-                    let content_type = if name.ends_with(".gz") {
-                        "application/gzip"
-                    } else {
-                        "application/x-ndjson"
-                    };
-                    self.current = Some((name, self.sink.start_upload(&key, content_type).await?));
+                    let upload = self.sink.start_upload(&key, content_type(&name)).await?;
+                    self.current = Some((name, upload));
                 }
                 PartEvent::Data(bytes) => {
                     if let Some((_, up)) = self.current.as_mut() {
@@ -87,12 +88,20 @@ impl StreamingParts {
                 }
             }
         }
+        if self.failed {
+            return Err(Error::storage(format!(
+                "the part writer of {} failed (see the log)",
+                self.folder
+            )));
+        }
         Ok(())
     }
 
     /// Finishes the open part so that everything written so far is in finished parts.
     pub async fn checkpoint(&mut self) -> Result<()> {
-        self.writer.flush_part();
+        if !self.writer.flush_part() {
+            self.failed = true;
+        }
         self.pump().await
     }
 

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1246,10 +1245,9 @@ async fn read_folder(view: &View, folder: &str) -> Result<Option<Vec<String>>, S
                 f.bytes
             ));
         }
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_string(&mut text)
-            .map_err(|e| format!("{part} is not gzip JSON Lines: {e}"))?;
+        let text = super::harness::decode_part(&part, &gz)?;
+        let text =
+            String::from_utf8(text).map_err(|e| format!("{part} is not UTF-8 JSON Lines: {e}"))?;
         if text.lines().count() as u64 != f.records {
             return Err(format!(
                 "{part} has {} records, its manifest says {}",

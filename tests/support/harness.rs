@@ -247,6 +247,50 @@ impl Aws {
     }
 }
 
+impl Aws {
+    /// Asserts that every part under `prefix/` in `bucket` has the extension `.{extension}`
+    /// and the `Content-Type` `content_type`, and no `Content-Encoding` (a part is a compressed
+    /// file, not a body for a client to decompress); returns how many parts there are.
+    pub async fn assert_part_headers(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        extension: &str,
+        content_type: &str,
+    ) -> usize {
+        let s3 = aws_sdk_s3::Client::new(&self.sdk);
+        let mut keys = Vec::new();
+        let mut pages = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(format!("{prefix}/"))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for o in page.unwrap().contents() {
+                keys.push(o.key().unwrap().to_string());
+            }
+        }
+        let parts: Vec<&String> = keys
+            .iter()
+            .filter(|k| k.rsplit('/').next().is_some_and(|n| n.starts_with("part-")))
+            .collect();
+        for key in &parts {
+            assert!(key.ends_with(&format!(".{extension}")), "{key}");
+            let head = s3
+                .head_object()
+                .bucket(bucket)
+                .key(*key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(head.content_type(), Some(content_type), "{key}");
+            assert_eq!(head.content_encoding(), None, "{key}");
+        }
+        parts.len()
+    }
+}
+
 /// Moto provisioned for `project` (see [`Aws::start_for`]) and an app on it.
 pub async fn aws_app(
     project: &Project,
@@ -375,6 +419,39 @@ pub async fn assert_exact(
     }
 }
 
+/// The bytes of a part named `name`, decoded as its extension says (`.jsonl.gz` one gzip member,
+/// `.jsonl.zst` one zstd frame, `.jsonl` as is); `Err` when they are not what the name says.
+pub fn decode_part(name: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    if name.ends_with(".jsonl.gz") {
+        flate2::read::GzDecoder::new(data)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("{name} is not gzip: {e}"))?;
+    } else if name.ends_with(".jsonl.zst") {
+        // One frame exactly: what a reader that stops after the first frame sees is everything.
+        match zstd::zstd_safe::find_frame_compressed_size(data) {
+            Ok(n) if n == data.len() => {}
+            other => return Err(format!("{name} is not one zstd frame: {other:?}")),
+        }
+        zstd::stream::read::Decoder::new(data)
+            .and_then(|mut d| d.read_to_end(&mut out))
+            .map_err(|e| format!("{name} is not zstd: {e}"))?;
+    } else if name.ends_with(".jsonl") {
+        out.extend_from_slice(data);
+    } else {
+        return Err(format!("{name} is not a part"));
+    }
+    Ok(out)
+}
+
+/// The part file name extensions the replicator writes.
+pub const PART_EXTENSIONS: [&str; 3] = [".jsonl.gz", ".jsonl.zst", ".jsonl"];
+
+/// `name` without its part extension, if it has one.
+pub fn strip_part_extension(name: &str) -> Option<&str> {
+    PART_EXTENSIONS.iter().find_map(|e| name.strip_suffix(e))
+}
+
 /// Reads rows of the objects listed by a manifest, as sorted canonical JSON strings.
 pub async fn read_manifest_rows(
     sink: &Arc<dyn ObjectSink>,
@@ -387,16 +464,13 @@ pub async fn read_manifest_rows(
     let manifest: Manifest = serde_json::from_slice(&body).unwrap();
     let mut rows = Vec::new();
     for f in &manifest.files {
-        let gz = sink
+        let data = sink
             .get(&format!("{folder}/{}", f.name))
             .await
             .unwrap()
             .expect("a listed part is missing");
-        assert_eq!(gz.len() as u64, f.bytes, "manifest bytes of {}", f.name);
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_string(&mut text)
-            .unwrap();
+        assert_eq!(data.len() as u64, f.bytes, "manifest bytes of {}", f.name);
+        let text = String::from_utf8(decode_part(&f.name, &data).unwrap()).unwrap();
         assert_eq!(
             text.lines().count() as u64,
             f.records,
@@ -493,7 +567,7 @@ pub async fn assert_layout(app: &App) {
                     .is_some_and(|d| d.parse::<Date>().is_ok())
                     && name
                         .strip_prefix("part-")
-                        .and_then(|r| r.strip_suffix(".jsonl.gz"))
+                        .and_then(strip_part_extension)
                         .and_then(|r| r.split_once('-'))
                         .is_some_and(|(a, n)| {
                             a.len() == 12
@@ -513,7 +587,7 @@ pub async fn assert_layout(app: &App) {
                         && (*name == "_manifest.json"
                             || name
                                 .strip_prefix("part-")
-                                .and_then(|r| r.strip_suffix(".jsonl.gz"))
+                                .and_then(strip_part_extension)
                                 .and_then(|r| r.split_once('-'))
                                 .is_some_and(|(a, n)| {
                                     a.len() == 12
@@ -526,7 +600,7 @@ pub async fn assert_layout(app: &App) {
                         && (*name == "_manifest.json"
                             || name
                                 .strip_prefix("part-")
-                                .and_then(|r| r.strip_suffix(".jsonl.gz"))
+                                .and_then(strip_part_extension)
                                 .is_some_and(|n| digits(n, 5)))
                 } else {
                     false
