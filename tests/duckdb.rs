@@ -84,16 +84,42 @@ async fn manifest_rows(app: &App, project: &Project) -> Vec<(&'static str, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duckdb_reads_every_table_with_the_manifests_row_counts_and_the_readme_queries_run() {
+    read_by_duckdb("gzip").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_reads_zstd_parts_as_it_reads_gzip_ones() {
+    read_by_duckdb("zstd").await;
+}
+
+async fn read_by_duckdb(compression: &str) {
     let mut cfg = sim_config("America/Los_Angeles", 4, 60);
     cfg.column_collisions = true;
     cfg.profiles = 60;
     let project = Project::start(cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let app = project
-        .local_app(&dir.path().join("mixpanel-data"), &[])
+        .local_app(
+            &dir.path().join("mixpanel-data"),
+            &[("OUTPUT_COMPRESSION", compression)],
+        )
         .await;
     let report = sync(&app, &[]).await.unwrap();
     assert_eq!((report.failed, report.skipped.len()), (0, 0), "{report:?}");
+    let extension = if compression == "zstd" {
+        ".jsonl.zst"
+    } else {
+        ".jsonl.gz"
+    };
+    let (m, _) = read_partition(
+        &app.sink,
+        &app.prefix,
+        "export",
+        project.simulator().config().first_day,
+    )
+    .await
+    .unwrap();
+    assert!(m.files.iter().all(|f| f.name.ends_with(extension)), "{m:?}");
 
     for (table, glob, expected) in manifest_rows(&app, &project).await {
         assert!(expected > 0, "{table} has no rows to read");
