@@ -8,7 +8,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
 
 use mixpanel_replicator::app::App;
 use mixpanel_replicator::cli::sync;
@@ -56,16 +55,13 @@ async fn raw_lines(app: &App, folder: &str) -> Vec<String> {
     let (manifest, _) = read_manifest_rows(&app.sink, folder).await.unwrap();
     let mut lines = Vec::new();
     for f in &manifest.files {
-        let gz = app
+        let stored = app
             .sink
             .get(&format!("{folder}/{}", f.name))
             .await
             .unwrap()
             .unwrap();
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_string(&mut text)
-            .unwrap();
+        let text = String::from_utf8(decode_part(&f.name, &stored).unwrap()).unwrap();
         lines.extend(text.lines().map(String::from));
     }
     lines

@@ -80,23 +80,10 @@ impl Types {
 
     /// `integer`, `string`, or `integer|string` when both were seen (`string` when none was).
     pub fn name(self) -> String {
-        let names: Vec<&str> = [
-            (T_STRING, "string"),
-            (T_INTEGER, "integer"),
-            (T_NUMBER, "number"),
-            (T_BOOLEAN, "boolean"),
-            (T_OBJECT, "object"),
-            (T_ARRAY, "array"),
-            (T_NULL, "null"),
-        ]
-        .into_iter()
-        .filter(|(bit, _)| self.0 & bit != 0)
-        .map(|(_, n)| n)
-        .collect();
+        let mut names: Vec<&str> = bit_names(self.0).collect();
         if names.is_empty() {
             return "string".into();
         }
-        let mut names = names;
         names.sort_unstable();
         names.join("|")
     }
