@@ -80,6 +80,9 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// Test the settings, the credentials, the state and each table's access to Mixpanel, one
+    /// line each; write nothing. Exits non-zero when anything fails.
+    Check,
     /// Start the bundled simulator and sync it into ./mixpanel-data.
     Demo {
         /// Output folder.
@@ -107,6 +110,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Demo { out } => Box::pin(crate::demo::run(out)).await,
+        Command::Check => Box::pin(crate::check::command(local_settings(None, None))).await,
     };
     match result {
         Ok(code) => code,

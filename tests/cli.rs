@@ -271,3 +271,75 @@ async fn sync_with_concurrency_replicates_days_at_once_each_exactly_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_each_table_it_can_read_asks_little_and_writes_nothing() {
+    let mut cfg = sim_config("UTC", 2, 30);
+    cfg.plan_excludes = vec!["engage".into()];
+    let project = Project::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().to_path_buf();
+    let mut cmd = command(&project, &cwd);
+    let out = tokio::task::spawn_blocking(move || cmd.arg("check").output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let status = |what: &str| -> &str {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(what))
+            .unwrap_or_else(|| panic!("no line for {what}: {stdout}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+    };
+    for what in [
+        "settings",
+        "credentials",
+        "state",
+        "annotations",
+        "cohort_members",
+        "cohorts",
+        "export",
+        "funnels",
+        "revenue",
+    ] {
+        assert_eq!(status(what), "ok", "{what}: {stdout}");
+    }
+    assert_eq!(status("engage"), "FAIL", "{stdout}");
+    assert!(
+        stdout.contains("not allowed by the Mixpanel plan"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(&project.simulator().config().api_secret),
+        "{stdout}"
+    );
+    // A handful of requests, and nothing written.
+    assert!(
+        project.simulator().requests().len() <= 8,
+        "{:?}",
+        project.simulator().requests()
+    );
+    assert_eq!(
+        files_under(dir.path()),
+        Vec::<String>::new(),
+        "check wrote something"
+    );
+
+    // A wrong secret: the credentials work for no table, and each says so.
+    let mut cmd = command(&project, &cwd);
+    cmd.env("MIXPANEL_API_SECRET", "wrong");
+    let out = tokio::task::spawn_blocking(move || cmd.arg("check").output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("FAIL")).count() >= 6,
+        "{stdout}"
+    );
+    assert!(!stdout.contains("wrong"), "{stdout}");
+}

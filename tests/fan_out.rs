@@ -320,7 +320,7 @@ async fn a_record_whose_body_is_not_an_event_is_a_batch_item_failure_logged_once
     // Nothing asked, nothing written, nothing queued.
     assert!(project.simulator().requests().is_empty());
     let data = dir.path().join("mixpanel-data");
-    let written: Vec<String> = walk(&data)
+    let written: Vec<String> = files_under(&data)
         .into_iter()
         .filter(|p| !p.ends_with(".state.json") && !p.ends_with(".state.json.lock"))
         .collect();
@@ -340,21 +340,6 @@ async fn a_record_whose_body_is_not_an_event_is_a_batch_item_failure_logged_once
 }
 
 /// Files under `dir`, relative, recursively (none when it does not exist).
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_workers_fed_by_the_queue_never_claim_the_same_day_and_meet_no_429() {

@@ -78,6 +78,14 @@ async fn no_command_or_failure_ever_shows_the_secret() {
     }
     printed += &run(&project, dir.path(), secret, &["sync"], None);
     printed += &run(&project, dir.path(), secret, &["plan"], None);
+    printed += &run(&project, dir.path(), secret, &["check"], None);
+    printed += &run(
+        &project,
+        dir.path(),
+        "Wr0ng-S3cret-Value-0xBAD",
+        &["check"],
+        None,
+    );
     let event = format!(r#"{{"table": "export", "date": "{day}"}}"#);
     let invoke = |secret: &str, event: &str| {
         run(

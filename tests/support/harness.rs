@@ -611,3 +611,21 @@ pub async fn assert_layout(app: &App) {
         assert!(ok, "an object outside the documented layout: {}", o.key);
     }
 }
+
+/// Every file under `dir` (its path), folders walked; empty when `dir` does not exist.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+            out.push(format!("{}/", p.display()));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
