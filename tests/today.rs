@@ -88,8 +88,11 @@ async fn today_split_into_hours(tz_name: &str) {
     let project = Project::start(cfg).await;
     // Mixpanel cuts off every request for more than an hour of today: today is split into
     // hours.
-    project.simulator().push_fault(FaultRule::export_day(
-        today,
+    // (By the instant today began: just after local midnight in UTC+13:45, today's requests
+    // ask for yesterday's UTC date only.)
+    let began = hour_starts(&tz, today)[0];
+    project.simulator().push_fault(FaultRule::export_instant(
+        began,
         Some(Duration::from_secs(3600)),
         Fault::TerminatedEarly { after_lines: 5 },
     ));
