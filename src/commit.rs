@@ -449,9 +449,16 @@ pub async fn write_schema(
             .columns
             .iter()
             .map(|(name, ty)| {
-                // The Mixpanel name of what the column holds (`$city` for `mp_reserved_city`,
-                // `Country` for a `Country__2` renamed beside `country`).
-                serde_json::json!({"name": name, "type": type_json(ty), "mixpanel_name": schema.source_of(name)})
+                // `source`: the Mixpanel property a column of flattened properties holds (`$city`
+                // for `mp_reserved_city`, `country` for a `country__2` renamed beside
+                // `Country`); the record's own keys and the other tables' columns hold none.
+                let holds_property = matches!(table, Table::Export | Table::Engage)
+                    && !table.fixed_keys().contains(&name.as_str());
+                let mut column = serde_json::json!({"name": name, "type": type_json(ty)});
+                if holds_property {
+                    column["source"] = serde_json::json!(schema.source_of(name));
+                }
+                column
             })
             .collect::<Vec<_>>(),
     });

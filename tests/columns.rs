@@ -67,8 +67,12 @@ async fn raw_lines(app: &App, folder: &str) -> Vec<String> {
     lines
 }
 
-/// `_schema.json` of `table`: column name → (types, Mixpanel name).
-async fn schema_json(app: &App, table: &str) -> BTreeMap<String, (serde_json::Value, String)> {
+/// `_schema.json` of `table`: column name → (types, `source`: the property it holds, or
+/// `None` for the record's own keys).
+async fn schema_json(
+    app: &App,
+    table: &str,
+) -> BTreeMap<String, (serde_json::Value, Option<String>)> {
     let key = if app.prefix.is_empty() {
         format!("{table}/_schema.json")
     } else {
@@ -85,7 +89,7 @@ async fn schema_json(app: &App, table: &str) -> BTreeMap<String, (serde_json::Va
                 c["name"].as_str().unwrap().to_string(),
                 (
                     c["type"].clone(),
-                    c["mixpanel_name"].as_str().unwrap().to_string(),
+                    c.get("source").map(|s| s.as_str().unwrap().to_string()),
                 ),
             )
         })
@@ -142,8 +146,11 @@ async fn assert_unique_columns(app: &App, project: &Project) {
     assert_eq!(long[0].chars().count(), 200, "{long:?}");
 
     let schema = schema_json(app, "export").await;
+    // The record's own keys hold no property.
+    for own in ["event", "distinct_id", "time"] {
+        assert_eq!(schema[own].1, None, "{own}: {schema:?}");
+    }
     for (column, property, types) in [
-        ("event", "event", json!("string")),
         ("event__2", "event", json!("integer")),
         ("Country", "Country", json!("string")),
         ("country__2", "country", json!("string")),
@@ -154,11 +161,11 @@ async fn assert_unique_columns(app: &App, project: &Project) {
         let (ty, name) = schema
             .get(column)
             .unwrap_or_else(|| panic!("{column} not in _schema.json: {schema:?}"));
-        assert_eq!((name.as_str(), ty), (property, &types), "{column}");
+        assert_eq!((name.as_deref(), ty), (Some(property), &types), "{column}");
     }
     assert_eq!(
         schema[long[0].as_str()].1,
-        format!("long_key_{}", "k".repeat(991))
+        Some(format!("long_key_{}", "k".repeat(991)))
     );
 }
 
@@ -236,7 +243,7 @@ async fn a_profile_property_named_distinct_id_gets_its_own_column() {
     let schema = schema_json(&app, "engage").await;
     assert_eq!(
         schema["distinct_id__2"],
-        (json!("string"), "distinct_id".to_string())
+        (json!("string"), Some("distinct_id".to_string()))
     );
-    assert_eq!(schema["distinct_id"].1, "distinct_id");
+    assert_eq!(schema["distinct_id"].1, None);
 }
