@@ -92,7 +92,7 @@ pub async fn discover(app: &App, table: Table, deadline: Instant) -> Result<Sche
         .into_iter()
         .filter(|(name, _)| !fixed.iter().any(|(f, _)| f == name))
         .map(|(name, ty)| (source_key(&name), ty));
-    Ok(named_schema(fixed, properties))
+    Ok(named_schema(fixed, &[table.partition_key()], properties))
 }
 
 /// The export's properties endpoint.

@@ -17,7 +17,7 @@ use crate::replicate::SliceResult;
 use crate::schedule::plan;
 use crate::sink::streaming::StreamingParts;
 use crate::state::{Lease, Schema, SliceId, SliceStatus};
-use crate::tables::json::{Columns, Types, discover_object, fixed_schema};
+use crate::tables::json::{Columns, Types, fixed_schema, write_object};
 use crate::tables::{Table, annotations, cohort_members, cohorts, engage};
 
 /// Where a snapshot stands, saved with the slice so that the next invocation resumes it.
@@ -203,7 +203,7 @@ async fn fill(
     match table {
         Table::Cohorts => {
             let body = mc.query(cohorts::PATH, &[], deadline).await?;
-            let mut columns = Columns::new(None);
+            let mut columns = as_returned_columns(app, table).await?;
             cohorts::rows(&body, as_returned(parts, &mut columns))?;
             parts.pump().await?;
             merge(&mut progress.columns, columns.schema(&[]));
@@ -231,7 +231,7 @@ async fn fill(
                     .await?
                 }
             };
-            let mut columns = Columns::new(None);
+            let mut columns = as_returned_columns(app, table).await?;
             annotations::rows(&body, as_returned(parts, &mut columns))?;
             parts.pump().await?;
             merge(&mut progress.columns, columns.schema(&[]));
@@ -258,7 +258,9 @@ async fn fill(
                 .or_else(|| known.clone())
                 .unwrap_or_default()
                 .merged(&progress.columns, fixed);
-            let mut columns = Columns::new(known.as_ref()).named(Some(&names), fixed);
+            let mut columns = Columns::new(known.as_ref())
+                .named(Some(&names), fixed)
+                .reserving(&[table.partition_key()]);
             let mut fair = Fairness::new(table);
             let stopped = page_through(
                 app,
@@ -331,20 +333,35 @@ async fn fill(
     }
 }
 
-/// Writes objects as returned, discovering their columns.
+/// The columns of a table written as Mixpanel returns it: each key under its own name, unless
+/// that name is taken (case folded) or unusable, named as the table's stored schema names them.
+async fn as_returned_columns(app: &App, table: Table) -> Result<Columns> {
+    let stored = app.store.schema(table).await?;
+    Ok(Columns::new(None)
+        .verbatim(stored.as_ref())
+        .reserving(&[table.partition_key()]))
+}
+
+/// Writes objects as returned (keys renamed only where [`as_returned_columns`] says),
+/// discovering their columns.
 fn as_returned<'a>(
     parts: &'a mut StreamingParts,
     columns: &'a mut Columns,
 ) -> impl FnMut(&[u8]) + 'a {
+    let mut line_out = Vec::new();
     move |line| {
-        parts.write(line);
-        discover_object(line, columns);
+        line_out.clear();
+        write_object(line, columns, &mut line_out);
+        parts.write(&line_out);
     }
 }
 
 fn merge(into: &mut Schema, more: Schema) {
     for (k, v) in more.columns {
         into.columns.entry(k).or_insert(v);
+    }
+    for (k, v) in more.renamed {
+        into.renamed.entry(k).or_insert(v);
     }
 }
 

@@ -1105,6 +1105,10 @@ impl Gen {
         if h % 11 == 3 {
             buf.extend_from_slice(b",\"\":1");
         }
+        if h % 17 == 5 {
+            // A property named as the partition readers add to each row (`date=` folders).
+            buf.extend_from_slice(b",\"date\":\"2020-01-01\"");
+        }
         if h % 13 == 4 {
             buf.extend_from_slice(b",\"long_key_");
             buf.extend_from_slice("k".repeat(991).as_bytes());

@@ -317,7 +317,8 @@ type Latest = HashMap<(String, String, i64, String), (i64, Map<String, Value>, S
 /// is folded and never one of the record's own keys. The first spelling seen keeps the plain
 /// name and a later one is `{name}__2`: `event` (the record's own key), `country` (after the
 /// first day's `Country`) and a custom `mp_reserved_city` (after `$city`, on every event)
-/// become `event__2`, `country__2` and `mp_reserved_city__2`; an empty key is `_blank`; a
+/// become `event__2`, `country__2` and `mp_reserved_city__2`; a property named `date` (the
+/// partition readers take from the `date=` folders) is `date__2`; an empty key is `_blank`; a
 /// key longer than 200 characters is cut to 182 and given `__` and the 16 hex digits of its
 /// 64-bit FNV-1a hash. Every other key is its output name (`$x` → `mp_reserved_x`).
 pub fn collision_column(key: &str) -> String {
@@ -325,6 +326,8 @@ pub fn collision_column(key: &str) -> String {
         "event" => "event__2".into(),
         "country" => "country__2".into(),
         "mp_reserved_city" => "mp_reserved_city__2".into(),
+        // The partition of `date=` folders, which readers add to each row.
+        "date" => "date__2".into(),
         k if k.trim().is_empty() => "_blank".into(),
         k if k.chars().count() > 200 => {
             let head: String = k.chars().take(182).collect();

@@ -269,9 +269,13 @@ impl Transformer {
     }
 
     /// Names property columns as the table's stored schema did (see [`Columns`]): the
-    /// record's own `event`, `distinct_id` and `time` are never a property's.
+    /// record's own `event`, `distinct_id` and `time` are never a property's, nor the
+    /// partition `date` readers add to each row.
     pub fn named(mut self, stored: Option<&Schema>) -> Self {
-        self.columns = self.columns.named(stored, &FIXED_KEYS);
+        self.columns = self
+            .columns
+            .named(stored, &FIXED_KEYS)
+            .reserving(&[super::Table::Export.partition_key()]);
         self
     }
 

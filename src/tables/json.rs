@@ -142,6 +142,9 @@ struct Naming {
     /// Whether names are kept unique when case is folded (a table whose names are stored);
     /// otherwise each property is written under its output name ([`output_key`]).
     unique: bool,
+    /// Whether a key keeps its own spelling as its plain name (a table written as Mixpanel
+    /// returns it) instead of its output name ([`output_key`]).
+    verbatim: bool,
     /// Property key (as sent) → column name.
     names: HashMap<String, String>,
     /// Column names taken, case folded (the table's own keys included).
@@ -156,7 +159,11 @@ impl Naming {
         if let Some(name) = self.names.get(key) {
             return name.clone();
         }
-        let base = column_name(key);
+        let base = if self.verbatim && key.trim() == key && plain_length(key) {
+            key.to_string()
+        } else {
+            column_name(key)
+        };
         let mut name = base.clone();
         let mut n = 1;
         while self.taken.contains(&folded(&name)) {
@@ -171,6 +178,11 @@ impl Naming {
 
 /// Longest column name written (Glue and Athena take 255 characters).
 const MAX_COLUMN_CHARS: usize = 200;
+
+/// Whether a name is short enough to be a column's as it is.
+fn plain_length(name: &str) -> bool {
+    !name.is_empty() && name.chars().count() <= MAX_COLUMN_CHARS
+}
 
 /// A property's plain column name: its output name ([`output_key`]); `_blank` for a key that
 /// is empty or only whitespace; a key longer than [`MAX_COLUMN_CHARS`] cut there, with a hash
@@ -247,6 +259,32 @@ impl Columns {
         }
     }
 
+    /// Names columns as [`Columns::named`] does, but with each key's own spelling as its plain
+    /// name (`$x` stays `$x`): the tables written as Mixpanel returns them (cohorts,
+    /// annotations), whose keys are renamed only to keep names unique and usable.
+    pub fn verbatim(self, stored: Option<&Schema>) -> Self {
+        let columns = self.named(stored, &[]);
+        columns
+            .naming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .verbatim = true;
+        columns
+    }
+
+    /// Keeps `names` from every property that has no column yet: the names readers add to each
+    /// row (the hive partition `date` or `snapshot` that DuckDB and Spark read from the path,
+    /// Athena's partition key). A column already named so keeps its name.
+    pub fn reserving(self, names: &[&str]) -> Self {
+        {
+            let mut naming = self.naming.lock().unwrap_or_else(|p| p.into_inner());
+            for name in names {
+                naming.taken.insert(folded(name));
+            }
+        }
+        self
+    }
+
     /// The same filter and naming with nothing seen yet (for another worker of the same slice).
     pub fn fork(&self) -> Self {
         Columns {
@@ -317,7 +355,8 @@ impl Columns {
                 schema
                     .columns
                     .insert(c.name.clone(), type_name(bit_names(c.bits)));
-                if c.name != output_key(k) {
+                // Every column whose property its name does not spell ([`source_key`]).
+                if source_key(&c.name) != *k {
                     schema.renamed.insert(c.name.clone(), k.clone());
                 }
             }
@@ -377,16 +416,29 @@ impl<'de> Visitor<'de> for FlattenSeed<'_> {
     }
 }
 
-/// Records the top-level keys and types of a JSON object line (tables written as returned).
-pub fn discover_object(line: &[u8], columns: &mut Columns) {
-    let mut scratch = Vec::new();
+/// Writes a JSON object line as returned, each top-level key under its column (see
+/// [`Columns::verbatim`]: the key itself unless that name is taken or unusable), values as
+/// sent, and records the columns' types. A line that is not an object is written as it is.
+pub fn write_object(line: &[u8], columns: &mut Columns, out: &mut Vec<u8>) {
+    let mut entries = Vec::with_capacity(line.len() + 16);
     let mut de = serde_json::Deserializer::from_slice(line);
-    // A line that is not an object has no columns to discover; it is written as returned.
-    let _ = FlattenSeed {
-        out: &mut scratch,
+    let object = FlattenSeed {
+        out: &mut entries,
         columns,
     }
-    .deserialize(&mut de);
+    .deserialize(&mut de)
+    .and_then(|()| de.end());
+    match object {
+        Ok(()) => {
+            out.push(b'{');
+            out.extend_from_slice(entries.get(1..).unwrap_or_default());
+            out.push(b'}');
+            if line.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+        }
+        Err(_) => out.extend_from_slice(line),
+    }
 }
 
 /// A schema of fixed columns.
@@ -401,9 +453,10 @@ pub fn fixed_schema(columns: &[(&str, &str)]) -> Schema {
 }
 
 /// The schema of the `fixed` columns and of `properties` (key as sent, type), each property
-/// named as [`Columns`] names it, in the order given.
+/// named as [`Columns`] names it (none taking a `reserved` name), in the order given.
 pub fn named_schema(
     fixed: &[(&str, &str)],
+    reserved: &[&str],
     properties: impl IntoIterator<Item = (String, String)>,
 ) -> Schema {
     let mut schema = fixed_schema(fixed);
@@ -411,12 +464,12 @@ pub fn named_schema(
         unique: true,
         ..Naming::default()
     };
-    for (f, _) in fixed {
-        naming.taken.insert(folded(f));
+    for name in fixed.iter().map(|(f, _)| f).chain(reserved) {
+        naming.taken.insert(folded(name));
     }
     for (key, ty) in properties {
         let name = naming.name_for(&key);
-        if name != output_key(&key) {
+        if source_key(&name) != key {
             schema.renamed.insert(name.clone(), key);
         }
         schema.columns.insert(name, ty);
@@ -567,6 +620,83 @@ mod tests {
         assert_eq!(
             written(&mut c, &[("Country", "1"), ("country", "2"), ("$os", "3")]),
             r#"{"Country":1,"country":2,"mp_reserved_os":3}"#
+        );
+    }
+
+    #[test]
+    fn a_custom_mp_reserved_property_seen_before_its_dollar_twin_keeps_its_own_source() {
+        let fixed = ["event", "distinct_id", "time"];
+        let mut c = Columns::new(None).named(None, &fixed);
+        assert_eq!(
+            written(
+                &mut c,
+                &[("mp_reserved_city", "\"custom\""), ("$city", "\"Paris\"")]
+            ),
+            r#"{"mp_reserved_city":"custom","mp_reserved_city__2":"Paris"}"#
+        );
+        let schema = c.schema(&[]);
+        assert_eq!(schema.source_of("mp_reserved_city"), "mp_reserved_city");
+        assert_eq!(schema.source_of("mp_reserved_city__2"), "$city");
+        // Both columns survive a merge into the stored schema (one property each).
+        let stored = Schema::default().merged(&schema, &fixed);
+        assert_eq!(stored, schema);
+    }
+
+    #[test]
+    fn a_reserved_name_goes_to_no_new_property_but_stays_with_a_column_that_has_it() {
+        let fixed = ["event", "distinct_id", "time"];
+        let mut c = Columns::new(None).named(None, &fixed).reserving(&["date"]);
+        assert_eq!(
+            written(&mut c, &[("Date", "1"), ("date", "2")]),
+            r#"{"Date__2":1,"date__3":2}"#
+        );
+        // A table whose stored schema already holds `date` keeps writing it there.
+        let stored = named_schema(&[], &[], [("date".to_string(), "integer".to_string())]);
+        let mut later = Columns::new(None)
+            .named(Some(&stored), &fixed)
+            .reserving(&["date"]);
+        assert_eq!(written(&mut later, &[("date", "3")]), r#"{"date":3}"#);
+    }
+
+    fn as_returned(columns: &mut Columns, line: &str) -> String {
+        let mut out = Vec::new();
+        write_object(line.as_bytes(), columns, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn an_object_as_returned_keeps_its_keys_but_for_the_ones_no_engine_could_read() {
+        let long = "k".repeat(1000);
+        let mut c = Columns::new(None).verbatim(None).reserving(&["snapshot"]);
+        let line = format!(
+            "{{\"id\": 1, \"Name\":\"a\",\"name\":\"b\",\"$x\":{{\"y\": [1, 2]}},\"\":3,\" \":4,\"snapshot\":\"s\",\"{long}\":5}}\n"
+        );
+        let row = as_returned(&mut c, &line);
+        let hashed = column_name(&long);
+        assert_eq!(
+            row,
+            format!(
+                "{{\"id\":1,\"Name\":\"a\",\"name__2\":\"b\",\"$x\":{{\"y\": [1, 2]}},\"_blank\":3,\"_blank__2\":4,\"snapshot__2\":\"s\",\"{hashed}\":5}}\n"
+            )
+        );
+        // Lines that are not objects are written as they are.
+        assert_eq!(as_returned(&mut c, "[1,2]\n"), "[1,2]\n");
+        assert_eq!(as_returned(&mut c, "{\"id\":2}"), "{\"id\":2}");
+        let schema = c.schema(&[]);
+        assert_eq!(schema.source_of("$x"), "$x");
+        assert_eq!(schema.source_of("name__2"), "name");
+        assert_eq!(schema.source_of("id"), "id");
+        assert_eq!(schema.columns["$x"], "object");
+        // A later snapshot that brings the spellings in the other order names them the same.
+        let mut later = Columns::new(None)
+            .verbatim(Some(&schema))
+            .reserving(&["snapshot"]);
+        assert_eq!(
+            as_returned(
+                &mut later,
+                "{\"name\":\"c\",\"Name\":\"d\",\"NAME\":\"e\"}\n"
+            ),
+            "{\"name__2\":\"c\",\"Name\":\"d\",\"NAME__3\":\"e\"}\n"
         );
     }
 }

@@ -61,6 +61,16 @@ impl Table {
         matches!(self, Table::Export | Table::Funnels | Table::Revenue)
     }
 
+    /// The column readers take from the output's folder names (`date=` or `snapshot=`: hive
+    /// partitions in DuckDB and Spark, the partition key in Athena), which no column takes.
+    pub fn partition_key(self) -> &'static str {
+        if self.is_date_sliced() {
+            "date"
+        } else {
+            "snapshot"
+        }
+    }
+
     /// The keys of the table's records that hold no property: no property column takes them.
     pub fn fixed_keys(self) -> &'static [&'static str] {
         match self {
