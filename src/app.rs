@@ -10,6 +10,7 @@ use crate::ratelimit::{Limits, RequestBudget};
 use crate::schedule::queue::FanOutQueue;
 use crate::secrets::CredentialsProvider;
 use crate::sink::ObjectSink;
+use crate::sink::catalog::GlueCatalog;
 use crate::sink::local::LocalSink;
 use crate::sink::s3::S3Sink;
 use crate::state::StateStore;
@@ -31,6 +32,8 @@ pub struct App {
     pub prefix: String,
     /// The fan-out queue day events are sent to (`FAN_OUT_QUEUE_URL`), when set.
     pub fan_out: Option<Arc<FanOutQueue>>,
+    /// The Glue tables kept current with the discovered columns (`GLUE_DATABASE`), when set.
+    pub catalog: Option<Arc<GlueCatalog>>,
 }
 
 impl App {
@@ -40,6 +43,7 @@ impl App {
         let needs_aws = settings.output_bucket.is_some() && settings.output_dir.is_none()
             || settings.state_table.is_some() && settings.state_file.is_none()
             || settings.fan_out_queue_url.is_some()
+            || settings.glue_database.is_some()
             || matches!(
                 settings.credentials,
                 crate::secrets::CredentialsSource::SecretsManager { .. }
@@ -110,6 +114,13 @@ impl App {
             ))),
             _ => None,
         };
+        let catalog = match (&settings.glue_database, &sdk) {
+            (Some(database), Some(sdk)) => Some(Arc::new(GlueCatalog::new(
+                aws_sdk_glue::Client::new(sdk),
+                database.clone(),
+            ))),
+            _ => None,
+        };
         Ok(App {
             settings: Arc::new(settings),
             mixpanel,
@@ -117,6 +128,7 @@ impl App {
             sink,
             prefix,
             fan_out,
+            catalog,
         })
     }
 }

@@ -437,6 +437,23 @@ pub async fn advance_bookmark_over(
 }
 
 /// Writes `{prefix}/{table}/_schema.json`: column names and JSON types.
+/// Writes the table's `_schema.json` for its stored `schema`, then brings its Glue table up to
+/// it when `GLUE_DATABASE` is set. The rows are committed already, so a catalog that cannot be
+/// updated does not fail the commit: it is logged, and the next commit tries again.
+pub async fn publish_schema(app: &crate::app::App, table: Table, schema: &Schema) -> Result<()> {
+    write_schema(app.sink.as_ref(), &app.prefix, table, schema).await?;
+    if let Some(catalog) = &app.catalog
+        && let Err(e) = catalog.publish(table, schema).await
+    {
+        tracing::warn!(
+            table = table.as_str(),
+            error = %e,
+            "the Glue table was not brought up to date with the discovered columns; the next commit tries again"
+        );
+    }
+    Ok(())
+}
+
 pub async fn write_schema(
     sink: &dyn ObjectSink,
     prefix: &str,

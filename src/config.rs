@@ -174,6 +174,9 @@ pub struct Settings {
     /// `FAN_OUT_CONCURRENCY`: how many day events a scheduled invocation that cannot finish
     /// the pending days sends to the fan-out queue at most (the queue's concurrency).
     pub fan_out_concurrency: u32,
+    /// `GLUE_DATABASE`: the Glue database whose tables (one per replicated table, created by the
+    /// stack) are given every discovered column after a commit. Unset: no catalog is kept.
+    pub glue_database: Option<String>,
     /// Local output folder (local mode).
     pub output_dir: Option<PathBuf>,
     /// Local state file (local mode).
@@ -218,6 +221,7 @@ pub const VARIABLES: &[&str] = &[
     "SHRINK_GUARD_PERCENT",
     "FAN_OUT_QUEUE_URL",
     "FAN_OUT_CONCURRENCY",
+    "GLUE_DATABASE",
 ];
 
 impl Settings {
@@ -411,6 +415,26 @@ impl Settings {
         // An SQS queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`); plain http only to
         // a loopback endpoint (tests).
         let fan_out_concurrency = number(&get, "FAN_OUT_CONCURRENCY", 3, 1, 1000)? as u32;
+        // Athena's database names: lowercase letters, digits and underscores.
+        let glue_database = match get("GLUE_DATABASE") {
+            None => None,
+            Some(name)
+                if name.len() <= 255
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
+            {
+                Some(name)
+            }
+            Some(name) => {
+                return Err(Error::setting(
+                    "GLUE_DATABASE",
+                    format!(
+                        "{name:?} is not a Glue database name Athena can query (lowercase letters, digits and underscores, at most 255)"
+                    ),
+                ));
+            }
+        };
         let fan_out_queue_url = match get("FAN_OUT_QUEUE_URL") {
             None => None,
             Some(u) => {
@@ -467,6 +491,7 @@ impl Settings {
             shrink_guard_percent,
             fan_out_queue_url,
             fan_out_concurrency,
+            glue_database,
             output_dir: None,
             state_file: None,
         })

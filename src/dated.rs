@@ -273,7 +273,7 @@ async fn replicate(
         ]),
     };
     let schema = app.store.merge_schema(table, &columns).await?;
-    commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
+    commit::publish_schema(app, table, &schema).await?;
     Ok(Ran::Done(total, window_label(from, to)))
 }
 

@@ -448,7 +448,7 @@ pub(crate) async fn store_schema(app: &App, observed: &Schema) -> Result<()> {
         system.columns.retain(|c, _| export::is_system_column(c));
         app.store.merge_schema(Table::Export, &system).await?
     };
-    commit::write_schema(app.sink.as_ref(), &app.prefix, Table::Export, &schema).await
+    commit::publish_schema(app, Table::Export, &schema).await
 }
 
 /// The time pass 2 surely takes for `raw_bytes` of a slice on one slow core.

@@ -667,7 +667,7 @@ async fn finish(
     } else {
         app.store.merge_schema(table, columns).await?
     };
-    commit::write_schema(app.sink.as_ref(), &app.prefix, table, &schema).await?;
+    commit::publish_schema(app, table, &schema).await?;
     // Abandoned and old snapshots go before the completion: a failure or a crash before it
     // leaves the slice to an invocation that prunes again.
     prune(app, table, snapshot).await?;

@@ -2,13 +2,17 @@
 //! the settings the program reads, the schedules against the invocation events, and the IAM
 //! policies against the AWS calls the program makes — nothing more, nothing less.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use mixpanel_replicator::config::{RunMode, Settings, VARIABLES};
 use mixpanel_replicator::handler::{Invocation, parse_event};
+use mixpanel_replicator::sink::catalog;
 use mixpanel_replicator::tables::Table;
 use serde_json::{Value, json};
+use support::template::template;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -84,11 +88,22 @@ const CODE_CALLS: &[(&str, &str, &str)] = &[
         "secretsmanager:GetSecretValue",
         "CredentialsProvider::get (cached five minutes)",
     ),
-    // src/fanout.rs
+    // src/schedule/queue.rs
     (
         "send_message_batch",
         "sqs:SendMessage",
         "FanOutQueue::send (a range's day events, ten per call)",
+    ),
+    // src/sink/catalog.rs
+    (
+        "get_table",
+        "glue:GetTable",
+        "GlueCatalog::publish (a table's columns, once per process and table, and after a change)",
+    ),
+    (
+        "update_table",
+        "glue:UpdateTable",
+        "GlueCatalog::publish (a table missing discovered columns)",
     ),
 ];
 
@@ -121,7 +136,7 @@ const OTHER_OPERATIONS: &[&str] = &[
     "scan",
     "describe_table",
     "create_table",
-    "update_table",
+    // (`update_table` is Glue's, in CODE_CALLS: the program calls DynamoDB's never.)
     "update_time_to_live",
     "execute_statement",
     "batch_execute_statement",
@@ -196,6 +211,7 @@ const TAGGED_TYPES: &[&str] = &[
     "AWS::IAM::Role",
     "AWS::CloudWatch::Alarm",
     "AWS::CloudWatch::Dashboard",
+    "AWS::Athena::WorkGroup",
 ];
 
 /// The resource types of the template that take no tags at all.
@@ -226,55 +242,6 @@ const REQUIRED_ON_LAMBDA: &[&str] = &[
 ];
 
 // --- reading the template --------------------------------------------------------------------
-
-/// The template as JSON, short-form tags (`!Ref X`) turned into their long form (`{"Ref": "X"}`).
-fn template() -> Value {
-    let path = Path::new(ROOT).join("infra/template.yaml");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
-        .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
-    long_form(yaml)
-}
-
-fn long_form(v: serde_yaml_ng::Value) -> Value {
-    use serde_yaml_ng::Value as Y;
-    match v {
-        Y::Null => Value::Null,
-        Y::Bool(b) => Value::Bool(b),
-        Y::Number(n) => serde_json::to_value(&n).expect("a YAML number"),
-        Y::String(s) => Value::String(s),
-        Y::Sequence(items) => Value::Array(items.into_iter().map(long_form).collect()),
-        Y::Mapping(m) => Value::Object(
-            m.into_iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Y::String(s) => s,
-                        other => serde_yaml_ng::to_string(&other).unwrap().trim().to_string(),
-                    };
-                    (key, long_form(v))
-                })
-                .collect(),
-        ),
-        Y::Tagged(t) => {
-            let tag = t.tag.to_string();
-            let name = tag.trim_start_matches('!').to_string();
-            let inner = long_form(t.value);
-            match name.as_str() {
-                "Ref" | "Condition" => json!({ name: inner }),
-                "GetAtt" => match inner {
-                    Value::String(s) => {
-                        let (resource, attribute) =
-                            s.split_once('.').expect("!GetAtt Resource.Attribute");
-                        json!({"Fn::GetAtt": [resource, attribute]})
-                    }
-                    other => json!({"Fn::GetAtt": other}),
-                },
-                _ => json!({ format!("Fn::{name}"): inner }),
-            }
-        }
-    }
-}
 
 fn resources(t: &Value) -> &serde_json::Map<String, Value> {
     t["Resources"].as_object().expect("Resources")
@@ -443,6 +410,15 @@ fn the_function_sets_only_known_settings_every_setting_and_every_required_one() 
                 assert_eq!(value, &json!({"Ref": "FanOutQueue"}), "the queue's URL");
                 assert_eq!(resources(&t)["FanOutQueue"]["Type"], "AWS::SQS::Queue");
             }
+            "GLUE_DATABASE" => {
+                assert_eq!(
+                    value,
+                    &json!({"Fn::If": ["CreateGlueTables", {"Ref": "GlueDatabase"}, {"Ref": "AWS::NoValue"}]}),
+                    "the database the stack creates, when it creates one"
+                );
+                let description = params["GlueDatabaseName"]["Description"].as_str().unwrap();
+                assert!(description.starts_with("GLUE_DATABASE."), "{description}");
+            }
             _ => {
                 let param = camel(var);
                 assert_eq!(
@@ -474,6 +450,7 @@ fn default_environment(t: &Value) -> BTreeMap<String, String> {
                     "https://sqs.us-east-1.amazonaws.com/123456789012/my-stack-FanOutQueue-ABC"
                         .to_string()
                 }
+                "GLUE_DATABASE" => default_of(&params["GlueDatabaseName"]).unwrap(),
                 _ => {
                     let param = value["Ref"].as_str().unwrap();
                     default_of(&params[param]).unwrap_or_else(|| match param {
@@ -508,6 +485,9 @@ fn the_parameter_defaults_are_the_programs_defaults_and_every_allowed_value_is_v
     // The fan-out queue is a resource of the stack; the program's default is none (local runs).
     assert_eq!(code.fan_out_queue_url, None);
     code.fan_out_queue_url = deployed.fan_out_queue_url.clone();
+    // So is the Glue database: none by default in the program, the stack's in the template.
+    assert_eq!(code.glue_database, None);
+    code.glue_database = deployed.glue_database.clone();
     assert_eq!(
         format!("{deployed:#?}"),
         format!("{code:#?}"),
@@ -1148,6 +1128,30 @@ fn the_function_role_allows_exactly_the_calls_the_code_makes() {
         replicator["secretsmanager:GetSecretValue"],
         [json!({"Ref": "MixpanelSecretId"})]
     );
+    // The catalog: the seven tables of the stack's database (Glue authorizes a table's
+    // operations on the catalog, the database and the table).
+    let glue_arn = |rest: &str| json!({"Fn::Sub": format!("arn:${{AWS::Partition}}:glue:${{AWS::Region}}:${{AWS::AccountId}}:{rest}")});
+    let mut catalog = vec![glue_arn("catalog"), glue_arn("database/${GlueDatabase}")];
+    for table in Table::ALL {
+        catalog.push(glue_arn(&format!("table/${{GlueDatabase}}/{table}")));
+    }
+    for a in ["glue:GetTable", "glue:UpdateTable"] {
+        assert_eq!(replicator[a], [Value::Array(catalog.clone())], "{a}");
+    }
+    let glue_statement =
+        res["FunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s.get("Fn::If")
+                    .is_some_and(|b| b[1]["Sid"] == "CatalogColumns")
+            })
+            .expect("the catalog statement");
+    assert_eq!(
+        glue_statement["Fn::If"][0], "CreateGlueTables",
+        "granted only when the stack creates the tables"
+    );
     for a in ["logs:CreateLogStream", "logs:PutLogEvents"] {
         assert_eq!(
             platform[a],
@@ -1404,27 +1408,83 @@ fn the_function_storage_and_alarms_are_as_documented() {
         );
     }
 
-    // Athena: the export table over the output, partitions projected by date.
-    let glue = &res["ExportGlueTable"]["Properties"]["TableInput"];
-    assert_eq!(glue["Name"], "export");
+    // Athena: one table per replicated table, read through the commit's symlink manifests.
+    for table in Table::ALL {
+        let name = table.as_str();
+        let stem = camel(name);
+        let resource = &res[&format!("{stem}GlueTable")];
+        assert_eq!(resource["Type"], "AWS::Glue::Table", "{name}");
+        assert_eq!(resource["Condition"], "CreateGlueTables", "{name}");
+        assert_eq!(
+            resource["Properties"]["DatabaseName"],
+            json!({"Ref": "GlueDatabase"})
+        );
+        let glue = &resource["Properties"]["TableInput"];
+        assert_eq!(glue["Name"], name);
+        let sd = &glue["StorageDescriptor"];
+        assert_eq!(
+            sd["SerdeInfo"]["SerializationLibrary"],
+            "org.openx.data.jsonserde.JsonSerDe"
+        );
+        assert_eq!(sd["SerdeInfo"]["Parameters"]["case.insensitive"], "true");
+        assert_eq!(
+            sd["InputFormat"],
+            "org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat"
+        );
+        // The columns every row has, as the function writes them first (it adds the rest).
+        let columns: Vec<(String, String)> = sd["Columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["Name"].as_str().unwrap().to_string(),
+                    c["Type"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let fixed: Vec<(String, String)> = catalog::fixed_columns(table)
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(columns, fixed, "{name}: src/sink/catalog.rs fixed_columns");
+        if table.is_date_sliced() {
+            assert_eq!(glue["PartitionKeys"][0]["Name"], "date", "{name}");
+            assert_eq!(glue["Parameters"]["projection.date.type"], "date");
+            assert_eq!(
+                glue["Parameters"]["projection.date.range"],
+                json!({"Fn::Sub": "${MixpanelStartDate},NOW+1DAYS"})
+            );
+            assert_eq!(
+                sd["Location"]["Fn::Sub"][0],
+                format!("s3://${{BucketName}}/${{OutputPrefix}}/{name}/_symlink/")
+            );
+            assert_eq!(
+                glue["Parameters"]["storage.location.template"]["Fn::Sub"][0],
+                format!("s3://${{BucketName}}/${{OutputPrefix}}/{name}/_symlink/date=${{!date}}/")
+            );
+        } else {
+            assert!(glue.get("PartitionKeys").is_none(), "{name}");
+            assert_eq!(
+                sd["Location"]["Fn::Sub"][0],
+                format!("s3://${{BucketName}}/${{OutputPrefix}}/{name}/_symlink/latest/"),
+                "{name}: the newest snapshot's manifest"
+            );
+        }
+    }
     assert_eq!(
-        glue["StorageDescriptor"]["SerdeInfo"]["SerializationLibrary"],
-        "org.openx.data.jsonserde.JsonSerDe"
+        resources_of_type(&t, "AWS::Glue::Table").len(),
+        Table::ALL.len()
     );
-    assert_eq!(glue["Parameters"]["projection.date.type"], "date");
-    assert_eq!(glue["PartitionKeys"][0]["Name"], "date");
-    // Read through the commit's symlink manifests: only committed parts.
+    let workgroup = &res["AthenaWorkGroup"];
+    assert_eq!(workgroup["Type"], "AWS::Athena::WorkGroup");
+    assert_eq!(workgroup["Condition"], "CreateGlueTables");
+    let config = &workgroup["Properties"]["WorkGroupConfiguration"];
+    assert_eq!(config["EnforceWorkGroupConfiguration"], true);
     assert_eq!(
-        glue["StorageDescriptor"]["Location"]["Fn::Sub"][0],
-        "s3://${BucketName}/${OutputPrefix}/export/_symlink/"
-    );
-    assert_eq!(
-        glue["StorageDescriptor"]["InputFormat"],
-        "org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat"
-    );
-    assert_eq!(
-        glue["Parameters"]["storage.location.template"]["Fn::Sub"][0],
-        "s3://${BucketName}/${OutputPrefix}/export/_symlink/date=${!date}/"
+        config["ResultConfiguration"]["OutputLocation"]["Fn::Sub"][0],
+        "s3://${BucketName}/athena-results/",
+        "results beside the output, outside the prefix the function writes"
     );
 }
 

@@ -2,6 +2,7 @@
 //!
 //! Both keep the same key layout; the core only sees [`ObjectSink`].
 
+pub mod catalog;
 pub mod local;
 pub mod part;
 pub mod s3;

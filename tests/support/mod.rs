@@ -6,3 +6,4 @@ pub mod chaos;
 pub mod harness;
 pub mod moto;
 pub mod proxy;
+pub mod template;
