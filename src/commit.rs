@@ -5,7 +5,7 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::sink::ObjectSink;
 use crate::state::{Lease, Schema, SliceId, SliceRecord, SliceStatus, StateStore};
 use crate::tables::Table;
@@ -374,7 +374,7 @@ pub async fn complete(store: &dyn StateStore, lease: &Lease, result: Option<&str
 
 /// Whether `e` says that the lease was lost (another attempt owns the slice now).
 pub fn lease_lost(e: &Error) -> bool {
-    e.kind() == ErrorKind::State && e.message().starts_with("lost the lease")
+    e.cause() == Some(Cause::LeaseLost)
 }
 
 fn lost(lease: &Lease) -> Error {
@@ -385,6 +385,7 @@ fn lost(lease: &Lease) -> Error {
             lease.table, lease.slice, lease.owner
         ),
     )
+    .with_cause(Cause::LeaseLost)
 }
 
 /// Moves the bookmark of a date-sliced table to the last day D such that every day from the

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::commit::{self, FileEntry};
 use crate::config::Residency;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::replicate::SliceResult;
 use crate::schedule::plan;
 use crate::sink::part;
@@ -348,7 +348,8 @@ async fn save_funnels(
                 "lost the lease on {} {} while saving progress; another invocation continues",
                 leases[0].table, leases[0].slice
             ),
-        ));
+        )
+        .with_cause(Cause::LeaseLost));
     }
     Ok(())
 }
@@ -389,5 +390,5 @@ async fn write_part(
 /// EU projects answer `engage/revenue` with HTTP 400 (often `Timeout Error`, which elsewhere is
 /// a passing failure): there it means the endpoint is not served.
 fn eu_400(app: &App, e: &Error) -> bool {
-    app.settings.residency == Residency::Eu && e.message().contains("HTTP 400")
+    app.settings.residency == Residency::Eu && e.cause() == Some(Cause::Http(400))
 }

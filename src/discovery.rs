@@ -8,7 +8,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::mixpanel::MixpanelClient;
 use crate::state::Schema;
 use crate::tables::Table;
@@ -67,7 +67,7 @@ pub async fn discover(app: &App, table: Table, deadline: Instant) -> Result<Sche
         }
         _ => match mc.query(path, &params, deadline).await {
             Ok(body) => add_event_properties(&mut columns, &body)?,
-            Err(e) if e.kind() == ErrorKind::BadResponse && e.message().contains("HTTP 400") => {
+            Err(e) if e.kind() == ErrorKind::BadResponse && e.cause() == Some(Cause::Http(400)) => {
                 let names = match &app.settings.export_events {
                     Some(names) => names.clone(),
                     None => event_names(mc, deadline).await?,

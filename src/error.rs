@@ -70,12 +70,37 @@ impl fmt::Display for ErrorKind {
     }
 }
 
-/// The one error type of the replicator: a kind and a message that names the problem.
+/// What exactly happened, where a caller decides on more than the kind. Set where the failure
+/// is first seen (an HTTP answer, an `io::Error`, an SDK error), so that no decision reads the
+/// message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The slice's lease is another attempt's now: nothing this attempt wrote is committed.
+    LeaseLost,
+    /// A file system is full (the spill's temporary storage).
+    NoSpace,
+    /// Mixpanel answered with this HTTP status.
+    Http(u16),
+    /// Mixpanel refused a listing's session (it expired): the listing starts again.
+    ExpiredSession,
+    /// The AWS resource does not exist.
+    NotFound,
+    /// AWS refused the call: the role lacks a permission.
+    AccessDenied,
+    /// The deadline came while the parts of a slice were written.
+    DeadlineWhileWriting,
+}
+
+/// The one error type of the replicator: a kind and a message that names the problem, what
+/// exactly happened when a caller needs it, and the error it came from.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    cause: Option<Cause>,
+    #[source]
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Error {
@@ -84,6 +109,36 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            cause: None,
+            source: None,
+        }
+    }
+
+    /// The same error, saying what exactly happened.
+    pub fn with_cause(mut self, cause: Cause) -> Self {
+        self.cause = Some(cause);
+        self
+    }
+
+    /// The same error, keeping the error it came from (`source()`).
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(std::sync::Arc::new(source));
+        self
+    }
+
+    /// What exactly happened, when it was recorded.
+    pub fn cause(&self) -> Option<Cause> {
+        self.cause
+    }
+
+    /// A storage error from an `io::Error`, named by `what`; a full file system says so.
+    pub fn io(what: impl fmt::Display, e: std::io::Error) -> Self {
+        let full = e.kind() == std::io::ErrorKind::StorageFull;
+        let err = Error::storage(format!("{what}: {e}")).with_source(e);
+        if full {
+            err.with_cause(Cause::NoSpace)
+        } else {
+            err
         }
     }
 
@@ -125,7 +180,13 @@ impl Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Error::storage(e)
+        let full = e.kind() == std::io::ErrorKind::StorageFull;
+        let err = Error::storage(&e).with_source(e);
+        if full {
+            err.with_cause(Cause::NoSpace)
+        } else {
+            err
+        }
     }
 }
 
@@ -138,6 +199,29 @@ impl From<Error> for lambda_runtime::Diagnostic {
             error_type: e.kind().as_str().to_string(),
             error_message: e.message().to_string(),
         }
+    }
+}
+
+/// What an AWS SDK failure was, from its variant and the service's error code: a missing
+/// resource, a refused permission, or nothing more specific.
+pub fn sdk_cause<E>(
+    err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Option<Cause>
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let code = err.as_service_error()?.code()?;
+    match code {
+        "ResourceNotFoundException"
+        | "EntityNotFoundException"
+        | "NoSuchBucket"
+        | "NoSuchKey"
+        | "AWS.SimpleQueueService.NonExistentQueue"
+        | "QueueDoesNotExist" => Some(Cause::NotFound),
+        "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation" => {
+            Some(Cause::AccessDenied)
+        }
+        _ => None,
     }
 }
 
@@ -169,4 +253,28 @@ where
         cause = c.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_keeps_its_source_and_a_full_disk_says_so() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let e = Error::io("spill file", full);
+        assert_eq!(
+            (e.kind(), e.cause()),
+            (ErrorKind::Storage, Some(Cause::NoSpace))
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        let e: Error = std::io::Error::from_raw_os_error(28).into();
+        assert_eq!(e.cause(), Some(Cause::NoSpace), "ENOSPC: {e}");
+        let e = Error::io(
+            "reading x",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert_eq!(e.cause(), None);
+        assert_eq!(Error::new(ErrorKind::State, "x").cause(), None);
+    }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::commit::{self, FileEntry};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
 use crate::setaside::{self, Aside, BodyShape, Rejected};
 use crate::sink::part::{PartEvent, PartWriter, content_type};
@@ -129,9 +129,6 @@ const SPLIT_ON_WRITE_MIN_BYTES: u64 = 1 << 20;
 /// What pass 2 says when the deadline stopped it.
 const WRITING: &str = "the invocation's deadline came while the parts were written";
 
-/// How the OS says that a file system is full (ENOSPC).
-const NO_SPACE: &str = "No space left on device";
-
 /// Raw bytes per second that pass 2 (deduplicate, compress, upload) surely keeps up on one
 /// slow core: a tenth of what it measures (BENCHMARKS.md).
 const PASS2_SLOW_BYTES_PER_SEC: f64 = 25e6;
@@ -219,7 +216,7 @@ pub async fn export_slice(
     let ms = || body_began.elapsed().as_millis() as u64;
     let result = match write_day(app, lease, guard, day, ms, deadline).await {
         Ok(r) => r,
-        Err(e) if e.kind() == ErrorKind::Deadline && e.message().contains(WRITING) => {
+        Err(e) if e.cause() == Some(Cause::DeadlineWhileWriting) => {
             // Writing a small slice late says the storage is slow, not that it is big:
             // smaller slices would only make more uploads.
             if body_began.elapsed() < started.elapsed() / 2 || raw_bytes < SPLIT_ON_WRITE_MIN_BYTES
@@ -370,7 +367,7 @@ pub(crate) async fn fetch(
                 )));
             }
             // The spill (about the raw size) outgrew the temporary storage: an hour's fits.
-            Err(e) if e.kind() == ErrorKind::Storage && e.message().contains(NO_SPACE) => {
+            Err(e) if e.cause() == Some(Cause::NoSpace) => {
                 return Ok(Fetch::TooBig(format!(
                     "the spill of {what} outgrew the temporary storage ({:.1} MB read): {e}",
                     read.load(Ordering::Relaxed) as f64 / 1e6
@@ -1015,7 +1012,8 @@ async fn write_parts(
     // Once the stop was given, a writer may have lost its last part's end (its events are then
     // refused): whatever seems written, the slice is incomplete.
     if failure.is_none() && (!complete || timed_out.load(Ordering::SeqCst)) {
-        failure = Some(Error::new(ErrorKind::Deadline, WRITING));
+        failure =
+            Some(Error::new(ErrorKind::Deadline, WRITING).with_cause(Cause::DeadlineWhileWriting));
     }
     if let Some(e) = failure {
         remove_parts(app, folder, &files).await;

@@ -208,16 +208,22 @@ impl CredentialsProvider {
             .await
             .map_err(|e| {
                 let detail = crate::error::describe_sdk_error(&e);
-                let kind = if detail.contains("ResourceNotFound") || detail.contains("AccessDenied")
-                {
+                let cause = crate::error::sdk_cause(&e);
+                // A secret that is not there, or that the role may not read, stays so.
+                let kind = if cause.is_some() {
                     ErrorKind::Secret
                 } else {
                     ErrorKind::Transient
                 };
-                Error::new(
+                let err = Error::new(
                     kind,
                     format!("cannot read the Mixpanel credentials secret {secret_id:?}: {detail}"),
                 )
+                .with_source(e);
+                match cause {
+                    Some(c) => err.with_cause(c),
+                    None => err,
+                }
             })?;
         let text = out.secret_string().ok_or_else(|| {
             Error::new(ErrorKind::Secret, format!("the secret {secret_id:?} has no string value (binary secrets are not supported)"))

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::commit::{self, FileEntry, key};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::ratelimit::{Family, Share, ShareCap, with_share};
 use crate::replicate::SliceResult;
 use crate::schedule::plan;
@@ -184,7 +184,8 @@ async fn save(app: &App, lease: &Lease, progress: &Progress) -> Result<()> {
                 "lost the lease on {} while saving progress; another invocation continues",
                 lease.table
             ),
-        ));
+        )
+        .with_cause(Cause::LeaseLost));
     }
     Ok(())
 }

@@ -32,7 +32,7 @@ const READ_BUFFER: usize = 128 * 1024;
 const KEY_ENTRY: usize = 16 + 8 + 8 + 4;
 
 fn spill_err(e: std::io::Error) -> Error {
-    Error::storage(format!("spill file (local temporary storage): {e}"))
+    Error::io("spill file (local temporary storage)", e)
 }
 
 /// One bucket of one shard: records (`len: u32` + bytes) and the key index of the keyed ones.

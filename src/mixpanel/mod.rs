@@ -8,7 +8,7 @@ use jiff::civil::Date;
 use reqwest::StatusCode;
 use tokio::time::Instant;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::ratelimit::{Family, Permit, RequestBudget};
 use crate::secrets::CredentialsProvider;
 
@@ -413,7 +413,7 @@ fn error_message(body: &str) -> String {
 pub fn classify(status: StatusCode, body: &str, path: &str) -> Error {
     let msg = error_message(body);
     let code = status.as_u16();
-    match code {
+    let error = match code {
         401 | 403 => Error::new(
             ErrorKind::Unauthorized,
             format!(
@@ -444,7 +444,17 @@ pub fn classify(status: StatusCode, body: &str, path: &str) -> Error {
             ErrorKind::BadResponse,
             format!("Mixpanel answered HTTP {code} on {path}: {msg}"),
         ),
-    }
+    };
+    // A paged listing whose session Mixpanel no longer knows (`engage` pages): the one
+    // decision taken on the answer's words, here where the answer is read.
+    let expired_session = error.kind() == ErrorKind::BadResponse
+        && (400..500).contains(&code)
+        && msg.to_ascii_lowercase().contains("session");
+    error.with_cause(if expired_session {
+        Cause::ExpiredSession
+    } else {
+        Cause::Http(code)
+    })
 }
 
 /// A reqwest error without its URL (which carries query parameters).
@@ -494,5 +504,29 @@ mod tests {
             c(400, r#"{"error":"to_date cannot be later than today"}"#),
             ErrorKind::BadResponse
         );
+    }
+
+    #[test]
+    fn the_answer_says_what_exactly_happened_once_for_every_caller() {
+        let cause = |code: u16, body: &str| {
+            classify(StatusCode::from_u16(code).unwrap(), body, "/x").cause()
+        };
+        assert_eq!(cause(400, r#"{"error":"bad"}"#), Some(Cause::Http(400)));
+        assert_eq!(
+            cause(400, r#"{"error":"Timeout Error."}"#),
+            Some(Cause::Http(400))
+        );
+        assert_eq!(cause(503, ""), Some(Cause::Http(503)));
+        assert_eq!(
+            cause(
+                400,
+                r#"{"error":"Invalid session_id, it may have expired"}"#
+            ),
+            Some(Cause::ExpiredSession)
+        );
+        assert_eq!(cause(410, "Session expired"), Some(Cause::ExpiredSession));
+        // A rate limit or a refused credential that mentions a session is still that.
+        assert_eq!(cause(429, "session"), Some(Cause::Http(429)));
+        assert_eq!(cause(401, "session"), Some(Cause::Http(401)));
     }
 }

@@ -237,10 +237,7 @@ impl GlueCatalog {
     where
         E: aws_sdk_glue::error::ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let not_found = err
-            .as_service_error()
-            .is_some_and(|s| s.code() == Some("EntityNotFoundException"));
-        if not_found {
+        if crate::error::sdk_cause(&err) == Some(crate::error::Cause::NotFound) {
             return Error::new(
                 ErrorKind::Storage,
                 format!(

@@ -328,5 +328,5 @@ where
 }
 
 fn io_error(op: &str, path: &Path, e: io::Error) -> Error {
-    Error::storage(format!("{op} {}: {e}", path.display()))
+    Error::io(format_args!("{op} {}", path.display()), e)
 }

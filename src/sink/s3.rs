@@ -52,7 +52,7 @@ impl S3Sink {
 
     fn fail<E>(&self, op: &str, key: &str, err: SdkError<E, HttpResponse>) -> Error
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         failure(op, &self.bucket, key, err)
     }
@@ -61,9 +61,15 @@ impl S3Sink {
 /// An SDK failure as a storage error naming the operation and the object.
 fn failure<E>(op: &str, bucket: &str, key: &str, err: SdkError<E, HttpResponse>) -> Error
 where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    Error::storage(format!("{op} s3://{bucket}/{key}: {}", describe(&err)))
+    let err_text = describe(&err);
+    let cause = crate::error::sdk_cause(&err);
+    let error = Error::storage(format!("{op} s3://{bucket}/{key}: {err_text}")).with_source(err);
+    match cause {
+        Some(c) => error.with_cause(c),
+        None => error,
+    }
 }
 
 #[async_trait]
@@ -233,7 +239,7 @@ struct S3Upload {
 impl S3Upload {
     fn fail<E>(&self, op: &str, err: SdkError<E, HttpResponse>) -> Error
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         failure(op, &self.bucket, &self.key, err)
     }

@@ -72,7 +72,7 @@ pub fn page_params(
 
 /// Whether Mixpanel refused a page because the listing's session expired: the listing restarts.
 pub fn is_expired_session(e: &Error) -> bool {
-    e.kind() == ErrorKind::BadResponse && e.message().to_ascii_lowercase().contains("session")
+    e.cause() == Some(crate::error::Cause::ExpiredSession)
 }
 
 /// Writes a profile as `{"distinct_id": ..., <$properties flattened>}` and a newline; the
