@@ -1,15 +1,19 @@
 //! Versus the incumbent (issue 6, target 1): Singer `tap-mixpanel` 1.8.0 (PyPI) and this
 //! replicator on the same simulated export day.
 //!
-//! `cargo bench --bench incumbent` (`BENCH_EVENTS`, default 200,000). It installs the tap with
+//! `cargo bench --bench incumbent` (`BENCH_EVENTS`, default 200,000, over `BENCH_DAYS` days,
+//! default 1, ending yesterday). It installs the tap with
 //! `benches/incumbent/setup.sh` (its own venv, pinned) and runs it through
 //! `benches/incumbent/run_tap.py`, which points the tap's hard-coded Mixpanel URLs elsewhere.
 //! The tap's discovery (not timed) reads the simulator; the timed runs read the simulator's day,
 //! gzip-compressed once, from a static server in this process on core 1, so that no measured
 //! run shares a core with the simulator's generator. Each measured process runs on core 0
-//! (`taskset -c 0`); the replicator also on both cores. The tap writes its Singer messages to
-//! /dev/null; the replicator does its whole job (dedup, gzip, local folder, commit). Events/s
-//! counts the day's deliveries (the lines of the export body), the same number for both.
+//! (`taskset -c 0`); the replicator also on both cores, once with gzip parts from a request a
+//! day and once with zstd parts from multi-day requests (its default window). Over several days
+//! the tap keeps its default 30-day window (one request for them all). The tap writes its
+//! Singer messages to /dev/null; the replicator does its whole job (dedup, compression, local
+//! folder, commit). Events/s counts the deliveries (the lines of the export bodies), the same
+//! number for both.
 //!
 //! Three more rows give the floor of this project's core: `mixpanel-replicator --version` (the
 //! binary's own resident memory before any work) and `examples/read_export.rs` (tokio + reqwest
@@ -19,9 +23,12 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+
+use mixpanel_sim::{SimConfig, Simulator};
 
 use common::*;
 
@@ -39,13 +46,43 @@ fn main() {
     let python = incumbent.join(".venv/bin/python");
     let wrapper = incumbent.join("run_tap.py");
 
-    let day = bench_day();
-    let sim = simulator(day, events);
-    let body = raw_body(&sim, day);
-    let raw = body.len();
-    let deliveries = memchr::memchr_iter(b'\n', &body).count() as u64;
-    let server = StaticServer::start(Arc::new(gzip(&body, 6)), day, vec![1]);
-    drop(body);
+    // `BENCH_DAYS` days ending yesterday (UTC), `events` distinct events in all.
+    let days: u32 = env_or("BENCH_DAYS", 1);
+    let last = bench_day();
+    let first = last
+        .checked_sub(jiff::Span::new().days(i64::from(days - 1)))
+        .unwrap();
+    let today = last.tomorrow().unwrap();
+    let sim = Simulator::new(SimConfig {
+        seed: 42,
+        timezone: "UTC".into(),
+        first_day: first,
+        days,
+        events_per_day: events / days,
+        ..SimConfig::default()
+    });
+    let events = events / days * days;
+    // One body per day (the tap's one-day windows and the replicator's one-day requests) and,
+    // over several days, the whole range (both programs' multi-day requests; today is empty).
+    let mut bodies = HashMap::new();
+    let (mut raw, mut deliveries) = (0, 0);
+    let mut d = first;
+    while d <= last {
+        let body = raw_body(&sim, d);
+        raw += body.len();
+        deliveries += memchr::memchr_iter(b'\n', &body).count() as u64;
+        bodies.insert((d, d), Arc::new(gzip(&body, 6)));
+        d = d.tomorrow().unwrap();
+    }
+    if days > 1 {
+        let mut body = Vec::new();
+        sim.write_export_body(first, last, None, None, &mut body)
+            .unwrap();
+        let gz = Arc::new(gzip(&body, 6));
+        bodies.insert((first, last), gz.clone());
+        bodies.insert((first, today), gz);
+    }
+    let server = StaticServer::start_ranges(bodies, vec![1]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .on_thread_start(|| pin_thread(&[1]))
@@ -56,20 +93,30 @@ fn main() {
     let url = running.url();
     let secret = sim.config().api_secret.clone();
     eprintln!(
-        "day {day}: {events} events, {deliveries} deliveries, {:.1} MB raw JSONL; simulator at {url}",
+        "{first}..{last}: {events} events, {deliveries} deliveries, {:.1} MB raw JSONL; simulator at {url}",
         raw as f64 / 1e6
     );
+    // What a program asked the static server for.
+    let requests = |who: &str| {
+        eprintln!(
+            "{who}: served {:?}, unknown (answered empty) {:?}",
+            server.served.lock().unwrap(),
+            server.unknown.lock().unwrap()
+        );
+        server.clear_log();
+    };
 
     // The tap's config and catalog (discovery is not timed; only the export stream is selected).
     let work = tempfile::tempdir().unwrap();
-    let next_day = day.tomorrow().unwrap();
+    // Over several days the tap keeps its own default window (30 days: one request).
+    let tap_window = if days > 1 { "30" } else { "1" };
     let config = serde_json::json!({
         "api_secret": secret,
-        "date_window_size": "1",
+        "date_window_size": tap_window,
         "attribution_window": "1",
         "project_timezone": "UTC",
-        "start_date": format!("{day}T00:00:00Z"),
-        "end_date": format!("{next_day}T00:00:00Z"),
+        "start_date": format!("{first}T00:00:00Z"),
+        "end_date": format!("{today}T00:00:00Z"),
         "select_properties_by_default": "true",
         "user_agent": "mixpanel-replicator-bench",
     });
@@ -121,15 +168,22 @@ fn main() {
         .next_back()
         .expect("the tap reports its record count");
     assert_eq!(tap_records, deliveries, "the tap wrote every delivery");
+    requests("tap");
 
-    // The replicator, alone on core 0, then on both cores (sharing core 1 with the simulator).
-    let ours = |cpus: &str| {
-        let (u, records) = run_replicator(&server.url, day, cpus, &[]);
+    // The replicator, alone on core 0, then on both cores (sharing core 1 with the server):
+    // gzip parts from one request per day, then zstd parts from multi-day requests.
+    let ours = |cpus: &str, env: &[(&str, &str)]| {
+        let (u, records) = run_replicator_days(&server.url, first, last, cpus, env);
         assert_eq!(records, events as u64, "exactly the distinct events");
+        requests(&format!("replicator on {cpus} {env:?}"));
         u
     };
-    let one = ours("0");
-    let two = ours("0,1");
+    let daily = [("MIXPANEL_EXPORT_WINDOW_DAYS", "1")];
+    let zstd_windows = [("OUTPUT_COMPRESSION", "zstd")];
+    let one = ours("0", &daily);
+    let two = ours("0,1", &daily);
+    let one_zstd = ours("0", &zstd_windows);
+    let two_zstd = ours("0,1", &zstd_windows);
 
     // The floor of the core: the binary doing nothing, and tokio + reqwest only reading the day.
     let mut version = Command::new("taskset");
@@ -152,7 +206,7 @@ fn main() {
         cmd.args(["-c", "0"])
             .arg(&reader)
             .arg(format!(
-                "{}/api/2.0/export?from_date={day}&to_date={day}",
+                "{}/api/2.0/export?from_date={first}&to_date={last}",
                 server.url
             ))
             .args(extra);
@@ -175,7 +229,7 @@ fn main() {
 
     let eps = |u: &Usage| deliveries as f64 / u.seconds;
     println!(
-        "\n### Versus Singer tap-mixpanel 1.8.0 ({deliveries} deliveries of {events} events, {:.0} MB raw JSONL)\n",
+        "\n### Versus Singer tap-mixpanel 1.8.0 ({deliveries} deliveries of {events} events over {days} days, {:.0} MB raw JSONL)\n",
         raw as f64 / 1e6
     );
     println!(
@@ -184,8 +238,26 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     for (name, cores, u) in [
         ("tap-mixpanel 1.8.0 → /dev/null", "1", &tap),
-        ("mixpanel-replicator → local gzip parts", "1", &one),
-        ("mixpanel-replicator → local gzip parts", "2", &two),
+        (
+            "mixpanel-replicator → local gzip parts, a request a day",
+            "1",
+            &one,
+        ),
+        (
+            "mixpanel-replicator → local gzip parts, a request a day",
+            "2",
+            &two,
+        ),
+        (
+            "mixpanel-replicator → local zstd parts, multi-day requests",
+            "1",
+            &one_zstd,
+        ),
+        (
+            "mixpanel-replicator → local zstd parts, multi-day requests",
+            "2",
+            &two_zstd,
+        ),
         ("floor: tokio + reqwest read + gunzip only", "1", &floor),
         (
             "floor: the same on a single-threaded runtime",

@@ -236,7 +236,7 @@ pub async fn export_slice(
         workers = workers(),
         "slice read, deduplicated and written"
     );
-    store_schema(app, &observed).await?;
+    store_schema(app).await?;
     Ok(Exported::Done(result))
 }
 
@@ -435,16 +435,11 @@ async fn first_discovery(app: &App, observed: &Schema) -> Result<()> {
     Ok(())
 }
 
-/// Merges the columns a committed body had into the table's schema and writes `_schema.json`.
-pub(crate) async fn store_schema(app: &App, observed: &Schema) -> Result<()> {
-    let schema = if app.settings.select_properties_by_default {
-        app.store.merge_schema(Table::Export, observed).await?
-    } else {
-        // The discovered columns, and the system properties kept beside them.
-        let mut system = observed.clone();
-        system.columns.retain(|c, _| export::is_system_column(c));
-        app.store.merge_schema(Table::Export, &system).await?
-    };
+/// Writes `_schema.json` (and the Glue table) after a commit, from the schema as stored now:
+/// [`discover`] merged this body's columns before its parts were written, and other
+/// invocations may have added theirs since, which a schema kept from then would leave out.
+pub(crate) async fn store_schema(app: &App) -> Result<()> {
+    let schema = app.store.schema(Table::Export).await?.unwrap_or_default();
     commit::publish_schema(app, Table::Export, &schema).await
 }
 

@@ -401,8 +401,9 @@ fn every_malformed_setting_is_named_with_what_is_expected() {
     }
 }
 
+/// The error a line too long to be an event gets (its memory: the binary's test below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_50_mb_line_is_refused_without_holding_it() {
+async fn a_50_mb_line_is_refused() {
     let body = format!(
         "{{\"event\":\"a\",\"properties\":{{\"time\":1,\"pad\":\"{}\"}}}}\n",
         "x".repeat(50 << 20)
@@ -412,5 +413,83 @@ async fn a_50_mb_line_is_refused_without_holding_it() {
     assert_eq!(
         msg,
         "the export body has a line longer than 16 MiB; no Mixpanel event is that large"
+    );
+}
+
+/// Runs `cmd` (the binary) under Python's `resource` module and returns its output and its peak
+/// resident memory in MiB. (The child's own high-water mark: a child spawned from this process
+/// directly would count this process's memory at its exec, which holds the body served.)
+fn peak_rss_mib(cmd: &std::process::Command) -> (std::process::Output, f64) {
+    let python = std::env::var("MOTO_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.tools/venv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    let script = "import resource, subprocess, sys\n\
+        r = subprocess.run(sys.argv[1:])\n\
+        sys.stdout.flush()\n\
+        print('RC', r.returncode, 'MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n";
+    let mut py = std::process::Command::new(&python);
+    py.env_clear()
+        .arg("-c")
+        .arg(script)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            py.env(k, v);
+        }
+    }
+    let out = py
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (run scripts/test, which installs it)"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with("RC "))
+        .unwrap_or_else(|| panic!("no RC line: {stdout}"));
+    let kib: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    (out, kib / 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mb_line_is_refused_by_the_binary_in_a_fraction_of_its_size() {
+    let cfg = sim_config("UTC", 1, 5);
+    let project = Project::start(cfg).await;
+    let line = format!(
+        "{{\"event\":\"a\",\"properties\":{{\"time\":1,\"pad\":\"{}\"}}}}\n",
+        "x".repeat(200 << 20)
+    );
+    project.fault_export(
+        None,
+        100,
+        Fault::Status {
+            status: 200,
+            body: line,
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = project.command(None);
+    // Parked at the first failure: one read of the line per day.
+    cmd.env("MAX_SLICE_ATTEMPTS", "1")
+        .args(["sync", "--table", "export", "--out"])
+        .arg(dir.path());
+    let (out, peak) = tokio::task::spawn_blocking(move || peak_rss_mib(&cmd))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("RC 1 "),
+        "the failed day makes sync fail: {stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("a line longer than 16 MiB")
+            || stdout.contains("a line longer than 16 MiB"),
+        "{stdout}\n{stderr}"
+    );
+    // It reads at most 16 MiB of the line: far from holding it.
+    assert!(peak < 100.0, "peak RSS {peak:.1} MiB for a 200 MiB line");
+    let parts = files_under(dir.path());
+    assert!(
+        parts.iter().all(|p| !p.contains("part-")),
+        "no part written: {parts:?}"
     );
 }

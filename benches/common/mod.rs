@@ -81,28 +81,56 @@ pub fn pin_thread(cpus: &[usize]) {
     }
 }
 
-/// A tiny HTTP/1.1 server on loopback answering every request with the same pre-compressed
-/// export body (`Content-Encoding: gzip`), so that the measured process is the replicator and
-/// not the simulator's generator and compressor. Its thread is pinned to `cpus`. Requests for
-/// another `from_date` than `day` (the replicator also plans today) get an empty body.
+/// A tiny HTTP/1.1 server on loopback answering export requests with pre-compressed bodies
+/// (`Content-Encoding: gzip`), so that the measured process is the replicator and not the
+/// simulator's generator and compressor. Its threads are pinned to `cpus`. A request is answered
+/// by its `from_date` and `to_date`; a range it holds no body for gets an empty one (the
+/// replicator also plans today), and is recorded in [`StaticServer::unknown`].
 pub struct StaticServer {
     pub url: String,
+    /// The ranges asked for that had no body, `from..to`.
+    pub unknown: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The ranges served with a body, `from..to`, in order.
+    pub served: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// The `YYYY-MM-DD` after `name=` in a request line.
+fn query_date<'a>(request: &'a str, name: &str) -> Option<&'a str> {
+    let at = request.find(&format!("{name}="))? + name.len() + 1;
+    request.get(at..at + 10)
 }
 
 impl StaticServer {
+    /// Answers requests for `day` alone with `gz`.
     pub fn start(gz: Arc<Vec<u8>>, day: Date, cpus: Vec<usize>) -> StaticServer {
+        StaticServer::start_ranges([((day, day), gz)].into_iter().collect(), cpus)
+    }
+
+    /// Answers a request for `from..=to` with the body `bodies` holds for it.
+    pub fn start_ranges(
+        bodies: std::collections::HashMap<(Date, Date), Arc<Vec<u8>>>,
+        cpus: Vec<usize>,
+    ) -> StaticServer {
         let empty = Arc::new(gzip(b"", 6));
-        let wanted = format!("from_date={day}");
+        let bodies: Arc<std::collections::HashMap<String, Arc<Vec<u8>>>> = Arc::new(
+            bodies
+                .into_iter()
+                .map(|((from, to), gz)| (format!("{from}..{to}"), gz))
+                .collect(),
+        );
+        let unknown: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let served: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let (unknown_log, served_log) = (unknown.clone(), served.clone());
         std::thread::spawn(move || {
             pin_thread(&cpus);
             for stream in listener.incoming() {
                 let Ok(mut s) = stream else { continue };
-                let gz = gz.clone();
+                let bodies = bodies.clone();
                 let empty = empty.clone();
-                let wanted = wanted.clone();
                 let cpus = cpus.clone();
+                let (unknown, served) = (unknown_log.clone(), served_log.clone());
                 std::thread::spawn(move || {
                     pin_thread(&cpus);
                     // Read the request head (no request here has a body).
@@ -115,7 +143,21 @@ impl StaticServer {
                         }
                     }
                     let request = String::from_utf8_lossy(&head);
-                    let gz = if request.contains(&wanted) { gz } else { empty };
+                    let line = request.lines().next().unwrap_or("");
+                    let range = match (query_date(line, "from_date"), query_date(line, "to_date")) {
+                        (Some(from), Some(to)) => format!("{from}..{to}"),
+                        _ => String::new(),
+                    };
+                    let gz = match bodies.get(&range) {
+                        Some(gz) => {
+                            served.lock().unwrap().push(range);
+                            gz.clone()
+                        }
+                        None => {
+                            unknown.lock().unwrap().push(range);
+                            empty
+                        }
+                    };
                     let reply = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                         gz.len()
@@ -130,7 +172,17 @@ impl StaticServer {
                 });
             }
         });
-        StaticServer { url }
+        StaticServer {
+            url,
+            unknown,
+            served,
+        }
+    }
+
+    /// Forgets the ranges asked for so far.
+    pub fn clear_log(&self) {
+        self.unknown.lock().unwrap().clear();
+        self.served.lock().unwrap().clear();
     }
 }
 
@@ -189,12 +241,24 @@ pub fn run_replicator(
     cpus: &str,
     extra_env: &[(&str, &str)],
 ) -> (Usage, u64) {
+    run_replicator_days(url, day, day, cpus, extra_env)
+}
+
+/// `mixpanel-replicator sync --table export` from `first` on, from `url` into a new folder, on
+/// `cpus` (`taskset`), returning its usage and the records committed for `first..=last`.
+pub fn run_replicator_days(
+    url: &str,
+    first: Date,
+    last: Date,
+    cpus: &str,
+    extra_env: &[(&str, &str)],
+) -> (Usage, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", cpus, BIN, "sync", "--table", "export", "--out"])
         .arg(dir.path())
         .env("MIXPANEL_API_SECRET", "bench-secret")
-        .env("MIXPANEL_START_DATE", day.to_string())
+        .env("MIXPANEL_START_DATE", first.to_string())
         .env("MIXPANEL_API_URL", url)
         .env("MIXPANEL_DATA_URL", url)
         .env(
@@ -203,9 +267,15 @@ pub fn run_replicator(
         )
         .envs(extra_env.iter().copied());
     let usage = measure(cmd, Stdio::null(), Stdio::inherit());
-    let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join(format!("export/date={day}/_manifest.json"))).unwrap(),
-    )
-    .unwrap();
-    (usage, m["records"].as_u64().unwrap())
+    let mut records = 0;
+    let mut day = first;
+    while day <= last {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join(format!("export/date={day}/_manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        records += m["records"].as_u64().unwrap();
+        day = day.tomorrow().unwrap();
+    }
+    (usage, records)
 }

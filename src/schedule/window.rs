@@ -192,7 +192,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
             "the deadline came before the days of {label} could be written; they stay pending"
         ))));
     }
-    replicate::store_schema(app, &observed).await?;
+    replicate::store_schema(app).await?;
     let mut total = SliceResult::default();
     for r in &done {
         total.add(r);
