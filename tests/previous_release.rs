@@ -1,25 +1,29 @@
 //! State and output written by the previous release stay readable: this version's `sync`
-//! continues a folder and a state file written by the release before it
-//! (`tests/fixtures/release-b83a123`, see its README) against a simulator of the same project,
-//! without asking Mixpanel again for a day that release committed, without rewriting a byte of
-//! what it wrote, and ends with every table exactly as the simulator holds it.
+//! continues a folder written by the release before it, with its state file or its DynamoDB
+//! state items (`tests/fixtures/release-b83a123`, see its README), against a simulator of the
+//! same project, without asking Mixpanel again for a day that release committed, without
+//! rewriting a byte of what it wrote, and ends with every table exactly as the simulator holds
+//! it.
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use jiff::civil::{Date, date};
+use mixpanel_replicator::app::App;
 use mixpanel_replicator::state::{SliceId, SliceStatus};
 use mixpanel_replicator::tables::Table;
 use mixpanel_sim::SimConfig;
 use serde_json::Value;
 use support::harness::*;
 
-/// The fixture: the folder `mixpanel-data` as that release left it, its state file inside.
+/// The fixtures: the folder `mixpanel-data` as that release left it with its state file
+/// inside, and another it wrote with its state in DynamoDB (the table's items beside it).
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/release-b83a123/mixpanel-data"
+    "/tests/fixtures/release-b83a123"
 );
 /// Stands for the folder's absolute path in the files that hold addresses (the symlink
 /// manifests), which the fixture cannot know.
@@ -45,7 +49,7 @@ fn project_config() -> SimConfig {
 
 /// Copies the fixture into `dir`, the folder's placeholder replaced by `dir`'s path; returns
 /// every file copied (relative path → bytes).
-fn copy_fixture(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+fn copy_fixture(from: &Path, dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(from: &Path, rel: &str, to: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for e in std::fs::read_dir(from).unwrap() {
             let e = e.unwrap();
@@ -83,7 +87,7 @@ fn copy_fixture(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         root
     }
     let mut out = BTreeMap::new();
-    walk(Path::new(FIXTURE), "", dir, &mut out);
+    walk(from, "", dir, &mut out);
     out
 }
 
@@ -197,8 +201,94 @@ fn schema_json(dir: &Path, table: &str) -> BTreeMap<String, (String, Option<Stri
         .collect()
 }
 
+/// Where the state of a fixture is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum State {
+    /// The folder's `.state.json`.
+    File,
+    /// A DynamoDB table (on moto) loaded with the items that release wrote.
+    Dynamo,
+}
+
+/// A DynamoDB item attribute from its JSON form (`{"S": "..."}`, `{"N": "3"}`, `{"M": {...}}`).
+fn attribute(v: &Value) -> AttributeValue {
+    let (kind, x) = v.as_object().unwrap().iter().next().unwrap();
+    match kind.as_str() {
+        "S" => AttributeValue::S(x.as_str().unwrap().into()),
+        "N" => AttributeValue::N(x.as_str().unwrap().into()),
+        "BOOL" => AttributeValue::Bool(x.as_bool().unwrap()),
+        "NULL" => AttributeValue::Null(true),
+        "M" => AttributeValue::M(
+            x.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), attribute(v)))
+                .collect(),
+        ),
+        "L" => AttributeValue::L(x.as_array().unwrap().iter().map(attribute).collect()),
+        other => panic!("an attribute of type {other}: {v}"),
+    }
+}
+
+/// The DynamoDB table the fixture's items go into.
+const STATE_TABLE: &str = "replica-state";
+
+/// Each committed slice that release recorded, `(table, slice)` → (commit time, attempt).
+type Commits = BTreeMap<(String, String), (Option<u64>, Option<String>)>;
+
+/// The slices of the state file, read as the JSON it is.
+fn file_commits(state: &[u8]) -> Commits {
+    let state: Value = serde_json::from_slice(state).unwrap();
+    let mut out = Commits::new();
+    for (table, slices) in state["slices"].as_object().unwrap() {
+        for (slice, rec) in slices.as_object().unwrap() {
+            assert_eq!(rec["status"], "committed", "{table} {slice}");
+            out.insert(
+                (table.clone(), slice.clone()),
+                (
+                    rec["committed_at_ms"].as_u64(),
+                    rec["lease_owner"].as_str().map(String::from),
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// The slice items among the DynamoDB items, read as the JSON they are.
+fn item_commits(items: &[Value]) -> Commits {
+    let mut out = Commits::new();
+    for item in items {
+        let Some(table) = item["pk"]["S"].as_str().unwrap().strip_prefix("slice#") else {
+            continue;
+        };
+        let slice = item["sk"]["S"].as_str().unwrap();
+        assert_eq!(item["status"]["S"], "committed", "{table} {slice}");
+        out.insert(
+            (table.to_string(), slice.to_string()),
+            (
+                item["committed_at_ms"]["N"]
+                    .as_str()
+                    .map(|n| n.parse().unwrap()),
+                item["lease_owner"]["S"].as_str().map(String::from),
+            ),
+        );
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn this_version_continues_what_the_previous_release_wrote_without_refetching_or_rewriting() {
+async fn this_version_continues_the_previous_releases_folder_and_state_file() {
+    continues(State::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_version_continues_the_previous_releases_folder_and_dynamodb_state() {
+    continues(State::Dynamo).await;
+}
+
+/// Runs this version's `sync` on a copy of the fixture with state `state`, and checks it.
+async fn continues(state: State) {
     let project = Project::start(project_config()).await;
     let sim = project.simulator();
     let today = today_in("UTC");
@@ -209,30 +299,71 @@ async fn this_version_continues_what_the_previous_release_wrote_without_refetchi
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("mixpanel-data");
     std::fs::create_dir_all(&dir).unwrap();
-    let before = copy_fixture(&dir);
-    assert!(
-        before.contains_key(".state.json"),
-        "the fixture's state file"
-    );
+    let fixture = Path::new(FIXTURE);
 
-    // What that release recorded, read here as the JSON it is.
-    let old_state: Value = serde_json::from_slice(&before[".state.json"]).unwrap();
-    for table in ["export", "funnels", "revenue"] {
-        let slices = old_state["slices"][table].as_object().unwrap();
-        let committed: Vec<&String> = slices.keys().collect();
-        assert!(!committed.is_empty(), "{table}");
-        for (slice, rec) in slices {
-            assert_eq!(rec["status"], "committed", "{table} {slice}");
+    // The fixture in place, and what that release recorded of its commits.
+    let (before, old_commits, aws) = match state {
+        State::File => {
+            let before = copy_fixture(&fixture.join("mixpanel-data"), &dir);
+            let commits = file_commits(&before[".state.json"]);
+            (before, commits, None)
         }
+        State::Dynamo => {
+            let fixture = fixture.join("dynamodb");
+            let before = copy_fixture(&fixture.join("mixpanel-data"), &dir);
+            assert!(!before.contains_key(".state.json"));
+            let aws = Aws::start().await;
+            let client = aws_sdk_dynamodb::Client::new(&aws.sdk);
+            support::aws::create_state_table(&client, STATE_TABLE).await;
+            let items: Vec<Value> = std::fs::read_to_string(fixture.join("state-items.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            for item in &items {
+                let attributes = item
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), attribute(v)))
+                    .collect();
+                client
+                    .put_item()
+                    .table_name(STATE_TABLE)
+                    .set_item(Some(attributes))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+            (before, item_commits(&items), Some(aws))
+        }
+    };
+    for table in ["export", "funnels", "revenue"] {
+        assert!(
+            old_commits.keys().any(|(t, _)| t == table),
+            "the fixture has commits of {table}"
+        );
     }
-
-    // This version's `sync`, as a user runs it on the folder.
-    let mut cmd = project.command(None);
-    cmd.args(["sync", "--out"]).arg(&dir);
+    // This version's `sync`, as a user runs it on the folder (and the state table).
+    let sync = || {
+        let mut cmd = project.command(None);
+        cmd.args(["sync", "--out"]).arg(&dir);
+        if let Some(aws) = &aws {
+            cmd.envs(aws.moto.env()).env("STATE_TABLE", STATE_TABLE);
+        }
+        cmd
+    };
+    let mut cmd = sync();
     let out = tokio::task::spawn_blocking(move || output_with_stdin(&mut cmd, None))
         .await
         .unwrap();
     assert_success(&out);
+    if state == State::Dynamo {
+        assert!(
+            !dir.join(".state.json").exists(),
+            "the state stayed in DynamoDB"
+        );
+    }
 
     // No day that release committed was asked for again (they are older than the attribution
     // window); the days after them were.
@@ -269,7 +400,15 @@ async fn this_version_continues_what_the_previous_release_wrote_without_refetchi
 
     // Every table is exactly the simulator's, old days and new, read through this version's
     // readers: the manifests, parts and symlink manifests of both releases.
-    let app = project.local_app(&dir, &[]).await;
+    let app = match &aws {
+        None => project.local_app(&dir, &[]).await,
+        Some(aws) => {
+            let mut settings = project.settings(&[("STATE_TABLE", STATE_TABLE)]).unwrap();
+            settings.output_dir = Some(dir.clone());
+            settings.state_file = None;
+            App::build(settings, Some(aws.sdk.clone())).await.unwrap()
+        }
+    };
     assert_layout(&app).await;
     assert_exact(&app, sim, COMMITTED.0, today, None).await;
     let mut rows_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -367,24 +506,26 @@ async fn this_version_continues_what_the_previous_release_wrote_without_refetchi
 
     // This version reads the previous release's state: its commits are kept as they were
     // (same time, same attempt), the new days are committed beside them, nothing pending.
-    for table in [Table::Export, Table::Funnels, Table::Revenue] {
+    for table in Table::ALL {
         let slices = app.store.slices(table).await.unwrap();
         let by_id: BTreeMap<String, _> = slices.iter().map(|r| (r.slice.to_string(), r)).collect();
-        for (slice, old) in old_state["slices"][table.as_str()].as_object().unwrap() {
+        for ((t, slice), (at, owner)) in &old_commits {
+            if t != table.as_str() {
+                continue;
+            }
             let now = by_id
                 .get(slice)
                 .unwrap_or_else(|| panic!("{table} {slice} is no longer in the state"));
             assert_eq!(now.status, SliceStatus::Committed, "{table} {slice}");
-            assert_eq!(
-                now.committed_at_ms,
-                old["committed_at_ms"].as_u64(),
-                "{table} {slice} was committed again"
-            );
-            assert_eq!(
-                now.lease_owner.as_deref(),
-                old["lease_owner"].as_str(),
-                "{table} {slice}"
-            );
+            if table.is_date_sliced() {
+                assert_eq!(
+                    now.committed_at_ms, *at,
+                    "{table} {slice} was committed again"
+                );
+                assert_eq!(now.lease_owner.as_ref(), owner.as_ref(), "{table} {slice}");
+            } else {
+                assert!(now.committed_at_ms > *at, "{table}: a new snapshot");
+            }
         }
         for r in &slices {
             assert_eq!(r.status, SliceStatus::Committed, "{table} {}", r.slice);
@@ -401,8 +542,7 @@ async fn this_version_continues_what_the_previous_release_wrote_without_refetchi
 
     // And a second run finds nothing to do: not one request for a day.
     let seen = sim.requests().len();
-    let mut cmd = project.command(None);
-    cmd.args(["sync", "--out"]).arg(&dir);
+    let mut cmd = sync();
     let out = tokio::task::spawn_blocking(move || output_with_stdin(&mut cmd, None))
         .await
         .unwrap();
