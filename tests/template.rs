@@ -166,7 +166,7 @@ const OTHER_OPERATIONS: &[&str] = &[
     "generate_data_key",
 ];
 
-/// What Lambda does with the function's role on its behalf (not calls of the program).
+/// What AWS services do with the function's role on its behalf (not calls of the program).
 const PLATFORM_ACTIONS: &[(&str, &str)] = &[
     (
         "logs:CreateLogStream",
@@ -194,7 +194,13 @@ const PLATFORM_ACTIONS: &[(&str, &str)] = &[
     ),
     (
         "kms:Decrypt",
-        "only with a customer managed key on the secret (conditional statement)",
+        "only with a customer managed key on the secret, or on the output bucket (conditional \
+         statements): Secrets Manager and S3 decrypt with the caller's permissions",
+    ),
+    (
+        "kms:GenerateDataKey",
+        "only with a customer managed key on the output bucket (conditional statement): S3 \
+         asks KMS for each new object's data key with the caller's permissions",
     ),
 ];
 
@@ -538,7 +544,8 @@ fn one_schedule_per_table_invokes_the_function_with_its_scheduled_event() {
         assert!(seen.insert(table), "two schedules for {table}");
         assert_eq!(
             p["Target"]["Arn"],
-            json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})
+            json!({"Ref": "ReplicatorFunction.Alias"}),
+            "{name} invokes the alias, not $LATEST"
         );
         assert_eq!(
             p["Target"]["RoleArn"],
@@ -1181,7 +1188,18 @@ fn the_function_role_allows_exactly_the_calls_the_code_makes() {
     }
     assert_eq!(
         platform["kms:Decrypt"],
-        [json!({"Ref": "MixpanelSecretKmsKeyArn"})]
+        [
+            json!({"Ref": "MixpanelSecretKmsKeyArn"}),
+            json!({"Ref": "BucketKmsKeyArn"}),
+            json!({"Ref": "OutputBucketKmsKeyArn"})
+        ]
+    );
+    assert_eq!(
+        platform["kms:GenerateDataKey"],
+        [
+            json!({"Ref": "BucketKmsKeyArn"}),
+            json!({"Ref": "OutputBucketKmsKeyArn"})
+        ]
     );
     assert_eq!(
         f["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"],
@@ -1202,7 +1220,7 @@ fn the_function_role_allows_exactly_the_calls_the_code_makes() {
         BTreeMap::from([
             (
                 "lambda:InvokeFunction".to_string(),
-                vec![json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]})]
+                vec![json!({"Ref": "ReplicatorFunction.Alias"})]
             ),
             (
                 "sqs:SendMessage".to_string(),
@@ -1566,4 +1584,362 @@ fn the_fan_out_queue_feeds_the_function_one_day_event_at_a_time_with_bounded_con
         (Some(1), Some("GreaterThanOrEqualToThreshold")),
         "more than zero messages"
     );
+}
+
+// --- the template as deployed with given parameter values ------------------------------------
+
+/// The parameter values of a deploy: every default, the two required parameters, then
+/// `overrides`.
+fn parameter_values(t: &Value, overrides: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let params = t["Parameters"].as_object().unwrap();
+    let mut values: BTreeMap<String, String> = params
+        .iter()
+        .filter_map(|(name, p)| default_of(p).map(|d| (name.clone(), d)))
+        .collect();
+    values.insert(
+        "MixpanelSecretId".into(),
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:mp-AbCdEf".into(),
+    );
+    values.insert("MixpanelStartDate".into(), "2026-01-01".into());
+    for (name, value) in overrides {
+        let pattern = params
+            .get(*name)
+            .unwrap_or_else(|| panic!("no parameter {name}"))["AllowedPattern"]
+            .as_str()
+            .unwrap_or(".*");
+        assert!(
+            regex_lite::Regex::new(pattern).unwrap().is_match(value),
+            "{name}={value:?} does not match its AllowedPattern"
+        );
+        values.insert(name.to_string(), value.to_string());
+    }
+    values
+}
+
+/// A parameter reference or a literal, as the string CloudFormation compares.
+fn scalar(values: &BTreeMap<String, String>, v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => {
+            let name = other["Ref"]
+                .as_str()
+                .unwrap_or_else(|| panic!("not a literal or a parameter: {other}"));
+            values
+                .get(name)
+                .unwrap_or_else(|| panic!("no value for the parameter {name}"))
+                .clone()
+        }
+    }
+}
+
+/// A condition function (`Fn::Equals`, `Fn::Not`, `Fn::And`, `Fn::Or`, `Condition`) with
+/// `values`, as CloudFormation evaluates it (in Conditions and in Rules).
+fn holds(t: &Value, values: &BTreeMap<String, String>, c: &Value) -> bool {
+    let (f, args) = c
+        .as_object()
+        .and_then(|o| o.iter().next())
+        .unwrap_or_else(|| panic!("not a condition function: {c}"));
+    match f.as_str() {
+        "Condition" => {
+            let name = args.as_str().unwrap();
+            let def = &t["Conditions"][name];
+            assert!(!def.is_null(), "no condition {name}");
+            holds(t, values, def)
+        }
+        "Fn::Equals" => scalar(values, &args[0]) == scalar(values, &args[1]),
+        "Fn::Not" => !holds(t, values, &args[0]),
+        "Fn::And" => args.as_array().unwrap().iter().all(|a| holds(t, values, a)),
+        "Fn::Or" => args.as_array().unwrap().iter().any(|a| holds(t, values, a)),
+        other => panic!("condition function {other} is not evaluated here"),
+    }
+}
+
+/// `v` as deployed with `values`: each `Fn::If` replaced by its branch, `AWS::NoValue` left
+/// out (`None` when `v` itself is left out).
+fn deployed(t: &Value, values: &BTreeMap<String, String>, v: &Value) -> Option<Value> {
+    match v {
+        Value::Object(o) if o.len() == 1 && o.contains_key("Fn::If") => {
+            let branches = o["Fn::If"].as_array().unwrap();
+            let taken = if holds(t, values, &json!({"Condition": branches[0]})) {
+                &branches[1]
+            } else {
+                &branches[2]
+            };
+            deployed(t, values, taken)
+        }
+        Value::Object(o) if o.len() == 1 && o.get("Ref") == Some(&json!("AWS::NoValue")) => None,
+        Value::Object(o) => Some(Value::Object(
+            o.iter()
+                .filter_map(|(k, v)| deployed(t, values, v).map(|v| (k.clone(), v)))
+                .collect(),
+        )),
+        Value::Array(a) => Some(Value::Array(
+            a.iter().filter_map(|v| deployed(t, values, v)).collect(),
+        )),
+        other => Some(other.clone()),
+    }
+}
+
+/// The resources a deploy with `values` creates, as deployed.
+fn deployed_resources(t: &Value, values: &BTreeMap<String, String>) -> BTreeMap<String, Value> {
+    resources(t)
+        .iter()
+        .filter(|(_, r)| {
+            r.get("Condition")
+                .is_none_or(|c| holds(t, values, &json!({"Condition": c})))
+        })
+        .filter_map(|(name, r)| deployed(t, values, r).map(|r| (name.clone(), r)))
+        .collect()
+}
+
+/// Whether a deploy with `values` passes the template's Rules (CloudFormation refuses it
+/// before creating anything otherwise).
+fn rules_pass(t: &Value, values: &BTreeMap<String, String>) -> bool {
+    t["Rules"].as_object().unwrap().values().all(|rule| {
+        rule.get("RuleCondition")
+            .is_none_or(|c| !holds(t, values, c))
+            || rule["Assertions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| holds(t, values, &a["Assert"]))
+    })
+}
+
+/// Every path in `v` at which `needle` occurs.
+fn paths_of(v: &Value, needle: &Value, at: String, out: &mut Vec<String>) {
+    if v == needle {
+        out.push(at.clone());
+    }
+    match v {
+        Value::Object(o) => {
+            for (k, v) in o {
+                paths_of(v, needle, format!("{at}/{k}"), out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                paths_of(v, needle, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_invocation_goes_through_the_alias_and_every_change_of_the_function_publishes_a_version() {
+    let t = template();
+    let res = resources(&t);
+    let p = &function(&t)["Properties"];
+
+    // SAM publishes a version and points the alias `live` at it whenever the function changes.
+    // With AllProperties, a change of any property does; with the language extensions first,
+    // CloudFormation resolves the parameters before SAM hashes the properties, so a change of a
+    // parameter's value alone does too (otherwise SAM sees the same `!Ref` and only $LATEST,
+    // which nothing invokes, gets the new settings).
+    assert_eq!(p["AutoPublishAlias"], "live");
+    assert_eq!(p["AutoPublishAliasAllProperties"], true);
+    assert_eq!(
+        t["Transform"],
+        json!(["AWS::LanguageExtensions", "AWS::Serverless-2016-10-31"])
+    );
+    // The reservation is not part of a version, and Lambda publishes no version of an
+    // unchanged function: the description names it, so a change of it alone changes the
+    // function's configuration and the new version is published.
+    let description = p["Description"]["Fn::Sub"].as_str().unwrap();
+    assert!(
+        description.contains("${ReservedConcurrency}"),
+        "{description}"
+    );
+
+    // SAM attaches the function's event sources and its EventInvokeConfig (asynchronous
+    // retries, the dead-letter queue) to the alias: the fan-out queue is an event of the
+    // function, and the template makes no mapping, permission or invoke config of its own.
+    let events = p["Events"].as_object().unwrap();
+    assert!(events.values().any(|e| e["Type"] == "SQS"));
+    assert!(p["EventInvokeConfig"].is_object());
+    for kind in [
+        "AWS::Lambda::EventSourceMapping",
+        "AWS::Lambda::Permission",
+        "AWS::Lambda::EventInvokeConfig",
+        "AWS::Lambda::Version",
+        "AWS::Lambda::Alias",
+        "AWS::Lambda::Function",
+    ] {
+        assert!(
+            resources_of_type(&t, kind).is_empty(),
+            "a {kind} of the template's own would bypass SAM's alias"
+        );
+    }
+
+    // Every schedule invokes the alias, and the scheduler's role may invoke exactly it: not
+    // $LATEST (the function's ARN), not a version.
+    let alias = json!({"Ref": "ReplicatorFunction.Alias"});
+    for (table, (name, schedule, _)) in schedules(&t) {
+        assert_eq!(
+            schedule["Properties"]["Target"]["Arn"], alias,
+            "{name} ({table})"
+        );
+    }
+    let invoke: Vec<Value> = statements(&res["SchedulerRole"])
+        .into_iter()
+        .filter(|(_, s)| {
+            as_strings(&s["Action"])
+                .iter()
+                .any(|a| a.starts_with("lambda:"))
+        })
+        .map(|(_, s)| {
+            assert_eq!(s["Action"], "lambda:InvokeFunction");
+            assert!(s.get("Condition").is_none());
+            s["Resource"].clone()
+        })
+        .collect();
+    assert_eq!(invoke, std::slice::from_ref(&alias));
+
+    // Nothing else names the function's unqualified ARN (which invokes $LATEST): only the
+    // output that says what it is.
+    let mut uses = Vec::new();
+    paths_of(
+        &t,
+        &json!({"Fn::GetAtt": ["ReplicatorFunction", "Arn"]}),
+        String::new(),
+        &mut uses,
+    );
+    assert_eq!(uses, ["/Outputs/FunctionArn/Value"]);
+    assert_eq!(t["Outputs"]["FunctionAliasArn"]["Value"], alias);
+
+    // Nor does the code invoke any function: it fans out through the queue (SendMessageBatch),
+    // which the alias's event source mapping reads.
+    assert!(!sdk_calls_in_src().contains_key("invoke"));
+    assert!(
+        !include_str!("../Cargo.toml").contains("aws-sdk-lambda"),
+        "the program has no Lambda client"
+    );
+}
+
+#[test]
+fn kms_permissions_exist_only_for_a_customer_managed_key_of_the_output_or_the_secret() {
+    let t = template();
+    let key = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let other = "arn:aws:kms:eu-west-1:123456789012:key/0000abcd-12ab-34cd-56ef-1234567890ab";
+    // Every statement of the function's role that allows a KMS action, as deployed.
+    let kms = |values: &BTreeMap<String, String>| -> Vec<Value> {
+        let role = &deployed_resources(&t, values)["FunctionRole"];
+        role["Properties"]["Policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap().clone())
+            .filter(|s| {
+                as_strings(&s["Action"])
+                    .iter()
+                    .any(|a| a.starts_with("kms:"))
+            })
+            .collect()
+    };
+    let via = |service: &str| json!({"StringEquals": {"kms:ViaService": {"Fn::Sub": format!("{service}.${{AWS::Region}}.amazonaws.com")}}});
+    let bucket_encryption = |values: &BTreeMap<String, String>| {
+        deployed_resources(&t, values)
+            .get("Bucket")
+            .map(|b| b["Properties"]["BucketEncryption"].clone())
+    };
+    let sse_s3 = json!({"ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]});
+
+    // Every key parameter empty (the defaults): no KMS permission at all, an SSE-S3 bucket.
+    let values = parameter_values(&t, &[]);
+    assert!(rules_pass(&t, &values));
+    assert_eq!(kms(&values), Vec::<Value>::new());
+    assert_eq!(bucket_encryption(&values), Some(sse_s3.clone()));
+    // A user's bucket without a customer managed key: none either, and no bucket created.
+    let values = parameter_values(&t, &[("OutputBucket", "my-bucket")]);
+    assert!(rules_pass(&t, &values));
+    assert_eq!(kms(&values), Vec::<Value>::new());
+    assert_eq!(bucket_encryption(&values), None);
+
+    // The created bucket with a customer managed key: SSE-KMS with a bucket key, and the
+    // function may use that key, through S3 in its region only.
+    let values = parameter_values(&t, &[("BucketKmsKeyArn", key)]);
+    assert!(rules_pass(&t, &values));
+    assert_eq!(
+        bucket_encryption(&values),
+        Some(json!({"ServerSideEncryptionConfiguration": [{
+            "ServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": {"Ref": "BucketKmsKeyArn"}},
+            "BucketKeyEnabled": true
+        }]}))
+    );
+    assert_eq!(
+        kms(&values),
+        [json!({
+            "Sid": "CreatedBucketKmsKey",
+            "Effect": "Allow",
+            "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
+            "Resource": {"Ref": "BucketKmsKeyArn"},
+            "Condition": via("s3")
+        })]
+    );
+
+    // A user's bucket encrypted with a customer managed key: the same permissions on that key.
+    let values = parameter_values(
+        &t,
+        &[
+            ("OutputBucket", "my-bucket"),
+            ("OutputBucketKmsKeyArn", key),
+        ],
+    );
+    assert!(rules_pass(&t, &values));
+    assert_eq!(bucket_encryption(&values), None);
+    assert_eq!(
+        kms(&values),
+        [json!({
+            "Sid": "OutputBucketKmsKey",
+            "Effect": "Allow",
+            "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
+            "Resource": {"Ref": "OutputBucketKmsKeyArn"},
+            "Condition": via("s3")
+        })]
+    );
+
+    // The secret's customer managed key: decrypt only, through Secrets Manager; beside the
+    // output's key when both are set.
+    let secret = json!({
+        "Sid": "DecryptSecretWithCustomerKey",
+        "Effect": "Allow",
+        "Action": "kms:Decrypt",
+        "Resource": {"Ref": "MixpanelSecretKmsKeyArn"},
+        "Condition": via("secretsmanager")
+    });
+    let values = parameter_values(&t, &[("MixpanelSecretKmsKeyArn", other)]);
+    assert_eq!(kms(&values), std::slice::from_ref(&secret));
+    let values = parameter_values(
+        &t,
+        &[("MixpanelSecretKmsKeyArn", other), ("BucketKmsKeyArn", key)],
+    );
+    let statements = kms(&values);
+    assert_eq!(statements.len(), 2);
+    assert_eq!(statements[0], secret);
+    assert_eq!(statements[1]["Resource"], json!({"Ref": "BucketKmsKeyArn"}));
+
+    // A key parameter of the other case is refused before anything is created, not ignored.
+    for overrides in [
+        &[("OutputBucket", "my-bucket"), ("BucketKmsKeyArn", key)][..],
+        &[("OutputBucketKmsKeyArn", key)][..],
+    ] {
+        assert!(
+            !rules_pass(&t, &parameter_values(&t, overrides)),
+            "{overrides:?} passes the template's Rules"
+        );
+    }
+    // Keys are named by their ARN: an alias would not match a key policy's resource.
+    for param in ["BucketKmsKeyArn", "OutputBucketKmsKeyArn"] {
+        let pattern =
+            regex_lite::Regex::new(t["Parameters"][param]["AllowedPattern"].as_str().unwrap())
+                .unwrap();
+        assert!(pattern.is_match(key) && pattern.is_match(""), "{param}");
+        assert!(
+            !pattern.is_match("arn:aws:kms:eu-west-1:123456789012:alias/replica"),
+            "{param}"
+        );
+    }
 }
