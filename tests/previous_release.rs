@@ -1,9 +1,10 @@
 //! State and output written by the previous release stay readable: this version's `sync`
 //! continues a folder written by the release before it, with its state file or its DynamoDB
 //! state items (`tests/fixtures/release-b83a123`, see its README), against a simulator of the
-//! same project, without asking Mixpanel again for a day that release committed, without
-//! rewriting a byte of what it wrote, and ends with every table exactly as the simulator holds
-//! it.
+//! same project, without asking Mixpanel again for a day that release committed once the day
+//! was over, without rewriting a byte of what it wrote but the day it committed while that day
+//! was today (read again for its late events), and ends with every table exactly as the
+//! simulator holds it.
 
 mod support;
 
@@ -30,6 +31,12 @@ const FIXTURE: &str = concat!(
 const FOLDER: &str = "@FOLDER@";
 /// The days that release committed (it ran on 2026-11-19, UTC).
 const COMMITTED: (Date, Date) = (date(2026, 11, 16), date(2026, 11, 19));
+/// The day that release committed while it was today: read again for its late events (a day
+/// is final only once committed after its attribution window had passed, here 0 days: the
+/// runs below set `MIXPANEL_ATTRIBUTION_WINDOW_DAYS=0`, so that the days before it, committed
+/// after they ended, are final, and are the ones never asked for again).
+const UNSETTLED: Date = date(2026, 11, 19);
+const WINDOW: (&str, &str) = ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "0");
 
 /// The project the fixture replicated (the fixture's README gives the simulator's flags).
 fn project_config() -> SimConfig {
@@ -110,7 +117,8 @@ fn read_all(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// The files a later run may rewrite: the state, the schemas, and the pointers to the newest
 /// snapshot. Every other file of a commit is written once.
 fn may_change(rel: &str) -> bool {
-    rel == ".state.json"
+    rel.contains(&format!("/date={UNSETTLED}/"))
+        || rel == ".state.json"
         || rel.ends_with("/_schema.json")
         || rel.ends_with("/_latest.json")
         || rel.ends_with("/_symlink/latest/manifest")
@@ -347,7 +355,9 @@ async fn continues(state: State) {
     // This version's `sync`, as a user runs it on the folder (and the state table).
     let sync = || {
         let mut cmd = project.command(None);
-        cmd.args(["sync", "--out"]).arg(&dir);
+        cmd.env(WINDOW.0, WINDOW.1)
+            .args(["sync", "--out"])
+            .arg(&dir);
         if let Some(aws) = &aws {
             cmd.envs(aws.moto.env()).env("STATE_TABLE", STATE_TABLE);
         }
@@ -365,13 +375,13 @@ async fn continues(state: State) {
         );
     }
 
-    // No day that release committed was asked for again (they are older than the attribution
-    // window); the days after them were.
+    // No day that release committed once it was over was asked for again; the day it committed
+    // while it was today was, and the days after them.
     let mut asked: BTreeSet<Date> = BTreeSet::new();
     for r in sim.requests() {
         if let Some((from, to)) = requested_days(&r) {
             assert!(
-                to < COMMITTED.0 || from > COMMITTED.1,
+                to < COMMITTED.0 || from >= UNSETTLED,
                 "{} asked again for days the previous release committed: {}",
                 r.path,
                 r.query
@@ -379,6 +389,7 @@ async fn continues(state: State) {
             asked.extend(days(from, to));
         }
     }
+    assert!(asked.contains(&UNSETTLED), "{UNSETTLED} was not read again");
     let new_days = days(COMMITTED.1.tomorrow().unwrap(), today);
     for d in &new_days {
         assert!(asked.contains(d), "{d} was not asked for");
@@ -387,23 +398,26 @@ async fn continues(state: State) {
     // Not a byte the previous release wrote was rewritten, but for the files meant to change.
     let after = read_all(&dir);
     for (rel, bytes) in &before {
+        if may_change(rel) {
+            continue;
+        }
         let now = after
             .get(rel)
             .unwrap_or_else(|| panic!("{rel}, written by the previous release, is gone"));
-        if !may_change(rel) {
-            assert!(
-                now == bytes,
-                "{rel}, written by the previous release, was rewritten"
-            );
-        }
+        assert!(
+            now == bytes,
+            "{rel}, written by the previous release, was rewritten"
+        );
     }
 
     // Every table is exactly the simulator's, old days and new, read through this version's
     // readers: the manifests, parts and symlink manifests of both releases.
     let app = match &aws {
-        None => project.local_app(&dir, &[]).await,
+        None => project.local_app(&dir, &[WINDOW]).await,
         Some(aws) => {
-            let mut settings = project.settings(&[("STATE_TABLE", STATE_TABLE)]).unwrap();
+            let mut settings = project
+                .settings(&[("STATE_TABLE", STATE_TABLE), WINDOW])
+                .unwrap();
             settings.output_dir = Some(dir.clone());
             settings.state_file = None;
             App::build(settings, Some(aws.sdk.clone())).await.unwrap()
@@ -517,7 +531,9 @@ async fn continues(state: State) {
                 .get(slice)
                 .unwrap_or_else(|| panic!("{table} {slice} is no longer in the state"));
             assert_eq!(now.status, SliceStatus::Committed, "{table} {slice}");
-            if table.is_date_sliced() {
+            if *slice == SliceId::Day(UNSETTLED).to_string() {
+                assert!(now.committed_at_ms > *at, "{table} {slice} read again");
+            } else if table.is_date_sliced() {
                 assert_eq!(
                     now.committed_at_ms, *at,
                     "{table} {slice} was committed again"

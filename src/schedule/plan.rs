@@ -68,10 +68,30 @@ pub async fn queue_table(
 
 /// The first day whose commit planning refreshes: the attribution window before yesterday (as
 /// from a bookmark at yesterday). A bookmark held back by a parked day keeps the days after it
-/// planned, but those committed before this day are final and not read again every hour.
+/// planned, but those committed before this day are final and not read again every hour, if
+/// they were committed once settled ([`settled`]).
 fn refresh_from(settings: &Settings, now: Timestamp) -> Date {
     let today = project_today(&settings.timezone, now);
     days_before(today, settings.attribution_window_days.saturating_add(1))
+}
+
+/// Whether a day's last commit came after its late events could arrive: once the attribution
+/// window had passed since the day ended. A day committed earlier (while it was today, before a
+/// stop longer than the window) is read again, however old it is now.
+fn settled(settings: &Settings, d: Date, rec: &SliceRecord) -> bool {
+    let Some(at) = rec.committed_at_ms else {
+        return false;
+    };
+    let settles = d
+        .checked_add(jiff::Span::new().days(i64::from(settings.attribution_window_days) + 1))
+        .ok()
+        .and_then(|day| {
+            day.at(0, 0, 0, 0)
+                .to_zoned_datetime(settings.timezone.clone())
+                .ok()
+        })
+        .map(|z| z.timestamp().as_millisecond());
+    settles.is_some_and(|ms| i128::from(at) >= i128::from(ms))
 }
 
 /// Whether planning would (re-)queue this day given its current record.
@@ -112,7 +132,8 @@ async fn queue_days_over(
     let mut queued = Vec::new();
     for &d in days {
         let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
-        let final_day = rec.is_some() && refresh_from.is_some_and(|f| d < f);
+        let final_day =
+            rec.is_some_and(|r| settled(settings, d, r)) && refresh_from.is_some_and(|f| d < f);
         if !final_day
             && needs_queue(rec, stale_before)
             && requeue_day(store, existing, table, d, stale_before).await?
@@ -279,7 +300,9 @@ pub async fn preview(
     };
     for slice in wanted {
         let rec = existing.iter().find(|r| r.slice == slice);
-        let final_day = rec.is_some() && slice.day().is_some_and(|d| d < refresh_from);
+        let final_day = slice
+            .day()
+            .is_some_and(|d| d < refresh_from && rec.is_some_and(|r| settled(settings, d, r)));
         if !final_day && needs_queue(rec, stale_before) && !out.iter().any(|r| r.slice == slice) {
             out.push(SliceRecord {
                 table,
@@ -520,5 +543,71 @@ mod tests {
                 assert_eq!(w[0].minutes().unwrap().1, w[1].minutes().unwrap().0);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_day_committed_while_it_was_today_is_read_again_after_a_long_stop() {
+        let vars: std::collections::HashMap<&str, &str> = [
+            ("MIXPANEL_API_SECRET", "s"),
+            ("MIXPANEL_START_DATE", "2026-11-01"),
+            ("MIXPANEL_PROJECT_TIMEZONE", "America/Los_Angeles"),
+        ]
+        .into();
+        let settings = Settings::from_lookup(crate::config::RunMode::Local, |k| {
+            vars.get(k).map(|v| v.to_string())
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("state.json")).unwrap();
+        let at = |s: &str| s.parse::<Timestamp>().unwrap().as_millisecond() as u64;
+        let day = |s: &str| s.parse::<Date>().unwrap();
+        // Every day up to the 10th committed; the 10th at its noon (it was today), the 9th
+        // after its window had passed (five days after it ended, Los Angeles time).
+        let mut d = day("2026-11-01");
+        while d <= day("2026-11-10") {
+            let committed = match d.to_string().as_str() {
+                "2026-11-10" => at("2026-11-10T20:00:00Z"),
+                "2026-11-09" => at("2026-11-15T08:00:01Z"),
+                _ => at("2026-11-20T00:00:00Z"),
+            };
+            store
+                .enqueue(Table::Export, SliceId::Day(d), None)
+                .await
+                .unwrap();
+            let lease = store
+                .claim(Table::Export, SliceId::Day(d), "a", 0, u64::MAX)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(store.complete(&lease, committed, None).await.unwrap());
+            d = d.tomorrow().unwrap();
+        }
+        store
+            .advance_bookmark(Table::Export, day("2026-11-10"))
+            .await
+            .unwrap();
+        // Three weeks later.
+        let now: Timestamp = "2026-12-01T18:00:00Z".parse().unwrap();
+        let previewed: Vec<SliceId> = preview(&store, &settings, Table::Export, now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.slice)
+            .filter(|s| s.day().is_some_and(|d| d <= day("2026-11-10")))
+            .collect();
+        assert_eq!(previewed, [SliceId::Day(day("2026-11-10"))]);
+        queue_table(&store, &settings, Table::Export, now)
+            .await
+            .unwrap();
+        let pending: Vec<SliceId> = store
+            .slices(Table::Export)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.status == SliceStatus::Pending)
+            .map(|r| r.slice)
+            .filter(|s| s.day().is_some_and(|d| d <= day("2026-11-10")))
+            .collect();
+        assert_eq!(pending, [SliceId::Day(day("2026-11-10"))]);
     }
 }
