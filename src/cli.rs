@@ -37,6 +37,11 @@ Events (`invoke --event FILE`, and what Lambda is invoked with):
   {\"table\": \"export\", \"retry_parked\": true}       retry the parked slices
   an SQS event of those (the fan-out queue)";
 
+/// What a build without the `demo` feature (the Lambda function's) says to `demo`.
+#[cfg(not(feature = "demo"))]
+const NO_DEMO: &str = "error: this build has no `demo`: it was built without the bundled simulator \
+(`--no-default-features`, as the Lambda function is); `cargo run --release -- demo` builds one with it";
+
 /// Replicates a Mixpanel project into S3 (or a local folder) as gzip (or zstd) JSON Lines.
 #[derive(Parser, Debug)]
 #[command(name = "mixpanel-replicator", version, about, after_help = AFTER_HELP)]
@@ -84,6 +89,8 @@ enum Command {
     /// line each; write nothing. Exits non-zero when anything fails.
     Check,
     /// Start the bundled simulator and sync it into ./mixpanel-data.
+    // A build without the simulator (the Lambda function's) does not list it, and refuses it.
+    #[cfg_attr(not(feature = "demo"), command(hide = true))]
     Demo {
         /// Output folder.
         #[arg(long, default_value = "mixpanel-data")]
@@ -109,7 +116,13 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(s) => Box::pin(plan_command(s, tables)).await,
             Err(e) => Err(e),
         },
+        #[cfg(feature = "demo")]
         Command::Demo { out } => Box::pin(crate::demo::run(out)).await,
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => {
+            eprintln!("{NO_DEMO}");
+            return ExitCode::from(2);
+        }
         Command::Check => Box::pin(crate::check::command(local_settings(None, None))).await,
     };
     match result {

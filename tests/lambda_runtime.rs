@@ -1,6 +1,7 @@
 //! The real binary as a Lambda function: `cargo lambda watch --only-lambda-apis` emulates the
-//! Lambda Runtime API, the test-built `mixpanel-replicator` serves it (as on Lambda, with
-//! `AWS_LAMBDA_RUNTIME_API` set), and `cargo lambda invoke --data-file` sends it every file in
+//! Lambda Runtime API, `mixpanel-replicator` built as the function is (without the default
+//! features: no simulator, no `demo`) serves it (as on Lambda, with `AWS_LAMBDA_RUNTIME_API`
+//! set), and `cargo lambda invoke --data-file` sends it every file in
 //! `events/`, against the simulator and S3 + DynamoDB + Secrets Manager on moto. An SQS event
 //! file (the fan-out queue's delivery) holds invocation events in its records' bodies.
 
@@ -42,6 +43,58 @@ fn cargo_lambda() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs cargo with `args` for the profile and target folder this test was built with.
+fn cargo(args: &[&str]) {
+    // BIN is <target dir>[/<triple>]/<profile dir>/mixpanel-replicator.
+    let profile_dir = Path::new(BIN).parent().unwrap();
+    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => "dev",
+        other => other,
+    };
+    let above = profile_dir.parent().unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(args).args(["--profile", profile]);
+    if above.join("CACHEDIR.TAG").exists() {
+        cmd.arg("--target-dir").arg(above);
+    } else {
+        cmd.arg("--target-dir").arg(above.parent().unwrap());
+        cmd.arg("--target").arg(above.file_name().unwrap());
+    }
+    let out = cmd.current_dir(ROOT).output().unwrap();
+    assert!(
+        out.status.success(),
+        "cargo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The function's binary as Lambda runs it: built without the default features, as
+/// `cargo lambda build` (and `sam build`) builds it (`package.metadata.lambda` in Cargo.toml),
+/// and copied to `dir`. Cargo links every build of the binary to the same path, whatever its
+/// features, so the test's own (with them, which the other test files run) is linked back.
+fn lambda_function_binary(dir: &Path) -> PathBuf {
+    let build = ["test", "--no-run", "--test", "lambda_runtime"];
+    cargo(&[&build[..], &["--no-default-features"]].concat());
+    let function = dir.join("bootstrap");
+    std::fs::copy(BIN, &function).unwrap();
+    cargo(&build);
+    // Without the simulator: no `demo`, refused with one line.
+    let out = Command::new(&function).arg("demo").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with(
+            "error: this build has no `demo`: it was built without the bundled simulator"
+        ),
+        "{out:?}"
+    );
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("demo"),
+        "the test's own binary is linked back: {help:?}"
+    );
+    function
 }
 
 /// The files of `events/`, sorted by name, with their JSON.
@@ -320,6 +373,7 @@ async fn assert_answered(
 async fn every_event_file_runs_under_the_lambda_runtime_api() {
     let cargo_lambda = cargo_lambda();
     let dir = tempfile::tempdir().unwrap();
+    let function_bin = lambda_function_binary(dir.path());
 
     // Five days of data ending yesterday, a secret, a bucket and a state table.
     let cfg = sim_config("UTC", 5, 120);
@@ -349,7 +403,7 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
 
     // The function: the already-built binary, with the environment the SAM template gives it
     // (credentials only through the secret), plus what Lambda sets.
-    let mut function_cmd = Command::new(BIN);
+    let mut function_cmd = Command::new(&function_bin);
     function_cmd.env_clear();
     for (k, v) in &project.vars {
         if k != "MIXPANEL_API_SECRET" {
