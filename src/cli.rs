@@ -35,6 +35,8 @@ Events (`invoke --event FILE`, and what Lambda is invoked with):
   {\"table\": \"export\", \"date\": \"2026-11-01\"}       replicate one day again
   {\"table\": \"export\", \"from\": \"...\", \"to\": \"...\"}  queue a range (fanned out)
   {\"table\": \"export\", \"retry_parked\": true}       retry the parked slices
+  {\"check\": true}                                test settings, credentials, state and each
+                                                   table's access, writing nothing (as `check`)
   an SQS event of those (the fan-out queue)";
 
 /// What a build without the `demo` feature (the Lambda function's) says to `demo`.
