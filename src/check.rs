@@ -1,19 +1,21 @@
 //! `check`: tests the settings, the credentials, the data residency and the tables the plan
 //! allows, one line each, before anything is replicated. It writes nothing (no output, no
 //! state) and asks Mixpanel one small request per table family: an export of one second,
-//! and the cheapest query of each Query API table.
+//! and the cheapest query of each Query API table. The Lambda function answers
+//! `{"check": true}` with the same lines ([`answer`]).
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use jiff::Timestamp;
+use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::app::App;
 use crate::config::Settings;
 use crate::error::{ErrorKind, Result};
-use crate::mixpanel::ExportQuery;
+use crate::mixpanel::{ExportQuery, MixpanelClient};
 use crate::tables::Table;
 use crate::tables::{annotations, cohorts, export, funnels, revenue};
 
@@ -82,28 +84,44 @@ pub async fn run(mut settings: Settings) -> Result<Vec<Line>> {
             return Ok(lines);
         }
     };
+    lines.extend(checks(&app, missing_state.as_deref()).await);
+    Ok(lines)
+}
+
+/// The checks after the settings, with the app they built: the credentials, the state store,
+/// then each table. `missing_state` is the local state file that does not exist yet.
+async fn checks(app: &App, missing_state: Option<&std::path::Path>) -> Vec<Line> {
+    let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    match app.mixpanel.credentials().await {
-        Ok(c) => lines.push(Line::ok(
-            "credentials",
-            match c.project_id() {
-                Some(id) => format!("a service account of project {id}"),
-                None => "a project API secret".to_string(),
-            },
-        )),
+    // Not from the shared request budget: a check writes nothing (the budget's ledger is in
+    // the state store), and asks Mixpanel a handful of requests.
+    let mc = app.mixpanel.without_budget();
+    let from = match &app.settings.credentials {
+        crate::secrets::CredentialsSource::SecretsManager { secret_id } => {
+            format!(", from Secrets Manager secret {secret_id}")
+        }
+        crate::secrets::CredentialsSource::Static(_) => String::new(),
+    };
+    let creds = match mc.reload_credentials().await {
+        Ok(c) => c,
         Err(e) => {
             lines.push(Line::fail("credentials", &e));
-            return Ok(lines);
+            return lines;
         }
-    }
+    };
+    lines.push(Line::ok(
+        "credentials",
+        match creds.project_id() {
+            Some(id) => format!("a service account of project {id}{from}"),
+            None => format!("a project API secret{from}"),
+        },
+    ));
     lines.push(match app.store.bookmark(Table::Export).await {
         Ok(_) if missing_state.is_some() => Line::ok(
             "state",
             format!(
                 "no state file yet at {} (nothing replicated)",
-                missing_state
-                    .as_ref()
-                    .map_or(String::new(), |f| f.display().to_string())
+                missing_state.map_or(String::new(), |f| f.display().to_string())
             ),
         ),
         Ok(b) => Line::ok(
@@ -116,7 +134,7 @@ pub async fn run(mut settings: Settings) -> Result<Vec<Line>> {
         Err(e) => Line::fail("state", &e),
     });
     for table in Table::ALL {
-        lines.push(match ask(&app, table, deadline).await {
+        lines.push(match ask(&mc, &app.settings, table, deadline).await {
             Ok(detail) => Line::ok(table.as_str(), detail),
             Err(e) if e.kind() == ErrorKind::PaymentRequired => Line::fail(
                 table.as_str(),
@@ -125,7 +143,65 @@ pub async fn run(mut settings: Settings) -> Result<Vec<Line>> {
             Err(e) => Line::fail(table.as_str(), &e),
         });
     }
-    Ok(lines)
+    lines
+}
+
+/// How a check went, as the Lambda function answers `{"check": true}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Every check passed.
+    Ok,
+    /// At least one failed.
+    Failed,
+}
+
+/// The answer to `{"check": true}`: the lines `mixpanel-replicator check` prints, and whether
+/// all passed. A failed check is an answer, not an invocation error, so that every line shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Answer {
+    /// `ok`, or `failed` when any line failed.
+    pub status: Status,
+    /// The lines that failed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub failed: u64,
+    /// One line per check, as the command prints them.
+    pub lines: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Answer {
+    fn of(lines: &[Line]) -> Answer {
+        let failed = lines.iter().filter(|l| l.problem.is_some()).count() as u64;
+        Answer {
+            status: if failed == 0 {
+                Status::Ok
+            } else {
+                Status::Failed
+            },
+            failed,
+            lines: lines.iter().map(Line::render).collect(),
+        }
+    }
+}
+
+/// `{"check": true}` on Lambda: the checks with the function's own settings and clients
+/// (the credentials read again, not from the cache), writing nothing; each line logged.
+pub async fn answer(app: &App) -> Answer {
+    let mut lines = vec![Line::ok("settings", describe(&app.settings))];
+    lines.extend(checks(app, None).await);
+    for l in &lines {
+        match &l.problem {
+            None => tracing::info!(check = %l.what, detail = %l.detail, "check passed"),
+            Some(p) => tracing::warn!(check = %l.what, problem = %p, "check failed"),
+        }
+    }
+    let answer = Answer::of(&lines);
+    tracing::info!(status = ?answer.status, failed = answer.failed, "check summary");
+    answer
 }
 
 /// The settings a run uses, without any secret.
@@ -149,9 +225,7 @@ fn describe(s: &Settings) -> String {
 }
 
 /// One small request that only this table's plan and access allow.
-async fn ask(app: &App, table: Table, deadline: Instant) -> Result<String> {
-    let mc = &app.mixpanel;
-    let s = &app.settings;
+async fn ask(mc: &MixpanelClient, s: &Settings, table: Table, deadline: Instant) -> Result<String> {
     let now = Timestamp::now();
     let today = export::project_today(&s.timezone, now);
     match table {

@@ -35,7 +35,14 @@ Events (`invoke --event FILE`, and what Lambda is invoked with):
   {\"table\": \"export\", \"date\": \"2026-11-01\"}       replicate one day again
   {\"table\": \"export\", \"from\": \"...\", \"to\": \"...\"}  queue a range (fanned out)
   {\"table\": \"export\", \"retry_parked\": true}       retry the parked slices
+  {\"check\": true}                                test settings, credentials, state and each
+                                                   table's access, writing nothing (as `check`)
   an SQS event of those (the fan-out queue)";
+
+/// What a build without the `demo` feature (the Lambda function's) says to `demo`.
+#[cfg(not(feature = "demo"))]
+const NO_DEMO: &str = "error: this build has no `demo`: it was built without the bundled simulator \
+(`--no-default-features`, as the Lambda function is); `cargo run --release -- demo` builds one with it";
 
 /// Replicates a Mixpanel project into S3 (or a local folder) as gzip (or zstd) JSON Lines.
 #[derive(Parser, Debug)]
@@ -84,6 +91,8 @@ enum Command {
     /// line each; write nothing. Exits non-zero when anything fails.
     Check,
     /// Start the bundled simulator and sync it into ./mixpanel-data.
+    // A build without the simulator (the Lambda function's) does not list it, and refuses it.
+    #[cfg_attr(not(feature = "demo"), command(hide = true))]
     Demo {
         /// Output folder.
         #[arg(long, default_value = "mixpanel-data")]
@@ -109,7 +118,13 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(s) => Box::pin(plan_command(s, tables)).await,
             Err(e) => Err(e),
         },
+        #[cfg(feature = "demo")]
         Command::Demo { out } => Box::pin(crate::demo::run(out)).await,
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => {
+            eprintln!("{NO_DEMO}");
+            return ExitCode::from(2);
+        }
         Command::Check => Box::pin(crate::check::command(local_settings(None, None))).await,
     };
     match result {
@@ -370,15 +385,22 @@ async fn work(
     Ok(worked)
 }
 
-/// Progress of a sync: a bar per table on a terminal; otherwise one JSON line per slice.
+/// Progress of a sync: on a terminal, a bar per table (above which log lines and the slices
+/// that did not finish are written), left as one line when the table is done; otherwise one
+/// JSON line per slice.
 struct Progress {
+    table: Table,
     bar: Option<indicatif::ProgressBar>,
+    records: std::sync::atomic::AtomicU64,
 }
+
+/// The width of a bar, in characters.
+const BAR_WIDTH: u64 = 30;
 
 impl Progress {
     fn new(table: Table, slices: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(slices);
+            let bar = crate::logging::bars().add(indicatif::ProgressBar::new(slices));
             if let Ok(style) = indicatif::ProgressStyle::with_template(
                 "{prefix:>15} [{bar:30}] {pos}/{len} slices {msg}",
             ) {
@@ -387,27 +409,65 @@ impl Progress {
             bar.set_prefix(table.to_string());
             bar
         });
-        Progress { bar }
+        Progress {
+            table,
+            bar,
+            records: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     fn slice_done(&self, json: bool, resp: &handler::Response) {
-        match &self.bar {
-            Some(bar) => {
-                bar.println(human_line(resp));
-                if resp.status == Status::Done {
-                    bar.inc(1);
-                }
-                bar.set_message(format!("{} records", resp.records));
-            }
-            None => print_line(json, resp),
+        let Some(bar) = &self.bar else {
+            print_line(json, resp);
+            return;
+        };
+        if resp.status == Status::Done {
+            // A multi-day export window commits each of its days.
+            bar.inc(
+                resp.slice
+                    .as_deref()
+                    .map_or(1, crate::schedule::window::days_in_label),
+            );
+        } else {
+            // Why a slice did not finish is worth a line; a finished one is the bar's.
+            let line = human_line(resp);
+            crate::logging::bars().suspend(|| eprintln!("{line}"));
         }
+        let records = self
+            .records
+            .fetch_add(resp.records, std::sync::atomic::Ordering::Relaxed)
+            + resp.records;
+        bar.set_message(format!("{records} records"));
     }
+}
+
+/// A finished table's line: its bar as it ended.
+fn bar_line(table: Table, done: u64, slices: u64, records: u64) -> String {
+    let filled = (done.min(slices) * BAR_WIDTH)
+        .checked_div(slices)
+        .unwrap_or(BAR_WIDTH) as usize;
+    format!(
+        "{:>15} [{}{}] {done}/{slices} slices {records} records",
+        table.as_str(),
+        "=".repeat(filled),
+        " ".repeat(BAR_WIDTH as usize - filled)
+    )
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
         if let Some(bar) = &self.bar {
-            bar.finish();
+            // Its line is printed for good above the bars still running, and the bar leaves
+            // them: once every table is done, what follows on the terminal is never redrawn.
+            let line = bar_line(
+                self.table,
+                bar.position(),
+                bar.length().unwrap_or(0),
+                self.records.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            bar.finish_and_clear();
+            crate::logging::bars().remove(bar);
+            let _ = crate::logging::bars().println(line);
         }
     }
 }
@@ -513,6 +573,26 @@ async fn plan_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode
 #[cfg(test)]
 mod help_tests {
     use super::*;
+
+    #[test]
+    fn a_finished_tables_line_is_its_bar_as_it_ended() {
+        assert_eq!(
+            bar_line(Table::Export, 11, 11, 22_000),
+            "         export [==============================] 11/11 slices 22000 records"
+        );
+        assert_eq!(
+            bar_line(Table::Engage, 0, 1, 0),
+            "         engage [                              ] 0/1 slices 0 records"
+        );
+        assert_eq!(
+            bar_line(Table::Funnels, 5, 10, 30),
+            "        funnels [===============               ] 5/10 slices 30 records"
+        );
+        assert_eq!(
+            bar_line(Table::Cohorts, 0, 0, 0),
+            "        cohorts [==============================] 0/0 slices 0 records"
+        );
+    }
 
     /// `--help` names every table, and only settings the program reads.
     #[test]

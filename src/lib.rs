@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commit;
 pub mod config;
 pub mod dated;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
 pub mod error;

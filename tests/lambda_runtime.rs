@@ -1,6 +1,7 @@
 //! The real binary as a Lambda function: `cargo lambda watch --only-lambda-apis` emulates the
-//! Lambda Runtime API, the test-built `mixpanel-replicator` serves it (as on Lambda, with
-//! `AWS_LAMBDA_RUNTIME_API` set), and `cargo lambda invoke --data-file` sends it every file in
+//! Lambda Runtime API, `mixpanel-replicator` built as the function is (without the default
+//! features: no simulator, no `demo`) serves it (as on Lambda, with `AWS_LAMBDA_RUNTIME_API`
+//! set), and `cargo lambda invoke --data-file` sends it every file in
 //! `events/`, against the simulator and S3 + DynamoDB + Secrets Manager on moto. An SQS event
 //! file (the fan-out queue's delivery) holds invocation events in its records' bodies.
 
@@ -42,6 +43,58 @@ fn cargo_lambda() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Runs cargo with `args` for the profile and target folder this test was built with.
+fn cargo(args: &[&str]) {
+    // BIN is <target dir>[/<triple>]/<profile dir>/mixpanel-replicator.
+    let profile_dir = Path::new(BIN).parent().unwrap();
+    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => "dev",
+        other => other,
+    };
+    let above = profile_dir.parent().unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(args).args(["--profile", profile]);
+    if above.join("CACHEDIR.TAG").exists() {
+        cmd.arg("--target-dir").arg(above);
+    } else {
+        cmd.arg("--target-dir").arg(above.parent().unwrap());
+        cmd.arg("--target").arg(above.file_name().unwrap());
+    }
+    let out = cmd.current_dir(ROOT).output().unwrap();
+    assert!(
+        out.status.success(),
+        "cargo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The function's binary as Lambda runs it: built without the default features, as
+/// `cargo lambda build` (and `sam build`) builds it (`package.metadata.lambda` in Cargo.toml),
+/// and copied to `dir`. Cargo links every build of the binary to the same path, whatever its
+/// features, so the test's own (with them, which the other test files run) is linked back.
+fn lambda_function_binary(dir: &Path) -> PathBuf {
+    let build = ["test", "--no-run", "--test", "lambda_runtime"];
+    cargo(&[&build[..], &["--no-default-features"]].concat());
+    let function = dir.join("bootstrap");
+    std::fs::copy(BIN, &function).unwrap();
+    cargo(&build);
+    // Without the simulator: no `demo`, refused with one line.
+    let out = Command::new(&function).arg("demo").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with(
+            "error: this build has no `demo`: it was built without the bundled simulator"
+        ),
+        "{out:?}"
+    );
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("demo"),
+        "the test's own binary is linked back: {help:?}"
+    );
+    function
 }
 
 /// The files of `events/`, sorted by name, with their JSON.
@@ -128,6 +181,7 @@ fn every_event_file_is_a_valid_event_and_every_use_has_one() {
         get("export-range.json"),
         Invocation::Range(Table::Export, _, _)
     ));
+    assert_eq!(get("check.json"), Invocation::Check);
 }
 
 /// A child process killed (and reaped) when dropped, its output kept in files.
@@ -316,10 +370,57 @@ async fn assert_answered(
     }
 }
 
+/// An attribute value as text, its maps' keys in order.
+fn attribute_text(v: &aws_sdk_dynamodb::types::AttributeValue) -> String {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    match v {
+        AttributeValue::M(m) => {
+            let sorted: std::collections::BTreeMap<_, _> =
+                m.iter().map(|(k, v)| (k, attribute_text(v))).collect();
+            format!("M({sorted:?})")
+        }
+        AttributeValue::L(l) => {
+            format!("L({:?})", l.iter().map(attribute_text).collect::<Vec<_>>())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// Everything stored in the bucket and the state table: object keys with their ETags, and
+/// every item, so that a check can be shown to write nothing.
+async fn stored(sdk: &aws_config::SdkConfig) -> (Vec<String>, Vec<String>) {
+    let s3 = aws_sdk_s3::Client::new(sdk);
+    let mut objects = Vec::new();
+    let mut pages = s3.list_objects_v2().bucket(BUCKET).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        for o in page.unwrap().contents() {
+            objects.push(format!("{} {}", o.key().unwrap(), o.e_tag().unwrap_or("")));
+        }
+    }
+    objects.sort();
+    let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+    let mut items = Vec::new();
+    let mut pages = dynamo
+        .scan()
+        .table_name(STATE_TABLE)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        for item in page.unwrap().items() {
+            let sorted: std::collections::BTreeMap<_, _> =
+                item.iter().map(|(k, v)| (k, attribute_text(v))).collect();
+            items.push(format!("{sorted:?}"));
+        }
+    }
+    items.sort();
+    (objects, items)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_file_runs_under_the_lambda_runtime_api() {
     let cargo_lambda = cargo_lambda();
     let dir = tempfile::tempdir().unwrap();
+    let function_bin = lambda_function_binary(dir.path());
 
     // Five days of data ending yesterday, a secret, a bucket and a state table.
     let cfg = sim_config("UTC", 5, 120);
@@ -349,7 +450,7 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
 
     // The function: the already-built binary, with the environment the SAM template gives it
     // (credentials only through the secret), plus what Lambda sets.
-    let mut function_cmd = Command::new(BIN);
+    let mut function_cmd = Command::new(&function_bin);
     function_cmd.env_clear();
     for (k, v) in &project.vars {
         if k != "MIXPANEL_API_SECRET" {
@@ -385,6 +486,120 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
     let app = aws.app(&project, BUCKET, STATE_TABLE, SECRET_ID, &[]).await;
     let sim = project.simulator();
 
+    // `{"check": true}` before anything is replicated, as a person deploying tries it: every
+    // line, each ok, and nothing written (not even the request budget's ledger).
+    let secret = sim.config().api_secret.clone();
+    let secrets = aws_sdk_secretsmanager::Client::new(&aws.sdk);
+    let check = |tag: &str| {
+        let file = dir.path().join(format!("check-{tag}.json"));
+        std::fs::write(&file, r#"{"check": true}"#).unwrap();
+        let cl = cargo_lambda.clone();
+        async move {
+            tokio::task::spawn_blocking(move || invoke(&cl, port, &file))
+                .await
+                .unwrap()
+        }
+    };
+    let lines = |answer: &Value| -> Vec<String> {
+        answer["lines"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no lines: {answer}"))
+            .iter()
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect()
+    };
+    let settings_line = format!(
+        "ok    settings        start {first}, timezone UTC, residency us, output s3://{BUCKET}/mixpanel"
+    );
+    let credentials_line = format!(
+        "ok    credentials     a project API secret, from Secrets Manager secret {SECRET_ID}"
+    );
+    let before = stored(&aws.sdk).await;
+    assert_eq!(before, (vec![], vec![]), "nothing is stored yet");
+    let answer = check("good")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
+    assert_eq!(answer["status"], "ok", "{answer:#}\n{}", function.output());
+    assert_eq!(
+        answer.as_object().unwrap().len(),
+        2,
+        "status and lines: {answer}"
+    );
+    assert_eq!(
+        lines(&answer),
+        [
+            settings_line.clone(),
+            credentials_line.clone(),
+            "ok    state           readable; nothing replicated yet".into(),
+            "ok    annotations     the annotations API answers".into(),
+            "ok    cohort_members  4 cohorts listed".into(),
+            "ok    cohorts         4 cohorts listed".into(),
+            "ok    engage          the engage API answers".into(),
+            "ok    export          the export API answers (0 bytes for one second)".into(),
+            "ok    funnels         3 funnels listed".into(),
+            "ok    revenue         the revenue API answers".into(),
+        ]
+    );
+    assert_eq!(stored(&aws.sdk).await, before, "the check wrote nothing");
+
+    // A wrong secret: read (the check does not trust the cache), then refused for each table.
+    support::aws::put_secret(&secrets, SECRET_ID, r#"{"api_secret": "Wr0ng-S3cret"}"#).await;
+    let answer = check("wrong")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
+    let unauthorized = |table: &str, path: &str| {
+        format!(
+            "FAIL  {table:<15} Mixpanel rejected the credentials (HTTP 401 on /api/2.0/{path}: Invalid \
+             credentials); check the API secret or service account and its project"
+        )
+    };
+    assert_eq!(
+        (&answer["status"], &answer["failed"]),
+        (&json!("failed"), &json!(7)),
+        "{answer:#}"
+    );
+    assert_eq!(
+        lines(&answer),
+        [
+            settings_line.clone(),
+            credentials_line.clone(),
+            "ok    state           readable; nothing replicated yet".into(),
+            unauthorized("annotations", "annotations"),
+            unauthorized("cohort_members", "cohorts/list"),
+            unauthorized("cohorts", "cohorts/list"),
+            unauthorized("engage", "engage"),
+            unauthorized("export", "export"),
+            unauthorized("funnels", "funnels/list"),
+            unauthorized("revenue", "engage/revenue"),
+        ],
+        "{answer:#}"
+    );
+    assert_eq!(stored(&aws.sdk).await, before, "the check wrote nothing");
+
+    // No secret at all: the credentials line says which, and the check stops there (moto
+    // answers HTTP 404 where Secrets Manager answers 400).
+    secrets
+        .delete_secret()
+        .secret_id(SECRET_ID)
+        .force_delete_without_recovery(true)
+        .send()
+        .await
+        .unwrap();
+    let answer = check("missing")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", function.output()));
+    assert_eq!(
+        answer,
+        json!({"status": "failed", "failed": 1, "lines": [
+            settings_line,
+            format!("FAIL  credentials     cannot read the Mixpanel credentials secret \"{SECRET_ID}\": \
+                     ResourceNotFoundException: Secrets Manager can't find the specified secret. (HTTP 404)"),
+        ]}),
+        "{answer:#}"
+    );
+    assert_eq!(stored(&aws.sdk).await, before, "the check wrote nothing");
+    support::aws::put_secret(&secrets, SECRET_ID, &project.secret_json()).await;
+
     // The scheduled export first (it takes the oldest day), then days, ranges, the rest.
     let mut files = event_files();
     // The SQS delivery after the range, which queued its day.
@@ -405,6 +620,12 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
     let mut timings = Vec::new();
     for (name, event) in &files {
         let sent = to_send(event, day, first, yesterday, sqs_day);
+        let is_check = parse_event(&sent).is_ok_and(|i| i == Invocation::Check);
+        let before = if is_check {
+            Some(stored(&aws.sdk).await)
+        } else {
+            None
+        };
         let file = dir.path().join(name);
         std::fs::write(&file, sent.to_string()).unwrap();
         let cl = cargo_lambda.clone();
@@ -498,21 +719,53 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
                 sent.sort_by_key(|v| v["date"].as_str().unwrap().to_string());
                 assert_eq!(sent, expected, "the fan-out queue's messages");
             }
-            other => assert_answered(name, other.table(), &answer, &app, sim, (first, today)).await,
+            Invocation::Check => {
+                // With replicated data: every line ok, and still nothing written.
+                let r = answer.unwrap_or_else(|e| panic!("{e}\n{}", context()));
+                assert_eq!(r["status"], "ok", "{r:#}\n{}", context());
+                let lines = lines(&r);
+                assert_eq!(lines.len(), 10, "{r:#}");
+                assert!(lines.iter().all(|l| l.starts_with("ok    ")), "{r:#}");
+                assert!(
+                    lines[2]
+                        .starts_with("ok    state           readable; export is replicated up to "),
+                    "{r:#}"
+                );
+                assert_eq!(
+                    Some(stored(&aws.sdk).await),
+                    before,
+                    "the check wrote nothing"
+                );
+            }
+            other => {
+                let table = other.table().unwrap();
+                assert_answered(name, table, &answer, &app, sim, (first, today)).await
+            }
         }
     }
     function.assert_running();
     eprintln!("invocations: {timings:#?}");
 
     // The EMF lines the function prints are what the template's RateLimitedAlarm reads.
-    // One EMF document per invocation event (the SQS file's one record included).
+    // One EMF document per invocation event (the SQS file's one record included); a check has
+    // no table to measure.
     let log = std::fs::read_to_string(&function.log).unwrap();
     let emf_lines: Vec<&str> = log.lines().filter(|l| l.contains("\"_aws\"")).collect();
+    let checks = files
+        .iter()
+        .filter(|(_, v)| parse_event(v).is_ok_and(|i| i == Invocation::Check))
+        .count();
+    assert_eq!(checks, 1, "events/check.json");
     assert_eq!(
         emf_lines.len(),
-        timings.len(),
+        timings.len() - checks,
         "one EMF line per invocation:\n{log}"
     );
+    // The checks logged their lines, never the secret (right or wrong).
+    assert!(log.contains("check failed"), "{log}");
+    for form in [secret.as_str(), "Wr0ng-S3cret"] {
+        assert!(!log.contains(form), "{form} appears in the function's log");
+    }
     // Once export has committed days up to today, every export invocation tells how fresh its
     // data is: less than a day old (today's commit holds data up to the minute it was made).
     let export_lags: Vec<u64> = emf_lines

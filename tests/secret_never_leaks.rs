@@ -98,6 +98,9 @@ async fn no_command_or_failure_ever_shows_the_secret() {
     };
     printed += &invoke(secret, &event);
     printed += &invoke(secret, r#"{"table": "nope"}"#);
+    // The Lambda function's check, with the right secret and a wrong one.
+    printed += &invoke(secret, r#"{"check": true}"#);
+    printed += &invoke("Wr0ng-S3cret-Value-0xBAD", r#"{"check": true}"#);
     // Mixpanel rejecting a wrong secret, and rejecting the right one (an answer quoting the request).
     printed += &invoke("Wr0ng-S3cret-Value-0xBAD", &event);
     project.fault_export(

@@ -1311,6 +1311,19 @@ fn the_function_storage_and_alarms_are_as_documented() {
         code.join("Cargo.toml").exists(),
         "CodeUri points at the Cargo project"
     );
+    // ... without the default features (the demo's simulator): `BuildProperties` pass cargo no
+    // flags, so the package's cargo-lambda metadata says it.
+    assert_eq!(
+        f["Metadata"]["BuildProperties"].as_object().unwrap().len(),
+        1,
+        "{}",
+        f["Metadata"]
+    );
+    let manifest = std::fs::read_to_string(code.join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("\n[package.metadata.lambda.build]\nno_default_features = true\n"),
+        "Cargo.toml: cargo lambda build without the default features"
+    );
     assert_eq!(
         (p["Runtime"].as_str(), p["Handler"].as_str()),
         (Some("provided.al2023"), Some("bootstrap"))

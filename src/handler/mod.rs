@@ -35,16 +35,20 @@ pub enum Invocation {
     /// `{"table": T, "retry_parked": true}`: a person's retry of every parked slice of the table
     /// (and of a remembered skip), then as scheduled.
     RetryParked(Table),
+    /// `{"check": true}`: test the settings, the credentials, the state store and each table's
+    /// access, writing nothing ([`crate::check`]).
+    Check,
 }
 
 impl Invocation {
-    /// The table the event is about.
-    pub fn table(&self) -> Table {
+    /// The table the event is about (none for a check).
+    pub fn table(&self) -> Option<Table> {
         match *self {
             Invocation::Scheduled(t)
             | Invocation::Day(t, _)
             | Invocation::Range(t, _, _)
-            | Invocation::RetryParked(t) => t,
+            | Invocation::RetryParked(t) => Some(t),
+            Invocation::Check => None,
         }
     }
 }
@@ -57,6 +61,7 @@ struct RawEvent {
     from: Option<Value>,
     to: Option<Value>,
     retry_parked: Option<Value>,
+    check: Option<Value>,
 }
 
 /// Parses an invocation event; anything else is an `InvalidEvent` error that names the problem.
@@ -69,6 +74,20 @@ pub fn parse_event(v: &Value) -> Result<Invocation> {
     }
     let raw: RawEvent =
         serde_json::from_value(v.clone()).map_err(|e| Error::event(e.to_string()))?;
+    match raw.check {
+        None => {}
+        Some(Value::Bool(true)) => {
+            return match v.as_object().map_or(0, |o| o.len()) {
+                1 => Ok(Invocation::Check),
+                _ => Err(Error::event(
+                    "`check` takes no other field: the event is {\"check\": true}",
+                )),
+            };
+        }
+        Some(other) => {
+            return Err(Error::event(format!("`check` must be true, got {other}")));
+        }
+    }
     let table = match raw.table {
         None => return Err(Error::event("missing field `table`")),
         Some(Value::String(s)) => s.parse::<Table>().map_err(Error::event)?,
@@ -159,15 +178,20 @@ pub enum Answer {
     Invocation(Response),
     /// The answer to an SQS event of the fan-out queue: the records not finished.
     Batch(crate::handler::sqs::BatchResponse),
+    /// The answer to `{"check": true}`: each check's line, and whether all passed.
+    Check(crate::check::Answer),
 }
 
 /// Handles what Lambda delivered, an invocation event or an SQS event of them, and reports it
-/// (per invocation event: a summary log line, and EMF metrics when `emf`).
+/// (per invocation event: a summary log line, and EMF metrics when `emf`; a check logs its
+/// lines and has no table to measure).
 pub async fn answer(app: &App, event: Value, deadline: Instant, emf: bool) -> Result<Answer> {
     if crate::handler::sqs::is_sqs_event(&event) {
         crate::handler::sqs::handle_batch(app, &event, deadline, emf)
             .await
             .map(Answer::Batch)
+    } else if matches!(parse_event(&event), Ok(Invocation::Check)) {
+        Ok(Answer::Check(crate::check::answer(app).await))
     } else {
         handle_reported(app, event, deadline, emf)
             .await
@@ -194,8 +218,9 @@ pub async fn handle_reported(
 ) -> Result<Response> {
     // Only a valid table name becomes a metric dimension.
     let table = parse_event(&event)
-        .map(|i| i.table().as_str())
-        .unwrap_or("invalid");
+        .ok()
+        .and_then(|i| i.table())
+        .map_or("invalid", Table::as_str);
     reported(app, table, emf, handle(app, event, deadline), |r| r).await
 }
 
@@ -260,9 +285,13 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
                 return Ok(r);
             }
         }
-        Invocation::Range(..) => {}
+        Invocation::Range(..) | Invocation::Check => {}
     }
     match inv {
+        // `answer` runs it; only an SQS record's body would come here.
+        Invocation::Check => Err(Error::event(
+            "{\"check\": true} is answered by the function itself, not through the fan-out queue",
+        )),
         Invocation::Scheduled(t) | Invocation::RetryParked(t) => {
             let queued = plan::queue_table(store, &app.settings, t, now).await?;
             let mut resp = drain(app, t, deadline).await?;
@@ -354,6 +383,11 @@ mod tests {
             parse_event(&json!({"table": "engage"})).unwrap(),
             Invocation::Scheduled(Table::Engage)
         );
+        assert_eq!(
+            parse_event(&json!({"check": true})).unwrap(),
+            Invocation::Check
+        );
+        assert_eq!(Invocation::Check.table(), None);
     }
 
     #[test]
@@ -383,6 +417,12 @@ mod tests {
             (json!({}), "missing field `table`"),
             (json!([1]), "expected a JSON object"),
             (json!({"table": 7}), "`table` must be a string"),
+            (json!({"check": false}), "`check` must be true, got false"),
+            (
+                json!({"check": true, "table": "export"}),
+                "`check` takes no other field",
+            ),
+            (json!({"check": true, "nope": 1}), "unknown field `nope`"),
         ] {
             let e = parse_event(&ev).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidEvent);

@@ -131,8 +131,9 @@ pub async fn handle_batch(
         let parsed = parse_body(&record);
         let table = parsed
             .as_ref()
-            .map(|i| i.table().as_str())
-            .unwrap_or("invalid");
+            .ok()
+            .and_then(Invocation::table)
+            .map_or("invalid", crate::tables::Table::as_str);
         let work = async {
             let inv = parsed?;
             run_record(app, inv, &record, deadline).await
@@ -173,13 +174,18 @@ fn parse_body(record: &SqsRecord) -> Result<Invocation> {
             record.message_id
         )));
     }
-    handler::parse_event(&value).map_err(|e| {
-        Error::event(format!(
+    match handler::parse_event(&value) {
+        Ok(Invocation::Check) => Err(Error::event(format!(
+            "SQS message {}: {{\"check\": true}} is answered by the function itself, not through the fan-out queue",
+            record.message_id
+        ))),
+        Ok(inv) => Ok(inv),
+        Err(e) => Err(Error::event(format!(
             "SQS message {}: {}",
             record.message_id,
             e.message().trim_start_matches("invalid event: ")
-        ))
-    })
+        ))),
+    }
 }
 
 /// Runs one record: a day event as a hint to look at that day, any other event as if invoked.

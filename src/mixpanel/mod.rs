@@ -109,6 +109,14 @@ impl MixpanelClient {
         self
     }
 
+    /// The same client without the shared budget: its requests are neither paced nor recorded
+    /// in the state store (`check`, which writes nothing and asks a handful).
+    pub fn without_budget(&self) -> Self {
+        let mut c = self.clone();
+        c.budget = None;
+        c
+    }
+
     /// Shortens backoff between retries (tests against the simulator).
     pub fn with_base_backoff(mut self, d: Duration) -> Self {
         self.base_backoff = d;
@@ -257,6 +265,13 @@ impl MixpanelClient {
 
     /// Current credentials (for callers that need the service account's project id).
     pub async fn credentials(&self) -> Result<crate::secrets::Credentials> {
+        self.credentials.get().await
+    }
+
+    /// The credentials as their source has them now, not as cached (`check` on a warm
+    /// function tests the secret as it is).
+    pub async fn reload_credentials(&self) -> Result<crate::secrets::Credentials> {
+        self.credentials.invalidate().await;
         self.credentials.get().await
     }
 
