@@ -159,6 +159,17 @@ fn pairs(columns: &[Column]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The columns of a Glue table (name, type).
+async fn columns_of_table(glue: &aws_sdk_glue::Client, name: &str) -> Vec<(String, String)> {
+    pairs(
+        glue_table(glue, name)
+            .await
+            .storage_descriptor()
+            .unwrap()
+            .columns(),
+    )
+}
+
 async fn versions(glue: &aws_sdk_glue::Client, name: &str) -> usize {
     glue.get_table_versions()
         .database_name(DATABASE)
@@ -209,15 +220,17 @@ async fn every_table_is_catalogued_with_every_discovered_column_and_kept_so() {
     let (bucket, state, secret) = ("catalog", "catalog-state", "catalog/creds");
     let aws = support::harness::Aws::start_for(&project, bucket, state, secret).await;
     let glue = aws_sdk_glue::Client::new(&aws.sdk);
-    let app = aws
-        .app(
+    // An app as a new process builds it (a fresh catalog, as after a deploy).
+    let new_process = || {
+        aws.app(
             &project,
             bucket,
             state,
             secret,
             &[("GLUE_DATABASE", DATABASE)],
         )
-        .await;
+    };
+    let app = new_process().await;
     let templates = create_catalog(&glue, bucket, &app.prefix, &start).await;
     assert_eq!(templates.len(), Table::ALL.len());
 
@@ -251,13 +264,7 @@ async fn every_table_is_catalogued_with_every_discovered_column_and_kept_so() {
         );
     }
     // What the rows hold, as Athena reads it.
-    let export = pairs(
-        glue_table(&glue, "export")
-            .await
-            .storage_descriptor()
-            .unwrap()
-            .columns(),
-    );
+    let export = columns_of_table(&glue, "export").await;
     for column in [
         ("event__2", "bigint"),
         ("country__2", "string"),
@@ -272,13 +279,7 @@ async fn every_table_is_catalogued_with_every_discovered_column_and_kept_so() {
             "{column:?} in {export:?}"
         );
     }
-    let engage = pairs(
-        glue_table(&glue, "engage")
-            .await
-            .storage_descriptor()
-            .unwrap()
-            .columns(),
-    );
+    let engage = columns_of_table(&glue, "engage").await;
     assert!(
         engage.contains(&("distinct_id__2".to_string(), "string".to_string())),
         "{engage:?}"
@@ -299,15 +300,7 @@ async fn every_table_is_catalogued_with_every_discovered_column_and_kept_so() {
         before > 1,
         "created, then updated with the discovered columns: {before}"
     );
-    let fresh = aws
-        .app(
-            &project,
-            bucket,
-            state,
-            secret,
-            &[("GLUE_DATABASE", DATABASE)],
-        )
-        .await;
+    let fresh = new_process().await;
     let day = json!({"table": "export", "date": start});
     let deadline = || tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     let r = handler::handle(&fresh, day.clone(), deadline())
@@ -335,31 +328,14 @@ async fn every_table_is_catalogued_with_every_discovered_column_and_kept_so() {
         .send()
         .await
         .unwrap();
-    let after_deploy = aws
-        .app(
-            &project,
-            bucket,
-            state,
-            secret,
-            &[("GLUE_DATABASE", DATABASE)],
-        )
-        .await;
+    let after_deploy = new_process().await;
     let r = handler::handle(&after_deploy, day, deadline())
         .await
         .unwrap();
     assert_eq!(r.status, handler::Status::Done, "{r:?}");
     let mut wanted = expected_columns(&app, &templates["export"], Table::Export).await;
     wanted.push(("my_note".to_string(), "string".to_string()));
-    assert_eq!(
-        pairs(
-            glue_table(&glue, "export")
-                .await
-                .storage_descriptor()
-                .unwrap()
-                .columns()
-        ),
-        wanted
-    );
+    assert_eq!(columns_of_table(&glue, "export").await, wanted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
