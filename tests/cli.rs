@@ -343,3 +343,36 @@ async fn check_names_each_table_it_can_read_asks_little_and_writes_nothing() {
     );
     assert!(!stdout.contains("wrong"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_region_when_the_project_is_in_another_cluster() {
+    let project = Project::start(sim_config("UTC", 1, 5)).await;
+    // What Mixpanel answers every request of a project asked on another cluster's hosts.
+    project.fault_export(
+        None,
+        100,
+        mixpanel_sim::Fault::Status {
+            status: 400,
+            body: r#"{"error": "request failed with error: invalid project id for cluster."}"#
+                .into(),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(&project, dir.path());
+    let out = tokio::task::spawn_blocking(move || cmd.arg("check").output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let export = stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("export"))
+        .unwrap_or_else(|| panic!("no export line: {stdout}"));
+    assert!(
+        export.starts_with("FAIL  export")
+            && export.contains("MIXPANEL_REGION: ")
+            && export.contains("set MIXPANEL_REGION to its region (us, eu or in)"),
+        "{export}"
+    );
+    assert_eq!(files_under(dir.path()), Vec::<String>::new());
+}

@@ -449,6 +449,13 @@ pub fn classify(status: StatusCode, body: &str, path: &str) -> Error {
             ErrorKind::RateLimited,
             format!("Mixpanel rate limit on {path} (HTTP 429: {msg})"),
         ),
+        // The project lives in another data-residency cluster than the hosts asked.
+        400 if msg.contains("for cluster") => Error::setting(
+            "MIXPANEL_REGION",
+            format!(
+                "Mixpanel answered HTTP 400 on {path} ({msg}): the project is in another data-residency cluster; set MIXPANEL_REGION to its region (us, eu or in)"
+            ),
+        ),
         400 if msg.contains("Timeout Error") => {
             Error::transient(format!("Mixpanel timed out on {path} (HTTP 400: {msg})"))
         }
@@ -527,6 +534,16 @@ mod tests {
             classify(StatusCode::from_u16(code).unwrap(), body, "/x").cause()
         };
         assert_eq!(cause(400, r#"{"error":"bad"}"#), Some(Cause::Http(400)));
+        let wrong_cluster = classify(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"request failed with error: invalid project id for cluster."}"#,
+            "/api/2.0/export",
+        );
+        assert_eq!(wrong_cluster.kind(), ErrorKind::InvalidSetting);
+        assert!(
+            wrong_cluster.to_string().starts_with("MIXPANEL_REGION: Mixpanel answered HTTP 400 on /api/2.0/export (request failed with error: invalid project id for cluster.): the project is in another data-residency cluster"),
+            "{wrong_cluster}"
+        );
         assert_eq!(
             cause(400, r#"{"error":"Timeout Error."}"#),
             Some(Cause::Http(400))
