@@ -801,6 +801,8 @@ async fn every_event_file_runs_under_the_lambda_runtime_api() {
             "Retries",
             "RateLimited",
             "DurationMs",
+            // On every invocation, idle and failed ones too (src/metrics.rs).
+            "ParkedSlices",
         ] {
             assert!(
                 names.contains(&metric),

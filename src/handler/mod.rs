@@ -238,27 +238,38 @@ pub(crate) async fn reported<T>(
     let before = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
     let result = work.await;
     let after = crate::metrics::StatsSnapshot::take(app.mixpanel.stats());
-    let lag = match table.parse::<Table>() {
+    // The table's freshness and parked slices, as the store says after the invocation.
+    let (lag, parked_now) = match table.parse::<Table>() {
         Ok(t) => match app.store.slices(t).await {
-            Ok(slices) => crate::schedule::freshness_lag_seconds(
-                &slices,
-                &app.settings.timezone,
-                Timestamp::now(),
+            Ok(slices) => (
+                crate::schedule::freshness_lag_seconds(
+                    &slices,
+                    &app.settings.timezone,
+                    Timestamp::now(),
+                ),
+                Some(
+                    slices
+                        .iter()
+                        .filter(|r| r.status == crate::state::SliceStatus::Failed)
+                        .count() as u64,
+                ),
             ),
             Err(e) => {
-                tracing::warn!(table, error = %e, "could not read the slices to tell the freshness lag");
-                None
+                tracing::warn!(table, error = %e, "could not read the slices to tell the freshness lag and parked slices");
+                (None, None)
             }
         },
-        Err(_) => None,
+        Err(_) => (None, None),
     };
     crate::metrics::report(
-        table,
-        result.as_ref().map(response),
-        started.elapsed().as_millis() as u64,
-        before,
-        after,
-        lag,
+        &crate::metrics::Summary {
+            table,
+            outcome: result.as_ref().map(response),
+            duration_ms: started.elapsed().as_millis() as u64,
+            requests: (before, after),
+            freshness_lag_s: lag,
+            parked_now,
+        },
         emf,
     );
     result
