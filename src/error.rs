@@ -126,6 +126,14 @@ impl Error {
         self
     }
 
+    /// The same error, saying what exactly happened when that is known.
+    pub fn with_cause_if(mut self, cause: Option<Cause>) -> Self {
+        if cause.is_some() {
+            self.cause = cause;
+        }
+        self
+    }
+
     /// What exactly happened, when it was recorded.
     pub fn cause(&self) -> Option<Cause> {
         self.cause
@@ -133,13 +141,12 @@ impl Error {
 
     /// A storage error from an `io::Error`, named by `what`; a full file system says so.
     pub fn io(what: impl fmt::Display, e: std::io::Error) -> Self {
-        let full = e.kind() == std::io::ErrorKind::StorageFull;
-        let err = Error::storage(format!("{what}: {e}")).with_source(e);
-        if full {
-            err.with_cause(Cause::NoSpace)
-        } else {
-            err
-        }
+        Error::from_io(format!("{what}: {e}"), e)
+    }
+
+    fn from_io(message: String, e: std::io::Error) -> Self {
+        let full = (e.kind() == std::io::ErrorKind::StorageFull).then_some(Cause::NoSpace);
+        Error::storage(message).with_source(e).with_cause_if(full)
     }
 
     /// A missing or malformed setting, named.
@@ -180,13 +187,7 @@ impl Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        let full = e.kind() == std::io::ErrorKind::StorageFull;
-        let err = Error::storage(&e).with_source(e);
-        if full {
-            err.with_cause(Cause::NoSpace)
-        } else {
-            err
-        }
+        Error::from_io(e.to_string(), e)
     }
 }
 

@@ -215,15 +215,12 @@ impl CredentialsProvider {
                 } else {
                     ErrorKind::Transient
                 };
-                let err = Error::new(
+                Error::new(
                     kind,
                     format!("cannot read the Mixpanel credentials secret {secret_id:?}: {detail}"),
                 )
-                .with_source(e);
-                match cause {
-                    Some(c) => err.with_cause(c),
-                    None => err,
-                }
+                .with_source(e)
+                .with_cause_if(cause)
             })?;
         let text = out.secret_string().ok_or_else(|| {
             Error::new(ErrorKind::Secret, format!("the secret {secret_id:?} has no string value (binary secrets are not supported)"))

@@ -65,11 +65,9 @@ where
 {
     let err_text = describe(&err);
     let cause = crate::error::sdk_cause(&err);
-    let error = Error::storage(format!("{op} s3://{bucket}/{key}: {err_text}")).with_source(err);
-    match cause {
-        Some(c) => error.with_cause(c),
-        None => error,
-    }
+    Error::storage(format!("{op} s3://{bucket}/{key}: {err_text}"))
+        .with_source(err)
+        .with_cause_if(cause)
 }
 
 #[async_trait]
