@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use crate::Simulator;
+use crate::engage::{Listing, Session, parse_where};
 use crate::r#gen::{day_num, mix, push_u64, rfc3339};
 use crate::query::{param, parse_date};
 use crate::reports::ymd;
@@ -124,7 +125,7 @@ pub(crate) fn answer(
 ) -> Reply {
     let result = match ep {
         Endpoint::Engage => engage(sim, params),
-        Endpoint::CohortsList => Ok(Reply::ok(&Value::Array(sim.inner.reports.cohorts()))),
+        Endpoint::CohortsList => Ok(Reply::ok(&Value::Array(sim.inner.cohorts()))),
         Endpoint::FunnelsList => Ok(Reply::ok(&sim.inner.reports.funnels_list())),
         Endpoint::Funnels => funnels(sim, params),
         Endpoint::Annotations => {
@@ -189,6 +190,11 @@ fn limit(params: &[(String, String)]) -> Result<usize, String> {
 }
 
 /// Engage errors are replies already (their shape differs from the other endpoints).
+///
+/// Page 0 fixes the listing (`filter_by_cohort` and `where` combined, over the live profiles)
+/// and stores it with its session: later pages page through it, serving each profile at its
+/// current version (one deleted since is still served). An unfiltered listing is closed-form
+/// (O(page)); a `where` reads every profile of the listing once, on page 0.
 fn engage(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String> {
     let bad = |msg: String| Ok(status_error(400, &msg));
     let nonempty = |name: &str| param(params, name).filter(|v| !v.trim().is_empty());
@@ -241,12 +247,21 @@ fn engage(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String>
             }
         },
     };
-    // `where` and `include_all_users` are accepted and ignored.
-    let session_id = match nonempty("session_id") {
+    let filter = match nonempty("where") {
+        None => None,
+        Some(w) => match parse_where(w) {
+            Ok(f) => Some(f),
+            Err(e) => return bad(e),
+        },
+    };
+    // `include_all_users` is accepted and ignored.
+    let (session_id, stored) = match nonempty("session_id") {
         Some(s) => {
             let st = sim.inner.lock();
             match st.sessions.get(s.trim()) {
-                Some(expires) if Instant::now() < *expires => s.trim().to_string(),
+                Some(sess) if Instant::now() < sess.expires => {
+                    (Some(s.trim().to_string()), sess.listing.clone())
+                }
                 Some(_) => return bad("Invalid session_id: session expired".into()),
                 None => return bad(format!("Invalid session_id: {s:?} is unknown")),
             }
@@ -254,7 +269,29 @@ fn engage(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String>
         None if page > 0 => {
             return bad("session_id is required when page is greater than 0".into());
         }
-        None => new_session(sim),
+        None => (None, None),
+    };
+    let profiles = &sim.inner.profiles;
+    let listing = match stored {
+        Some(l) if page > 0 => l,
+        _ => {
+            let o = sim.inner.overlay();
+            match &filter {
+                None => o.live(cohort, profiles.n),
+                Some(f) => o.filtered(cohort, f, profiles),
+            }
+        }
+    };
+    let session_id = match session_id {
+        Some(id) => {
+            if page == 0
+                && let Some(sess) = sim.inner.lock().sessions.get_mut(&id)
+            {
+                sess.listing = Some(listing.clone());
+            }
+            id
+        }
+        None => new_session(sim, listing.clone()),
     };
     // A project may serve fewer profiles a page than asked; the answer says how many.
     let page_size = sim
@@ -262,8 +299,7 @@ fn engage(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String>
         .config
         .engage_max_page_size
         .map_or(page_size, |m| page_size.min(u64::from(m.max(1))));
-    let profiles = &sim.inner.profiles;
-    let total = cohort.map_or(profiles.n, |c| c.count(profiles.n));
+    let total = listing.total();
     let start = page.saturating_mul(page_size).min(total);
     let end = start.saturating_add(page_size).min(total);
     let mut out = Vec::with_capacity(128 + (end - start) as usize * 900);
@@ -280,13 +316,21 @@ fn engage(sim: &Simulator, params: &[(String, String)]) -> Result<Reply, String>
         push_u64(&mut out, total);
     }
     out.extend_from_slice(b",\"results\":[");
-    for j in start..end {
-        if j > start {
-            out.push(b',');
+    {
+        let o = sim.inner.overlay();
+        for j in start..end {
+            if j > start {
+                out.push(b',');
+            }
+            let i = listing.index(j);
+            profiles
+                .at(i, o.changes.get(&i))
+                .write(&mut out, keep.as_ref());
         }
-        let i = cohort.map_or(j, |c| c.nth(j));
-        profiles.get(i).write(&mut out, keep.as_ref());
     }
+    sim.inner
+        .engage_served
+        .fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
     out.extend_from_slice(b"]}");
     Ok(Reply {
         status: 200,
@@ -302,8 +346,9 @@ fn json_u64(v: &Value) -> Option<u64> {
     }
 }
 
-/// Registers a new engage session and returns its id, e.g. `1700000000-K3ZQ7A`.
-fn new_session(sim: &Simulator) -> String {
+/// Registers a new engage session holding `listing` and returns its id, e.g.
+/// `1700000000-K3ZQ7A`.
+fn new_session(sim: &Simulator, listing: Listing) -> String {
     let ttl = sim.inner.config.engage_session_ttl;
     let now = Instant::now();
     let secs = SystemTime::now()
@@ -311,8 +356,8 @@ fn new_session(sim: &Simulator) -> String {
         .map_or(0, |d| d.as_secs());
     let mut st = sim.inner.lock();
     // Forget sessions that expired long ago so the table stays small.
-    st.sessions.retain(|_, expires| {
-        now.saturating_duration_since(*expires) < ttl.max(std::time::Duration::from_secs(60))
+    st.sessions.retain(|_, s| {
+        now.saturating_duration_since(s.expires) < ttl.max(std::time::Duration::from_secs(60))
     });
     loop {
         st.session_counter += 1;
@@ -326,7 +371,13 @@ fn new_session(sim: &Simulator) -> String {
             .collect();
         let id = format!("{secs}-{code}");
         if !st.sessions.contains_key(&id) {
-            st.sessions.insert(id.clone(), now + ttl);
+            st.sessions.insert(
+                id.clone(),
+                Session {
+                    expires: now + ttl,
+                    listing: Some(listing),
+                },
+            );
             return id;
         }
     }

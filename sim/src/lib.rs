@@ -3,7 +3,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use jiff::civil::Date;
@@ -11,6 +12,7 @@ use jiff::tz::TimeZone;
 use serde_json::{Map, Value};
 
 mod api;
+mod engage;
 mod r#gen;
 mod profiles;
 mod query;
@@ -18,8 +20,9 @@ mod reports;
 mod server;
 mod templates;
 
+use engage::{Overlay, Session};
 use r#gen::{DayInfo, Filter, Gen, LateBatch, Sink, date_of, day_num, rfc3339};
-use profiles::Profiles;
+use profiles::{Change, Profiles};
 use reports::{Reports, ymd};
 
 /// How the project's export `time` and from/to days are encoded.
@@ -206,6 +209,9 @@ pub struct FaultRule {
     /// Only requests whose time range holds this second (epoch, as the export counts it):
     /// Mixpanel fails the requests of a heavy hour, while the rest of its day goes through.
     pub holding: Option<i64>,
+    /// Only requests that carry this parameter, non-empty (e.g. `where`: only filtered engage
+    /// listings fail).
+    pub param: Option<String>,
 }
 
 impl FaultRule {
@@ -222,6 +228,16 @@ impl FaultRule {
             covering: None,
             wider_than: None,
             holding: None,
+            param: None,
+        }
+    }
+
+    /// The same rule, only for requests that carry the parameter `name` with a non-empty value
+    /// (e.g. `"where"`: an engage listing filtered by an expression).
+    pub fn with_param(self, name: &str) -> FaultRule {
+        FaultRule {
+            param: Some(name.to_string()),
+            ..self
         }
     }
 
@@ -290,9 +306,15 @@ pub struct Simulator {
 struct Inner {
     config: SimConfig,
     generator: Gen,
+    /// The generated profiles; what changed since is in `overlay`.
     profiles: Profiles,
+    /// Profiles updated, added and deleted while running.
+    overlay: RwLock<Overlay>,
+    /// Profiles served in all engage answers.
+    engage_served: AtomicU64,
     reports: Reports,
-    /// `engage/properties`, computed on first use (a scan of every profile).
+    /// `engage/properties`, computed on first use (a scan of every generated profile; profiles
+    /// mutated later do not change it).
     profile_stats: OnceLock<Vec<(String, u64, &'static str)>>,
     started: Instant,
     started_epoch_ms: u64,
@@ -305,8 +327,8 @@ struct State {
     faults: Vec<FaultRule>,
     requests: Vec<RequestRecord>,
     window: VecDeque<Instant>,
-    /// Engage session id -> expiry.
-    sessions: HashMap<String, Instant>,
+    /// Engage session id -> expiry and the listing its page 0 fixed.
+    sessions: HashMap<String, Session>,
     session_counter: u64,
 }
 
@@ -403,6 +425,8 @@ impl Simulator {
                 config,
                 generator,
                 profiles,
+                overlay: RwLock::new(Overlay::default()),
+                engage_served: AtomicU64::new(0),
                 reports,
                 profile_stats: OnceLock::new(),
                 started: Instant::now(),
@@ -624,38 +648,108 @@ impl Simulator {
     /// gets 400 `Invalid session_id: session expired`.
     pub fn expire_engage_sessions(&self) {
         let now = Instant::now();
-        for expires in self.inner.lock().sessions.values_mut() {
-            *expires = now;
+        for s in self.inner.lock().sessions.values_mut() {
+            s.expires = now;
         }
     }
 
-    /// The engage table: one row per profile, in listing order, `{"distinct_id": ..,
-    /// ..every $properties entry with a leading `$` replaced by `mp_reserved_`}`.
-    pub fn engage_ground_truth(&self) -> Vec<Value> {
-        let p = &self.inner.profiles;
-        (0..p.n).map(|i| p.get(i).row()).collect()
+    /// Gives each live profile at these listing indices (`0..profiles`, then the added ones) a
+    /// new version: `plan` and `login_count` change (a profile without them gains them),
+    /// `Total Spent` and `is_paying` too where present, and `$last_seen` becomes now (UTC,
+    /// `YYYY-MM-DDTHH:MM:SS`), as a profile update through Mixpanel's ingestion does. Every
+    /// call makes a new version. Deleted and unknown indices are skipped, a repeated one is
+    /// updated once. Returns the distinct ids (as sent: string or integer) updated, in order.
+    /// Callable at any time, between two pages of one listing too.
+    pub fn update_profiles(&self, indices: &[u64]) -> Vec<Value> {
+        self.inner.update(indices, Some(Inner::now_datetime()))
     }
 
-    /// The cohorts table: the objects exactly as `cohorts/list` returns them.
-    pub fn cohorts_ground_truth(&self) -> Vec<Value> {
-        self.inner
-            .reports
-            .cohorts()
-            .into_iter()
-            .map(as_read)
+    /// As [`Simulator::update_profiles`], but `$last_seen` does not move (an update sent with
+    /// Mixpanel's `$ignore_time`): a `where` on `$last_seen` does not see it.
+    pub fn update_profiles_ignoring_time(&self, indices: &[u64]) -> Vec<Value> {
+        self.inner.update(indices, None)
+    }
+
+    /// Adds `count` profiles after every existing one (the next listing indices), each with
+    /// `$last_seen` now; they join cohorts by the same rule as the others. Returns their
+    /// distinct ids.
+    pub fn add_profiles(&self, count: u64) -> Vec<Value> {
+        let now = Inner::now_datetime();
+        let inner = &self.inner;
+        let mut o = inner.overlay_mut();
+        (0..count)
+            .map(|_| {
+                let i = o.universe(inner.profiles.n);
+                o.added += 1;
+                o.changes.insert(
+                    i,
+                    Change {
+                        version: 0,
+                        last_seen: Some(now.clone()),
+                    },
+                );
+                inner.profiles.id_value(i)
+            })
             .collect()
     }
 
-    /// The cohort_members table: `{"cohort_id": N, "distinct_id": ".."}` per membership.
+    /// Deletes the live profiles at these listing indices: no later listing, cohort or count
+    /// has them (a session whose page 0 listed one still serves it, as it was). Returns the
+    /// distinct ids deleted.
+    pub fn delete_profiles(&self, indices: &[u64]) -> Vec<Value> {
+        let inner = &self.inner;
+        let n = inner.profiles.n;
+        let mut o = inner.overlay_mut();
+        let mut out = Vec::new();
+        for &i in indices {
+            if o.is_live(i, n) {
+                o.deleted.insert(i);
+                out.push(inner.profiles.id_value(i));
+            }
+        }
+        out
+    }
+
+    /// Number of live profiles (what an unfiltered engage listing's `total` says).
+    pub fn profile_count(&self) -> u64 {
+        self.inner.overlay().live_count(self.inner.profiles.n)
+    }
+
+    /// Profiles served in all engage answers so far (for benchmarks).
+    pub fn engage_profiles_served(&self) -> u64 {
+        self.inner.engage_served.load(Ordering::Relaxed)
+    }
+
+    /// The engage table: one row per live profile at its current version, in listing order,
+    /// `{"distinct_id": .., ..every $properties entry with a leading `$` replaced by
+    /// `mp_reserved_`}`.
+    pub fn engage_ground_truth(&self) -> Vec<Value> {
+        let p = &self.inner.profiles;
+        let o = self.inner.overlay();
+        (0..o.universe(p.n))
+            .filter(|i| !o.deleted.contains(i))
+            .map(|i| p.at(i, o.changes.get(&i)).row())
+            .collect()
+    }
+
+    /// The cohorts table: the objects exactly as `cohorts/list` returns them (`count`: live
+    /// members).
+    pub fn cohorts_ground_truth(&self) -> Vec<Value> {
+        self.inner.cohorts().into_iter().map(as_read).collect()
+    }
+
+    /// The cohort_members table: `{"cohort_id": N, "distinct_id": ".."}` per membership of a
+    /// live profile, cohort by cohort, members in listing order.
     pub fn cohort_members_ground_truth(&self) -> Vec<Value> {
         let (p, r) = (&self.inner.profiles, &self.inner.reports);
+        let o = self.inner.overlay();
         let mut rows = Vec::new();
         for (k, id) in r.cohort_ids().into_iter().enumerate() {
-            let rule = r.cohort_rule(k as u64);
-            for j in 0..rule.count(p.n) {
+            let listing = o.live(Some(r.cohort_rule(k as u64)), p.n);
+            for j in 0..listing.total() {
                 rows.push(serde_json::json!({
                     "cohort_id": id,
-                    "distinct_id": p.get(rule.nth(j)).distinct_value(),
+                    "distinct_id": p.id_value(listing.index(j)),
                 }));
             }
         }
@@ -777,6 +871,49 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not wedge the server.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn overlay(&self) -> RwLockReadGuard<'_, Overlay> {
+        self.overlay.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn overlay_mut(&self) -> RwLockWriteGuard<'_, Overlay> {
+        self.overlay.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Now in UTC as Mixpanel writes profile datetimes: `YYYY-MM-DDTHH:MM:SS`.
+    fn now_datetime() -> String {
+        jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S")
+            .to_string()
+    }
+
+    /// A new version of each live profile of `indices` (once each); `$last_seen` set when
+    /// `seen` is given.
+    fn update(&self, indices: &[u64], seen: Option<String>) -> Vec<Value> {
+        let n = self.profiles.n;
+        let mut o = self.overlay_mut();
+        let mut done = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for &i in indices {
+            if !o.is_live(i, n) || !done.insert(i) {
+                continue;
+            }
+            let c = o.changes.entry(i).or_default();
+            c.version += 1;
+            if let Some(s) = &seen {
+                c.last_seen = Some(s.clone());
+            }
+            out.push(self.profiles.id_value(i));
+        }
+        out
+    }
+
+    /// The objects of `cohorts/list`, with live member counts.
+    fn cohorts(&self) -> Vec<Value> {
+        let o = self.overlay();
+        self.reports
+            .cohorts(|rule| o.cohort_count(rule, self.profiles.n))
     }
 
     fn now_ms(&self) -> u64 {

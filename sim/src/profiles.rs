@@ -1,5 +1,6 @@
 //! User profiles (`engage`) and cohort membership: pure functions of (seed, index), so a page
-//! of any listing costs O(page) whatever the number of profiles.
+//! of any listing costs O(page) whatever the number of profiles. A profile mutated while the
+//! simulator runs is its base profile with a [`Change`] applied (see `crate::engage`).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -13,6 +14,7 @@ use crate::templates::TEMPLATES;
 const S_PROFILE: u64 = 0x5EED_0101;
 const S_PROFILE_ID: u64 = 0x5EED_0102;
 const S_COHORT: u64 = 0x5EED_0103;
+const S_UPDATE: u64 = 0x5EED_0104;
 
 const FIRST_NAMES: [&str; 12] = [
     "Zoë",
@@ -156,6 +158,76 @@ impl Profile {
     }
 }
 
+/// A profile's mutations since it was generated (an update, or being added while running).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Change {
+    /// Number of updates: version `v > 0` changes `plan`, `login_count` and (when present)
+    /// `Total Spent` and `is_paying`, deterministically in (seed, index, v).
+    pub version: u32,
+    /// `$last_seen` as last set (`YYYY-MM-DDTHH:MM:SS`, UTC); `None`: the base value stands.
+    pub last_seen: Option<String>,
+}
+
+impl Profile {
+    /// Sets `key` to the raw JSON `value`, in place or appended.
+    fn set(&mut self, key: &'static str, value: Vec<u8>) {
+        match self.fields.iter_mut().find(|f| f.key == key) {
+            Some(f) => f.value = value,
+            None => self.fields.push(Field {
+                key: Cow::Borrowed(key),
+                key_json: Cow::Owned(json_str(key)),
+                value,
+            }),
+        }
+    }
+
+    /// The raw JSON value of a top-level property.
+    pub(crate) fn property(&self, key: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| f.key == key)
+            .map(|f| f.value.as_slice())
+    }
+
+    /// Applies `c` to base profile `i`.
+    fn apply(&mut self, seed: u64, i: u64, c: &Change) {
+        if c.version > 0 {
+            let v = u64::from(c.version);
+            let h = hash4(seed, S_UPDATE, v as i64, i);
+            let plans = &TEMPLATES.plans;
+            self.set("plan", plans[(h % plans.len() as u64) as usize].clone());
+            // Strictly increasing in the version: every update changes it.
+            let base = self
+                .property("login_count")
+                .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            let mut logins = Vec::new();
+            push_u64(&mut logins, base + 3 * v + (h >> 16) % 3);
+            self.set("login_count", logins);
+            if self.property("Total Spent").is_some() {
+                let cents = 100 + (h >> 24) % 1_000_000;
+                let mut spent = Vec::new();
+                push_decimal(&mut spent, cents, 100);
+                self.set("Total Spent", spent);
+                self.set("is_paying", b"true".to_vec());
+            }
+        }
+        if let Some(seen) = &c.last_seen {
+            self.set("$last_seen", json_str(seen));
+        }
+    }
+}
+
+/// See [`Profiles::head`].
+struct Head {
+    r: Rng,
+    kind: u8,
+    forced_weird: Option<usize>,
+    span: u64,
+    seen_day: i64,
+    seen_secs: u64,
+}
+
 fn json_str(s: &str) -> Vec<u8> {
     // Serializing a &str cannot fail.
     serde_json::to_vec(s).unwrap_or_default()
@@ -274,24 +346,15 @@ impl Profiles {
         }
     }
 
-    /// Profile `i` (0-based, in the listing's stable order).
-    pub(crate) fn get(&self, i: u64) -> Profile {
-        let t = &*TEMPLATES;
+    /// The draws every profile starts with, in order: its kind and its `$last_seen`. Shared by
+    /// [`Profiles::get`] and [`Profiles::base_last_seen`], so the two never disagree.
+    fn head(&self, i: u64) -> Head {
         let mut r = Rng::new(hash4(self.seed, S_PROFILE, 0, i));
-        let mut fields: Vec<Field> = Vec::with_capacity(28);
-        let mut add = |key: &'static str, value: Vec<u8>| {
-            fields.push(Field {
-                key: Cow::Borrowed(key),
-                key_json: Cow::Owned(json_str(key)),
-                value,
-            })
-        };
-        let w = &*WEIRD_FIELDS;
         // Profiles 0..10 and 12.. each carry one adversarial fragment, all of them in turn.
         let forced_weird = match i {
             0..10 => Some(i as usize),
             10 | 11 => None,
-            _ => Some(i as usize - 2).filter(|k| *k < w.len()),
+            _ => Some(i as usize - 2).filter(|k| *k < WEIRD_FIELDS.len()),
         };
         let kind = if i == 11 || (i > 11 && i % 997 == 11) {
             // A profile without any property.
@@ -302,10 +365,68 @@ impl Profiles {
         } else {
             2
         };
+        let span = (self.last - self.first + 1) as u64;
+        let seen_day = self.first + r.below(span) as i64;
+        let seen_secs = r.below(86_400);
+        Head {
+            r,
+            kind,
+            forced_weird,
+            span,
+            seen_day,
+            seen_secs,
+        }
+    }
+
+    /// The `$last_seen` of base profile `i` (`None`: it has none), without generating the rest
+    /// of the profile: what a `where` on `$last_seen` reads.
+    pub(crate) fn base_last_seen(&self, i: u64) -> Option<String> {
+        let h = self.head(i);
+        (h.kind != 0).then(|| datetime(h.seen_day, h.seen_secs))
+    }
+
+    /// The distinct id of profile `i` as sent: a string, or an integer.
+    pub(crate) fn id_value(&self, i: u64) -> Value {
+        let id = self.distinct_id(i);
+        match id.parse::<u64>() {
+            Ok(n) if self.integer_ids && id.bytes().all(|b| b.is_ascii_digit()) => Value::from(n),
+            _ => Value::String(id),
+        }
+    }
+
+    /// Profile `i` at its current version: the base profile with `change` applied (see
+    /// [`Change`]).
+    pub(crate) fn at(&self, i: u64, change: Option<&Change>) -> Profile {
+        let mut p = self.get(i);
+        if let Some(c) = change {
+            p.apply(self.seed, i, c);
+        }
+        p
+    }
+
+    /// Profile `i` (0-based, in the listing's stable order), as first generated.
+    pub(crate) fn get(&self, i: u64) -> Profile {
+        let t = &*TEMPLATES;
+        let Head {
+            mut r,
+            kind,
+            forced_weird,
+            span,
+            seen_day,
+            seen_secs,
+        } = self.head(i);
+        let mut fields: Vec<Field> = Vec::with_capacity(28);
+        let mut add = |key: &'static str, value: Vec<u8>| {
+            fields.push(Field {
+                key: Cow::Borrowed(key),
+                key_json: Cow::Owned(json_str(key)),
+                value,
+            })
+        };
+        let w = &*WEIRD_FIELDS;
         // The first profiles carry every optional property.
         let forced = i < 10;
-        let span = (self.last - self.first + 1) as u64;
-        let last_seen = datetime(self.first + r.below(span) as i64, r.below(86_400));
+        let last_seen = datetime(seen_day, seen_secs);
         if kind == 1 {
             add("$last_seen", json_str(&last_seen));
             if r.chance(500) {
@@ -542,7 +663,7 @@ impl CohortRule {
         (x / p) * w + (x % p).saturating_sub(p - w)
     }
 
-    /// Number of members among profiles `0..n`.
+    /// Number of members among profiles `0..n`; for a member `i`, `count(i)` is its position.
     pub(crate) fn count(&self, n: u64) -> u64 {
         self.below(n + self.offset) - self.below(self.offset)
     }
@@ -554,8 +675,8 @@ impl CohortRule {
         (m / w) * p + (p - w) + m % w - self.offset
     }
 
-    #[cfg(test)]
-    fn contains(&self, i: u64) -> bool {
+    /// Whether profile `i` is a member.
+    pub(crate) fn contains(&self, i: u64) -> bool {
         (i + self.offset) % self.period >= self.period - self.width
     }
 }

@@ -88,6 +88,7 @@ pub(crate) struct Reports {
     first: i64,
     /// Last day with data; `first - 1` when there is none.
     last: i64,
+    /// The number of generated profiles (revenue scales with it).
     profiles: u64,
     cohorts: u64,
     funnels: u64,
@@ -139,8 +140,8 @@ impl Reports {
         CohortRule::new(self.seed, k, self.cohorts)
     }
 
-    /// The objects of `cohorts/list`.
-    pub(crate) fn cohorts(&self) -> Vec<Value> {
+    /// The objects of `cohorts/list`; `count` gives a cohort's number of live members.
+    pub(crate) fn cohorts(&self, count: impl Fn(&CohortRule) -> u64) -> Vec<Value> {
         (0..self.cohorts)
             .map(|k| {
                 let empty = self.cohorts >= 2 && k == self.cohorts - 1;
@@ -153,7 +154,7 @@ impl Reports {
                 };
                 let secs = hash4(self.seed, S_COHORT_CREATED, 0, k) % 86_400;
                 json!({
-                    "count": self.cohort_rule(k).count(self.profiles),
+                    "count": count(&self.cohort_rule(k)),
                     "is_visible": if k == 1 { 0 } else { 1 },
                     "description": COHORT_DESCRIPTIONS[k as usize % COHORT_DESCRIPTIONS.len()],
                     "created": ymd_hms(self.first - 30 * (k as i64 + 1), secs),

@@ -346,6 +346,9 @@ fn take_fault(sim: &Simulator, path: &str, params: &[(String, String)]) -> Optio
                 .is_none_or(|w| span_secs.is_some_and(|s| s > w.as_secs()))
             && r.holding
                 .is_none_or(|at| range.is_some_and(|(lo, hi)| lo <= at && at < hi))
+            && r.param
+                .as_deref()
+                .is_none_or(|name| param(params, name).is_some_and(|v| !v.trim().is_empty()))
     })?;
     if rule.times != FaultRule::PERSISTENT {
         rule.times -= 1;

@@ -23,6 +23,7 @@ fn rule(fault: Fault) -> FaultRule {
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         fault,
     }
 }
@@ -438,6 +439,7 @@ async fn faults() {
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         ..rule(Fault::Status {
             status: 400,
             body: r#"{"error": "Timeout Error."}"#.into(),

@@ -220,23 +220,33 @@ async fn engage_sessions_and_bad_parameters() {
         assert!(v["error"].is_string());
     }
 
-    // Common `where` expressions and include_all_users are accepted (and ignored).
+    // A `where` of the form properties["NAME"] OP VALUE filters (include_all_users is
+    // accepted and ignored); any other expression is a 400 that names `where`.
+    let with = |w: &str| {
+        vec![
+            ("where", w.to_string()),
+            ("include_all_users", "true".into()),
+        ]
+    };
+    let (status, v) = get_json(&url, path, &with(r#"properties["$email"] == "a@b.c""#)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["total"], 0);
+    let (status, v) = get_json(&url, path, &with(r#"properties["login_count"] >= 0"#)).await;
+    assert_eq!(status, 200, "{v}");
+    let with_logins = sim
+        .engage_ground_truth()
+        .iter()
+        .filter(|r| r["login_count"].is_number())
+        .count();
+    assert_eq!(v["total"], with_logins as u64);
     for w in [
-        r#"properties["$email"] == "a@b.c""#,
         r#"defined(properties["$last_seen"])"#,
         "user[\"$city\"] in [\"Zürich\"] and not defined(user[\"x\"])",
     ] {
-        let (status, v) = get_json(
-            &url,
-            path,
-            &[
-                ("where", w.to_string()),
-                ("include_all_users", "true".into()),
-            ],
-        )
-        .await;
-        assert_eq!(status, 200, "{w}");
-        assert_eq!(v["total"], 300);
+        let (status, v) = get_json(&url, path, &with(w)).await;
+        assert_eq!(status, 400, "{w}");
+        assert_eq!(v["status"], "error");
+        assert!(v["error"].as_str().unwrap().contains("'where'"), "{v}");
     }
 }
 
@@ -851,6 +861,7 @@ async fn faults_on_query_paths() {
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         fault,
     };
 
@@ -1048,6 +1059,7 @@ async fn smaller_pages_persistent_faults_and_events_names_behave_as_configured()
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         fault: Fault::ServerError { status: 503 },
     });
     for _ in 0..3 {
