@@ -55,7 +55,8 @@ pub struct SimConfig {
     pub service_account: Option<ServiceAccount>,
     /// Request budget; beyond it requests get 429.
     pub rate_limit: Option<RateLimit>,
-    /// Number of user profiles (`engage`).
+    /// Number of user profiles (`engage`) generated at the start; see
+    /// [`Simulator::add_profiles`] and [`Simulator::delete_profiles`] for later changes.
     pub profiles: u32,
     /// Number of cohorts (`cohorts/list`); the last of two or more is empty.
     pub cohorts: u32,
