@@ -749,6 +749,60 @@ mod tests {
     }
 
     #[test]
+    fn changed_profiles_are_sent_as_their_rows_say() {
+        let p = Profiles::new(5, 60, 19_000, 19_009)
+            .with_shapes(true, true)
+            .with_collisions(true);
+        for i in 0..60 {
+            let base = p.get(i);
+            let mut last = None;
+            for (version, seen) in [(0, Some("2030-01-02T03:04:05")), (1, None), (2, None)] {
+                let change = Change {
+                    version,
+                    last_seen: seen.map(str::to_string),
+                };
+                let prof = p.at(i, Some(&change));
+                let mut buf = Vec::new();
+                prof.write(&mut buf, None);
+                let v: Value = serde_json::from_slice(&buf).unwrap();
+                let props = v["$properties"].as_object().unwrap();
+                assert_eq!(props.len(), prof.fields.len(), "no duplicate keys: {v}");
+                assert_eq!(v["$distinct_id"], p.id_value(i));
+                let row = prof.row();
+                assert_eq!(row["distinct_id"], v["$distinct_id"]);
+                for (k, val) in props {
+                    let col = match k.strip_prefix('$') {
+                        Some(rest) => format!("mp_reserved_{rest}"),
+                        None if k == "distinct_id" => "distinct_id__2".into(),
+                        None => k.clone(),
+                    };
+                    assert_eq!(&row[&col], val, "{i} {k}");
+                }
+                if version > 0 {
+                    assert!(props.contains_key("plan") && props["login_count"].is_u64());
+                    assert_ne!(Some(row.clone()), last, "a new version differs");
+                }
+                if let Some(s) = seen {
+                    assert_eq!(props["$last_seen"], s);
+                } else {
+                    assert_eq!(
+                        props.get("$last_seen"),
+                        base.property("$last_seen")
+                            .map(|b| serde_json::from_slice::<Value>(b).unwrap())
+                            .as_ref(),
+                    );
+                }
+                last = Some(row);
+            }
+            assert_eq!(
+                p.base_last_seen(i).map(|s| json_str(&s)),
+                base.property("$last_seen").map(<[u8]>::to_vec),
+                "the cheap $last_seen is the generated one"
+            );
+        }
+    }
+
+    #[test]
     fn types() {
         assert_eq!(value_type(b"\"2020-01-02T03:04:05\""), Some("datetime"));
         assert_eq!(value_type(b"\"2020-01-02\""), Some("string"));
