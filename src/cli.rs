@@ -35,6 +35,8 @@ Events (`invoke --event FILE`, and what Lambda is invoked with):
   {\"table\": \"export\", \"date\": \"2026-11-01\"}       replicate one day again
   {\"table\": \"export\", \"from\": \"...\", \"to\": \"...\"}  queue a range (fanned out)
   {\"table\": \"export\", \"retry_parked\": true}       retry the parked slices
+  {\"table\": \"engage\", \"full\": true}            list every profile now, not only the
+                                                   changed ones
   {\"check\": true}                                test settings, credentials, state and each
                                                    table's access, writing nothing (as `check`)
   an SQS event of those (the fan-out queue)";
@@ -68,6 +70,9 @@ enum Command {
         /// Retry the parked slices (and the tables remembered as not allowed by the plan) first.
         #[arg(long)]
         retry_parked: bool,
+        /// engage: list every profile, not only those changed since the last snapshot.
+        #[arg(long)]
+        full: bool,
         /// Slices replicated at once (each with its own lease; one request budget for all).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
         concurrency: u32,
@@ -108,9 +113,19 @@ pub async fn run(cli: Cli) -> ExitCode {
             out,
             state,
             retry_parked,
+            full,
             concurrency,
         } => match local_settings(out, state) {
-            Ok(s) => Box::pin(sync_command(s, tables, retry_parked, concurrency as usize)).await,
+            Ok(s) => {
+                Box::pin(sync_command(
+                    s,
+                    tables,
+                    retry_parked,
+                    full,
+                    concurrency as usize,
+                ))
+                .await
+            }
             Err(e) => Err(e),
         },
         Command::Invoke { event } => Box::pin(invoke_command(&event)).await,
@@ -154,9 +169,18 @@ async fn sync_command(
     settings: Settings,
     tables: Vec<Table>,
     retry_parked: bool,
+    full: bool,
     concurrency: usize,
 ) -> Result<ExitCode> {
     let app = App::build(settings, None).await?;
+    if full {
+        if !tables.is_empty() && !tables.contains(&Table::Engage) {
+            return Err(Error::event(
+                "--full is for engage (a full listing instead of the changed profiles): add --table engage",
+            ));
+        }
+        crate::snapshot::changed::start_full(&app, Table::Engage).await?;
+    }
     let report = sync_concurrently(&app, &tables, retry_parked, concurrency).await?;
     for line in &report.parked {
         eprintln!("parked: {line}");

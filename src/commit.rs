@@ -305,7 +305,7 @@ async fn write_manifest_with(
     Ok(manifest)
 }
 
-/// Deletes the parts in `folder` that `files` does not list.
+/// Deletes the parts (and `delta-` parts) in `folder` that `files` does not list.
 async fn remove_other_parts(
     sink: &dyn ObjectSink,
     folder: &str,
@@ -321,7 +321,12 @@ async fn remove_other_parts(
         .into_iter()
         .map(|o| o.key)
         .filter(|k| {
-            !keep.contains(k) && k.rsplit('/').next().is_some_and(|n| n.starts_with("part-"))
+            // `delta-` parts: an incremental engage listing's changed profiles, merged into
+            // the snapshot's own parts before its commit.
+            !keep.contains(k)
+                && k.rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.starts_with("part-") || n.starts_with("delta-"))
         })
         .collect();
     if !stale.is_empty() {

@@ -167,6 +167,13 @@ pub struct Settings {
     pub skip_recheck: Duration,
     /// A re-read with fewer than this percentage of the committed rows is not committed.
     pub shrink_guard_percent: u32,
+    /// `ENGAGE_FULL_REFRESH_DAYS`: an engage snapshot lists every profile when the last full
+    /// listing is this old (else only the profiles changed since the previous snapshot);
+    /// `0`: every snapshot is a full listing.
+    pub engage_full_refresh: Duration,
+    /// `ENGAGE_LAST_SEEN_MARGIN_MINUTES`: an incremental engage listing asks for the profiles
+    /// whose `$last_seen` is at or after the previous snapshot's start less this margin.
+    pub engage_last_seen_margin: Duration,
     /// `FAN_OUT_QUEUE_URL`: the SQS queue a range event (and a scheduled invocation with more
     /// pending days than it can finish) sends its day events to, for the queue's event source
     /// mapping to run them on concurrent invocations. Unset (local runs): nothing is sent.
@@ -219,6 +226,8 @@ pub const VARIABLES: &[&str] = &[
     "SLICE_RETRY_BACKOFF_SECONDS",
     "MIXPANEL_SKIP_RECHECK_HOURS",
     "SHRINK_GUARD_PERCENT",
+    "ENGAGE_FULL_REFRESH_DAYS",
+    "ENGAGE_LAST_SEEN_MARGIN_MINUTES",
     "FAN_OUT_QUEUE_URL",
     "FAN_OUT_CONCURRENCY",
     "GLUE_DATABASE",
@@ -412,6 +421,11 @@ impl Settings {
         let skip_recheck =
             Duration::from_secs(3600 * number(&get, "MIXPANEL_SKIP_RECHECK_HOURS", 24, 0, 8760)?);
         let shrink_guard_percent = number(&get, "SHRINK_GUARD_PERCENT", 50, 0, 100)? as u32;
+        let engage_full_refresh =
+            Duration::from_secs(86_400 * number(&get, "ENGAGE_FULL_REFRESH_DAYS", 7, 0, 3650)?);
+        let engage_last_seen_margin = Duration::from_secs(
+            60 * number(&get, "ENGAGE_LAST_SEEN_MARGIN_MINUTES", 60, 0, 10_080)?,
+        );
         // An SQS queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`); plain http only to
         // a loopback endpoint (tests).
         let fan_out_concurrency = number(&get, "FAN_OUT_CONCURRENCY", 3, 1, 1000)? as u32;
@@ -489,6 +503,8 @@ impl Settings {
             slice_retry_backoff,
             skip_recheck,
             shrink_guard_percent,
+            engage_full_refresh,
+            engage_last_seen_margin,
             fan_out_queue_url,
             fan_out_concurrency,
             glue_database,

@@ -404,6 +404,7 @@ async fn a_listing_restart_that_fails_keeps_the_parts_its_saved_progress_names()
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         fault,
     };
     // 1. Page 0 answers at once, page 1 after the deadline: progress is saved at page 1 of

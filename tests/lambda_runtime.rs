@@ -181,6 +181,10 @@ fn every_event_file_is_a_valid_event_and_every_use_has_one() {
         get("export-range.json"),
         Invocation::Range(Table::Export, _, _)
     ));
+    assert_eq!(
+        get("engage-full.json"),
+        Invocation::FullListing(Table::Engage)
+    );
     assert_eq!(get("check.json"), Invocation::Check);
 }
 

@@ -141,6 +141,7 @@ async fn a_listing_short_of_its_total_is_not_published() {
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         fault,
     };
     // Page 0 as served (total 2345), then an empty page 1: the listing ends at 1,000.
@@ -188,6 +189,7 @@ async fn a_listing_short_of_its_total_is_not_published() {
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         fault: Fault::Status {
             status: 200,
             body: r#"{"page":0,"page_size":1000,"session_id":"1-X","status":"ok","total":5,"results":[{"$distinct_id":"a"}]}"#.into(),
@@ -235,6 +237,7 @@ async fn a_session_refused_on_a_later_page_restarts_the_listing_once_then_the_sl
             covering: None,
             wider_than: None,
             holding: None,
+            param: None,
             fault,
         });
     }

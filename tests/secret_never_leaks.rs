@@ -73,6 +73,7 @@ async fn no_command_or_failure_ever_shows_the_secret() {
             covering: None,
             wider_than: None,
             holding: None,
+            param: None,
             fault,
         });
     }

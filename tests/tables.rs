@@ -347,6 +347,7 @@ async fn an_engage_page_slower_than_the_deadline_answers_partial_on_time_and_res
         covering: None,
         wider_than: None,
         holding: None,
+        param: None,
         fault: mixpanel_sim::Fault::SlowFirstByte { delay },
     };
     // Page 0 at once, page 1 ten seconds late.

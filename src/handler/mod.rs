@@ -35,6 +35,9 @@ pub enum Invocation {
     /// `{"table": T, "retry_parked": true}`: a person's retry of every parked slice of the table
     /// (and of a remembered skip), then as scheduled.
     RetryParked(Table),
+    /// `{"table": "engage", "full": true}`: a snapshot now that lists every profile, not only
+    /// the changed ones; then as scheduled.
+    FullListing(Table),
     /// `{"check": true}`: test the settings, the credentials, the state store and each table's
     /// access, writing nothing ([`crate::check`]).
     Check,
@@ -47,7 +50,8 @@ impl Invocation {
             Invocation::Scheduled(t)
             | Invocation::Day(t, _)
             | Invocation::Range(t, _, _)
-            | Invocation::RetryParked(t) => Some(t),
+            | Invocation::RetryParked(t)
+            | Invocation::FullListing(t) => Some(t),
             Invocation::Check => None,
         }
     }
@@ -61,6 +65,7 @@ struct RawEvent {
     from: Option<Value>,
     to: Option<Value>,
     retry_parked: Option<Value>,
+    full: Option<Value>,
     check: Option<Value>,
 }
 
@@ -130,6 +135,29 @@ pub fn parse_event(v: &Value) -> Result<Invocation> {
             )));
         }
     };
+    let full = match raw.full {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => {
+            return Err(Error::event(format!(
+                "`full` must be true or false, got {}",
+                kind_of(&other)
+            )));
+        }
+    };
+    if full {
+        if table != Table::Engage {
+            return Err(Error::event(format!(
+                "`full` is for engage (a full listing instead of the changed profiles); {table} is always read whole"
+            )));
+        }
+        if retry_parked {
+            return Err(Error::event(
+                "`full` cannot be combined with `retry_parked`",
+            ));
+        }
+        return Ok(Invocation::FullListing(table));
+    }
     if retry_parked {
         return match (day, from, to) {
             (None, None, None) => Ok(Invocation::RetryParked(table)),
@@ -287,7 +315,7 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
             let retried = crate::park::retry_all(store, t).await?;
             tracing::info!(table = %t, slices = retried.len(), "parked slices retried");
         }
-        Invocation::Scheduled(t) | Invocation::Day(t, _) => {
+        Invocation::Scheduled(t) | Invocation::Day(t, _) | Invocation::FullListing(t) => {
             if let Some(reason) = crate::skip::remembered(app, t).await? {
                 let mut r = Response::new(Status::Skipped, t);
                 r.reason = Some(format!(
@@ -303,6 +331,12 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
         Invocation::Check => Err(Error::event(
             "{\"check\": true} is answered by the function itself, not through the fan-out queue",
         )),
+        Invocation::FullListing(t) => {
+            let queued = crate::snapshot::changed::start_full(app, t).await?;
+            let mut resp = drain(app, t, deadline).await?;
+            resp.queued = u64::from(queued);
+            Ok(resp)
+        }
         Invocation::Scheduled(t) | Invocation::RetryParked(t) => {
             let queued = plan::queue_table(store, &app.settings, t, now).await?;
             let mut resp = drain(app, t, deadline).await?;
@@ -395,6 +429,14 @@ mod tests {
             Invocation::Scheduled(Table::Engage)
         );
         assert_eq!(
+            parse_event(&json!({"table": "engage", "full": true})).unwrap(),
+            Invocation::FullListing(Table::Engage)
+        );
+        assert_eq!(
+            parse_event(&json!({"table": "engage", "full": false})).unwrap(),
+            Invocation::Scheduled(Table::Engage)
+        );
+        assert_eq!(
             parse_event(&json!({"check": true})).unwrap(),
             Invocation::Check
         );
@@ -416,6 +458,18 @@ mod tests {
             (
                 json!({"table": "export", "day": "2026-11-01"}),
                 "unknown field `day`",
+            ),
+            (
+                json!({"table": "export", "full": true}),
+                "`full` is for engage",
+            ),
+            (
+                json!({"table": "engage", "full": "yes"}),
+                "`full` must be true or false, got a string",
+            ),
+            (
+                json!({"table": "engage", "full": true, "retry_parked": true}),
+                "`full` cannot be combined with `retry_parked`",
             ),
             (
                 json!({"table": "export", "from": "2026-11-01"}),

@@ -51,11 +51,13 @@ pub fn parse_page(body: &[u8]) -> Result<Page<'_>> {
     })
 }
 
-/// The query parameters of one page (`cohort`: only that cohort's members).
+/// The query parameters of one page (`cohort`: only that cohort's members; `filter`: only the
+/// profiles a `where` expression selects).
 pub fn page_params(
     session_id: Option<&str>,
     page: u64,
     cohort: Option<u64>,
+    filter: Option<&str>,
 ) -> Vec<(&'static str, String)> {
     let mut p = vec![
         ("page_size", PAGE_SIZE.to_string()),
@@ -67,7 +69,26 @@ pub fn page_params(
     if let Some(id) = cohort {
         p.push(("filter_by_cohort", format!("{{\"id\":{id}}}")));
     }
+    if let Some(w) = filter {
+        p.push(("where", w.to_string()));
+    }
     p
+}
+
+/// The parameters of the cheapest listing that tells how many profiles the project holds:
+/// page 0 of one profile, unfiltered; its `total` is the count.
+pub fn count_params() -> Vec<(&'static str, String)> {
+    vec![("page_size", "1".to_string()), ("page", "0".to_string())]
+}
+
+/// The `where` expression of the profiles whose `$last_seen` (a UTC `YYYY-MM-DDTHH:MM:SS`
+/// datetime, moved by every profile update not sent with `$ignore_time`) is at or after
+/// `since`.
+pub fn changed_since(since: jiff::Timestamp) -> String {
+    format!(
+        "properties[\"$last_seen\"] >= \"{}\"",
+        since.strftime("%Y-%m-%dT%H:%M:%S")
+    )
 }
 
 /// Whether Mixpanel refused a page because the listing's session expired: the listing restarts.

@@ -534,7 +534,7 @@ pub fn repair(pieces: &[&[u8]], out: &mut Vec<u8>) -> Option<()> {
 }
 
 /// A JSON string's value without its quotes when it has no escapes (the common case), else decoded.
-fn canonical(raw: &RawValue) -> Cow<'_, str> {
+pub(crate) fn canonical(raw: &RawValue) -> Cow<'_, str> {
     let s = raw.get();
     if let Some(inner) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"'))
         && !inner.contains('\\')

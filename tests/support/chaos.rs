@@ -347,6 +347,7 @@ impl Plan {
                 covering: None,
                 wider_than: None,
                 holding: None,
+                param: None,
                 fault,
             });
         }
@@ -456,6 +457,7 @@ impl Plan {
                 covering: None,
                 wider_than: None,
                 holding: None,
+                param: None,
                 fault: Fault::SlowBody {
                     lines_per_second: (per_second as u32).max(1),
                 },

@@ -114,6 +114,7 @@ impl Project {
             covering: None,
             wider_than: None,
             holding: None,
+            param: None,
             fault,
         });
     }

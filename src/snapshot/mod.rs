@@ -1,6 +1,9 @@
 //! Full-table snapshots (`engage`, `cohort_members`, `cohorts`, `annotations`): written part by
 //! part into `snapshot=YYYYMMDDTHHMMSSZ/`, resumable across invocations, and made visible only
 //! when complete (manifest, then `_latest.json`). Older snapshots beyond the retention go.
+//! After a full listing, `engage` lists only the profiles changed since ([`changed`]).
+
+pub mod changed;
 
 use std::collections::BTreeMap;
 
@@ -20,6 +23,8 @@ use crate::state::{Lease, Schema, SliceId, SliceStatus};
 use crate::tables::json::{Columns, Types, fixed_schema, write_object};
 use crate::tables::{Table, annotations, cohort_members, cohorts, engage};
 
+use changed::Listing;
+
 /// Where a snapshot stands, saved with the slice so that the next invocation resumes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
@@ -37,6 +42,13 @@ pub struct Progress {
     /// The JSON types of the distinct ids written so far (strings, integers).
     #[serde(default)]
     pub ids: Types,
+    /// engage: how the profiles are listed (every one, or those changed since the previous
+    /// snapshot, merged into it).
+    #[serde(default)]
+    pub listing: Listing,
+    /// engage: when the current listing began, epoch milliseconds (0: unknown).
+    #[serde(default)]
+    pub listing_started_ms: u64,
 }
 
 /// The position in a paged listing.
@@ -84,14 +96,30 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
         .into_iter()
         .find(|r| r.slice == SliceId::Full);
     let guard = commit::ShrinkGuard::for_slice(app.settings.shrink_guard_percent, record.as_ref());
-    let resumed = record.and_then(|r| r.progress);
+    let resumed = record.as_ref().and_then(|r| r.progress.clone());
     let mut progress: Progress = match &resumed {
         Some(p) => serde_json::from_str(p)
             .map_err(|e| Error::state(format!("unreadable {table} snapshot progress: {e}")))?,
-        None => Progress {
-            snapshot: new_snapshot_name(app, table).await?,
-            ..Progress::default()
-        },
+        None => {
+            let now = Timestamp::now();
+            let listing = if table == Table::Engage {
+                let (listing, why) = changed::choose(app, record.as_ref(), now).await?;
+                let kind = match listing {
+                    Listing::Full => "every profile",
+                    Listing::Changed(_) => "changed profiles",
+                };
+                tracing::info!(table = %table, listing = kind, why = %why, "a new engage snapshot");
+                listing
+            } else {
+                Listing::Full
+            };
+            Progress {
+                snapshot: new_snapshot_name(app, table).await?,
+                listing,
+                listing_started_ms: now.as_millisecond() as u64,
+                ..Progress::default()
+            }
+        }
     };
     let folder = key(&app.prefix, &format!("{table}/{}", progress.snapshot));
     // A crash after the manifest was written: the snapshot is complete, finish the commit.
@@ -99,22 +127,19 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
         && let Some(body) = app.sink.get(&format!("{folder}/_manifest.json")).await?
     {
         let m: commit::Manifest = serde_json::from_slice(&body).map_err(Error::storage)?;
-        return finish(
-            app,
-            lease,
-            &folder,
-            &progress.snapshot,
-            m.files,
-            &progress.columns,
-            guard,
-        )
-        .await;
+        return finish(app, lease, &folder, &progress, m.files, guard).await;
     }
     let s = &app.settings;
+    // An incremental listing writes the changed profiles as `delta-` parts, which the merge
+    // then reads; the snapshot's own parts are `part-`.
+    let stem = match &progress.listing {
+        Listing::Changed(c) if c.delta.is_none() => "delta",
+        _ => "part",
+    };
     let mut parts = StreamingParts::new(
         app.sink.clone(),
         folder.clone(),
-        "part",
+        stem,
         progress.next_part,
         std::mem::take(&mut progress.files),
         s.compression,
@@ -125,16 +150,7 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
         Ok(None) => {
             parts.checkpoint().await?;
             let files = std::mem::take(&mut parts.files);
-            finish(
-                app,
-                lease,
-                &folder,
-                &progress.snapshot,
-                files,
-                &progress.columns,
-                guard,
-            )
-            .await
+            finish(app, lease, &folder, &progress, files, guard).await
         }
         Ok(Some(why)) => {
             parts.checkpoint().await?;
@@ -263,13 +279,12 @@ async fn fill(
                 .named(Some(&names), fixed)
                 .reserving(&[table.partition_key()]);
             let mut fair = Fairness::new(table);
-            let stopped = page_through(
+            let stopped = list_profiles(
                 app,
                 lease,
                 deadline,
                 progress,
                 parts,
-                None,
                 &mut columns,
                 &mut fair,
             )
@@ -307,6 +322,7 @@ async fn fill(
                     progress,
                     parts,
                     Some(id),
+                    None,
                     &mut columns,
                     &mut fair,
                 )
@@ -366,6 +382,170 @@ fn merge(into: &mut Schema, more: Schema) {
     }
 }
 
+/// Lists the profiles of `engage` into `parts`: every one, or (incremental) those changed since
+/// the previous snapshot, merged into its rows. An incremental listing that Mixpanel answers
+/// with something unusable, or that finds profiles gone, becomes a full listing at once.
+/// Returns `None` when complete, or why it stopped first.
+async fn list_profiles(
+    app: &App,
+    lease: &Lease,
+    deadline: Instant,
+    progress: &mut Progress,
+    parts: &mut StreamingParts,
+    columns: &mut Columns,
+    fair: &mut Fairness,
+) -> Result<Option<String>> {
+    loop {
+        let Listing::Changed(c) = &progress.listing else {
+            return page_through(
+                app, lease, deadline, progress, parts, None, None, columns, fair,
+            )
+            .await;
+        };
+        let c = c.clone();
+        // A person's request for a full listing, made since this listing began, wins.
+        if changed::full_requested_ms(app, Table::Engage)
+            .await?
+            .is_some_and(|at| at > progress.listing_started_ms)
+        {
+            to_full(app, progress, parts, "a full listing was asked for").await?;
+            continue;
+        }
+        let Some(delta) = c.delta.clone() else {
+            let filter = engage::changed_since(c.since());
+            match page_through(
+                app,
+                lease,
+                deadline,
+                progress,
+                parts,
+                None,
+                Some(&filter),
+                columns,
+                fair,
+            )
+            .await
+            {
+                Ok(Some(why)) => return Ok(Some(why)),
+                Ok(None) => {
+                    parts.checkpoint().await?;
+                    let delta = std::mem::take(&mut parts.files);
+                    if let Listing::Changed(c) = &mut progress.listing {
+                        c.delta = Some(delta);
+                    }
+                    *parts = fresh_parts(app, parts, "part");
+                    save_place(app, lease, progress, parts).await?;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::BadResponse => {
+                    let why = format!("the listing of changed profiles failed ({e})");
+                    to_full(app, progress, parts, &why).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let Some(current) = c.current else {
+            let share = fair.share(app).await?;
+            let counted = with_share(
+                share,
+                app.mixpanel
+                    .query("engage", &engage::count_params(), deadline),
+            )
+            .await
+            .and_then(|body| changed::count_of(&body));
+            match counted {
+                Ok(n) => {
+                    if let Listing::Changed(c) = &mut progress.listing {
+                        c.current = Some(n);
+                    }
+                    save_place(app, lease, progress, parts).await?;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::Deadline => {
+                    return Ok(Some(e.message().to_string()));
+                }
+                Err(e) if e.kind() == ErrorKind::BadResponse => {
+                    let why = format!("the profile count failed ({e})");
+                    to_full(app, progress, parts, &why).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let base_folder = key(&app.prefix, &format!("{}/{}", Table::Engage, c.base));
+        let folder = parts.folder().to_string();
+        let merged = changed::merge(
+            app,
+            deadline,
+            &base_folder,
+            &c.base_files,
+            &folder,
+            &delta,
+            parts,
+            &mut progress.ids,
+        )
+        .await?;
+        match merged {
+            None => {
+                // The merged parts so far are not kept: the merge starts over next time.
+                parts.checkpoint().await?;
+                parts.files.clear();
+                return Ok(Some(
+                    "deadline reached while merging the changed profiles".into(),
+                ));
+            }
+            // More rows than Mixpanel holds profiles: some are gone, list every one.
+            Some(rows) if rows > current => {
+                let why = format!(
+                    "{rows} profiles after the merge, but Mixpanel holds {current}: {} gone",
+                    rows - current
+                );
+                to_full(app, progress, parts, &why).await?;
+            }
+            Some(rows) => {
+                tracing::info!(
+                    table = %Table::Engage,
+                    base = %c.base,
+                    changed = delta.iter().map(|f| f.records).sum::<u64>(),
+                    rows,
+                    "changed profiles merged into the previous snapshot"
+                );
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Turns the snapshot's listing into a full one, from page 0, dropping what it wrote.
+async fn to_full(
+    app: &App,
+    progress: &mut Progress,
+    parts: &mut StreamingParts,
+    why: &str,
+) -> Result<()> {
+    tracing::warn!(table = %Table::Engage, why, "listing every profile instead of the changed ones");
+    restart(progress, parts).await?;
+    progress.cursor.restarted = false;
+    progress.listing = Listing::Full;
+    progress.listing_started_ms = Timestamp::now().as_millisecond() as u64;
+    *parts = fresh_parts(app, parts, "part");
+    Ok(())
+}
+
+/// New parts `{stem}-…` in the folder of `parts`, numbered after them.
+fn fresh_parts(app: &App, parts: &StreamingParts, stem: &str) -> StreamingParts {
+    StreamingParts::new(
+        app.sink.clone(),
+        parts.folder().to_string(),
+        stem,
+        parts.next_index(),
+        Vec::new(),
+        app.settings.compression,
+        app.settings.max_file_bytes,
+    )
+}
+
 /// Pages through `engage` (one cohort's members when `cohort`), writing rows. Returns `None`
 /// when the listing is complete, or why it stopped first (the cursor then says where to resume).
 ///
@@ -380,12 +560,14 @@ async fn page_through(
     progress: &mut Progress,
     parts: &mut StreamingParts,
     cohort: Option<u64>,
+    filter: Option<&str>,
     columns: &mut Columns,
     fair: &mut Fairness,
 ) -> Result<Option<String>> {
-    let listing = match cohort {
-        None => "the engage listing".to_string(),
-        Some(id) => format!("the cohort_members listing of cohort {id}"),
+    let listing = match (cohort, filter) {
+        (None, None) => "the engage listing".to_string(),
+        (None, Some(_)) => "the engage listing of changed profiles".to_string(),
+        (Some(id), _) => format!("the cohort_members listing of cohort {id}"),
     };
     let mut out = Vec::with_capacity(1 << 20);
     let mut props = Vec::with_capacity(4096);
@@ -395,7 +577,12 @@ async fn page_through(
             return Ok(Some("deadline reached".into()));
         }
         let page_no = progress.cursor.page;
-        let params = engage::page_params(progress.cursor.session_id.as_deref(), page_no, cohort);
+        let params = engage::page_params(
+            progress.cursor.session_id.as_deref(),
+            page_no,
+            cohort,
+            filter,
+        );
         let share = fair.share(app).await?;
         let body = match with_share(share, app.mixpanel.query("engage", &params, deadline)).await {
             Ok(b) => b,
@@ -631,12 +818,13 @@ async fn finish(
     app: &App,
     lease: &Lease,
     folder: &str,
-    snapshot: &str,
+    progress: &Progress,
     files: Vec<FileEntry>,
-    columns: &Schema,
     guard: commit::ShrinkGuard,
 ) -> Result<Outcome> {
     let table = lease.table;
+    let snapshot = progress.snapshot.as_str();
+    let columns = &progress.columns;
     // The slice is marked committed only once `_latest.json` points to the snapshot: a crash in
     // between leaves it leased, and the next invocation finds the manifest and publishes it.
     let manifest = commit::write_manifest(
@@ -672,13 +860,40 @@ async fn finish(
     // Abandoned and old snapshots go before the completion: a failure or a crash before it
     // leaves the slice to an invocation that prunes again.
     prune(app, table, snapshot).await?;
-    commit::complete(app.store.as_ref(), lease, None).await?;
+    let result = committed(table, progress)?;
+    commit::complete(app.store.as_ref(), lease, result.as_deref()).await?;
     Ok(Outcome::Done(SliceResult {
         records: manifest.records,
         bytes: manifest.files.iter().map(|f| f.bytes).sum(),
         files: manifest.files.len() as u64,
         ..SliceResult::default()
     }))
+}
+
+/// What an engage commit records for the next snapshot to build on (nothing for other tables).
+fn committed(table: Table, progress: &Progress) -> Result<Option<String>> {
+    if table != Table::Engage {
+        return Ok(None);
+    }
+    let (listing, last_full_ms) = match &progress.listing {
+        Listing::Full => (
+            "full",
+            match progress.listing_started_ms {
+                // A listing resumed from an older release: its snapshot began it.
+                0 => changed::snapshot_start(&progress.snapshot)
+                    .map_or(0, |t| t.as_millisecond() as u64),
+                ms => ms,
+            },
+        ),
+        Listing::Changed(c) => ("changed", c.last_full_ms),
+    };
+    serde_json::to_string(&changed::Committed {
+        snapshot: progress.snapshot.clone(),
+        listing: listing.into(),
+        last_full_ms,
+    })
+    .map(Some)
+    .map_err(Error::state)
 }
 
 /// Keeps the newest `SNAPSHOT_RETENTION` complete snapshots; removes older ones and abandoned

@@ -1,0 +1,433 @@
+//! Incremental engage against the simulator over HTTP, locally and on moto: after a full
+//! snapshot, a snapshot lists only the profiles whose `$last_seen` moved, merges them into the
+//! previous rows, and is still the whole table; gone profiles make it list every one.
+
+mod support;
+
+use mixpanel_replicator::app::App;
+use mixpanel_replicator::handler::{self, Response, Status};
+use mixpanel_replicator::state::SliceId;
+use mixpanel_replicator::tables::Table;
+use mixpanel_sim::{Fault, FaultRule, RequestRecord, Simulator};
+use serde_json::{Value, json};
+use support::harness::*;
+
+fn deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(120)
+}
+
+/// Every invocation re-snapshots (no refresh interval), as a scheduled one would hours later.
+const ALWAYS: (&str, &str) = ("MIXPANEL_REFRESH_MINUTES", "0");
+
+async fn engage(app: &App) -> Response {
+    handler::handle(app, json!({"table": "engage"}), deadline())
+        .await
+        .unwrap()
+}
+
+/// The engage requests the simulator saw from index `from` on.
+fn engage_requests(sim: &Simulator, from: usize) -> Vec<RequestRecord> {
+    sim.requests()
+        .into_iter()
+        .skip(from)
+        .filter(|r| r.path.ends_with("/engage"))
+        .collect()
+}
+
+fn is_filtered(r: &RequestRecord) -> bool {
+    r.query.split('&').any(|kv| kv.starts_with("where="))
+}
+
+fn is_count(r: &RequestRecord) -> bool {
+    !is_filtered(r) && r.query.split('&').any(|kv| kv == "page_size=1")
+}
+
+/// How the last engage commit listed its profiles (`full` or `changed`), from the state store.
+async fn last_listing(app: &App) -> String {
+    let slices = app.store.slices(Table::Engage).await.unwrap();
+    let full = slices.iter().find(|r| r.slice == SliceId::Full).unwrap();
+    let result: Value = serde_json::from_str(full.result.as_deref().unwrap()).unwrap();
+    result["listing"].as_str().unwrap().to_string()
+}
+
+async fn assert_exact(app: &App, sim: &Simulator) -> String {
+    let (snapshot, rows) = read_latest_snapshot(app, "engage").await.unwrap();
+    let truth = canonical(sim.engage_ground_truth());
+    assert_eq!(rows.len(), truth.len(), "engage rows");
+    assert_eq!(rows, truth, "engage rows");
+    snapshot
+}
+
+/// Every 20th profile, from `offset`.
+fn every_20th(n: u64, offset: u64) -> Vec<u64> {
+    (offset..n).step_by(20).collect()
+}
+
+/// The whole story on one store: a full snapshot; 5 % changed and 1 % added (one filtered
+/// listing and one count, merged); some deleted (found by the count, listed in full at once).
+async fn changed_added_and_deleted_profiles_are_exact_in_the_next_snapshot(
+    project: &Project,
+    app: &App,
+) {
+    let sim = project.simulator();
+    assert_eq!(engage(app).await.status, Status::Done);
+    let first = assert_exact(app, sim).await;
+    assert_eq!(last_listing(app).await, "full");
+    let first_requests = engage_requests(sim, 0).len();
+    assert!(first_requests >= 4, "3,000 profiles are 3 pages and more");
+
+    let n = sim.profile_count();
+    let changed = sim.update_profiles(&every_20th(n, 3));
+    let added = sim.add_profiles(n / 100);
+    assert_eq!((changed.len(), added.len()), (150, 30));
+    let seen = sim.requests().len();
+    let r = engage(app).await;
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    let second = assert_exact(app, sim).await;
+    assert_ne!(second, first, "a new snapshot");
+    assert_eq!(last_listing(app).await, "changed");
+    let asked = engage_requests(sim, seen);
+    assert!(
+        asked.iter().all(|r| is_filtered(r) || is_count(r)),
+        "only the changed profiles and the count: {asked:?}"
+    );
+    assert_eq!(asked.iter().filter(|r| is_count(r)).count(), 1);
+    assert_eq!(
+        asked.len(),
+        2,
+        "one filtered page and the count, against {first_requests} for the full listing: {asked:?}"
+    );
+    assert!(
+        asked.iter().any(|r| r.query.contains("%24last_seen")),
+        "the filter is on $last_seen: {asked:?}"
+    );
+
+    // Gone profiles: the count says fewer than the merge, so the same run lists every one.
+    let gone = sim.delete_profiles(&every_20th(n, 7));
+    assert_eq!(gone.len(), 150);
+    let seen = sim.requests().len();
+    assert_eq!(engage(app).await.status, Status::Done);
+    assert_exact(app, sim).await;
+    assert_eq!(last_listing(app).await, "full");
+    let asked = engage_requests(sim, seen);
+    assert!(
+        asked
+            .iter()
+            .filter(|r| !is_filtered(r) && !is_count(r))
+            .count()
+            >= 3,
+        "a full listing followed: {asked:?}"
+    );
+
+    // Nothing changed since: one (empty or nearly) filtered page and the count.
+    let seen = sim.requests().len();
+    assert_eq!(engage(app).await.status, Status::Done);
+    assert_exact(app, sim).await;
+    assert_eq!(last_listing(app).await, "changed");
+    assert_eq!(engage_requests(sim, seen).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locally_changed_added_and_deleted_profiles_are_exact_in_the_next_snapshot() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 3000;
+    let project = Project::start(cfg).await;
+    let (_dir, app) = project.temp_app(&[ALWAYS]).await;
+    changed_added_and_deleted_profiles_are_exact_in_the_next_snapshot(&project, &app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_and_dynamodb_changed_added_and_deleted_profiles_are_exact_in_the_next_snapshot() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 3000;
+    let project = Project::start(cfg).await;
+    let (_aws, app) = aws_app(
+        &project,
+        "engage-out",
+        "engage-state",
+        "engage-secret",
+        &[ALWAYS, ("OUTPUT_COMPRESSION", "zstd")],
+    )
+    .await;
+    changed_added_and_deleted_profiles_are_exact_in_the_next_snapshot(&project, &app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integer_distinct_ids_merge_into_one_row_each() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 2000;
+    cfg.engage_integer_ids = true;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (_dir, app) = project.temp_app(&[ALWAYS]).await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    // Change every profile whose id is sent as an integer, and a few others.
+    let integers: Vec<u64> = sim
+        .engage_ground_truth()
+        .iter()
+        .enumerate()
+        .filter(|(_, row)| row["distinct_id"].is_u64())
+        .map(|(i, _)| i as u64)
+        .collect();
+    assert!(integers.len() > 20, "{} integer ids", integers.len());
+    let mut changed = integers.clone();
+    changed.extend([0, 1, 2]);
+    sim.update_profiles(&changed);
+    assert_eq!(engage(&app).await.status, Status::Done);
+    assert_eq!(last_listing(&app).await, "changed");
+    assert_exact(&app, sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_interrupted_at_the_deadline_resumes_and_publishes_once_while_profiles_change() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 20_000;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (dir, app) = project.temp_app(&[ALWAYS]).await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    let first = assert_exact(&app, sim).await;
+    // 4,000 changed profiles: four filtered pages, then the count and the merge. The third
+    // page comes after the first invocation's deadline.
+    sim.update_profiles(&(0..20_000).step_by(5).collect::<Vec<u64>>());
+    let filtered = |times, delay| {
+        FaultRule::new("/api/2.0/engage", times, Fault::SlowFirstByte { delay }).with_param("where")
+    };
+    sim.push_fault(filtered(2, std::time::Duration::ZERO));
+    sim.push_fault(filtered(1, std::time::Duration::from_secs(4)));
+    let mut partials = 0;
+    loop {
+        let short = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let r = handler::handle(&app, json!({"table": "engage"}), short)
+            .await
+            .unwrap();
+        match r.status {
+            Status::Partial => {
+                partials += 1;
+                // The previous snapshot stays the one published until this one is complete.
+                let (latest, _) = read_latest_snapshot(&app, "engage").await.unwrap();
+                assert_eq!(latest, first);
+                // Profiles keep changing while the listing runs.
+                if partials == 1 {
+                    sim.update_profiles(&[1, 2, 3]);
+                }
+            }
+            Status::Done => break,
+            other => panic!("unexpected {other:?}: {r:?}"),
+        }
+        assert!(partials < 500, "the snapshot never finished");
+    }
+    assert!(partials >= 1, "the deadline interrupted the run");
+    assert_eq!(last_listing(&app).await, "changed");
+    let (second, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
+    assert_ne!(second, first);
+    assert_eq!(
+        rows.len() as u64,
+        sim.profile_count(),
+        "one row per profile"
+    );
+    // Published once: two complete snapshots, and no delta part left in either folder.
+    let files = files_under(&dir.path().join("engage"));
+    let manifests = files
+        .iter()
+        .filter(|f| f.contains("/snapshot=") && f.ends_with("/_manifest.json"))
+        .count();
+    assert_eq!(manifests, 2, "{files:?}");
+    assert!(!files.iter().any(|f| f.contains("/delta-")), "{files:?}");
+    // A profile changed during the run is at its newest version by the next run at the latest.
+    assert_eq!(engage(&app).await.status, Status::Done);
+    assert_exact(&app, sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_answer_to_the_filtered_listing_falls_back_to_a_full_listing() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 2500;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (_dir, app) = project.temp_app(&[ALWAYS]).await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    sim.update_profiles(&every_20th(2500, 0));
+    // Mixpanel answers every filtered request with something that is not a page.
+    sim.push_fault(
+        FaultRule::new(
+            "/api/2.0/engage",
+            FaultRule::PERSISTENT,
+            Fault::Status {
+                status: 200,
+                body: "<html>upstream proxy error</html>".into(),
+            },
+        )
+        .with_param("where"),
+    );
+    let seen = sim.requests().len();
+    let r = engage(&app).await;
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert_exact(&app, sim).await;
+    assert_eq!(last_listing(&app).await, "full");
+    let asked = engage_requests(sim, seen);
+    assert_eq!(
+        asked.iter().filter(|r| is_filtered(r)).count(),
+        1,
+        "{asked:?}"
+    );
+    assert!(asked.iter().filter(|r| !is_filtered(r)).count() >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_mixpanel_cannot_serve_at_all_is_bounded_then_parked_and_the_last_snapshot_stays()
+{
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 1500;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (_dir, app) = project
+        .temp_app(&[
+            ALWAYS,
+            ("MAX_SLICE_ATTEMPTS", "2"),
+            ("SLICE_RETRY_BACKOFF_SECONDS", "0"),
+        ])
+        .await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    let first = assert_exact(&app, sim).await;
+    let truth = sim.engage_ground_truth();
+    sim.update_profiles(&every_20th(1500, 0));
+    // Every engage request, filtered or not, gets a body that is not a page.
+    sim.push_fault(FaultRule::new(
+        "/api/2.0/engage",
+        FaultRule::PERSISTENT,
+        Fault::Status {
+            status: 200,
+            body: "{\"results\": 7}".into(),
+        },
+    ));
+    for attempt in 1..=2 {
+        let r = engage(&app).await;
+        assert_eq!((r.status, r.failed), (Status::Partial, 1), "{r:?}");
+        let reason = r.reason.unwrap_or_default();
+        assert!(reason.contains("not a page"), "{reason}");
+        assert_eq!(r.parked, u64::from(attempt == 2), "{reason}");
+    }
+    let slices = app.store.slices(Table::Engage).await.unwrap();
+    let full = slices.iter().find(|r| r.slice == SliceId::Full).unwrap();
+    assert_eq!(full.status, mixpanel_replicator::state::SliceStatus::Failed);
+    // The previous snapshot is still the table, exactly as it was.
+    let (latest, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
+    assert_eq!(latest, first);
+    assert_eq!(rows, canonical(truth));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_during_the_filtered_listing_restarts_it_once() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 5000;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (_dir, app) = project.temp_app(&[ALWAYS]).await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    sim.update_profiles(&(0..5000).step_by(2).collect::<Vec<u64>>());
+    // The filtered listing's page 0 at once, its page 1 after the deadline.
+    let slow = |delay| {
+        FaultRule::new("/api/2.0/engage", 1, Fault::SlowFirstByte { delay }).with_param("where")
+    };
+    sim.push_fault(slow(std::time::Duration::ZERO));
+    sim.push_fault(slow(std::time::Duration::from_secs(10)));
+    let short = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let r = handler::handle(&app, json!({"table": "engage"}), short)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Partial, "{r:?}");
+    sim.expire_engage_sessions();
+    let seen = sim.requests().len();
+    assert_eq!(engage(&app).await.status, Status::Done);
+    assert_exact(&app, sim).await;
+    assert_eq!(last_listing(&app).await, "changed");
+    let asked = engage_requests(sim, seen);
+    assert_eq!(
+        asked.iter().filter(|r| r.status == 400).count(),
+        1,
+        "one refused session: {asked:?}"
+    );
+    assert!(asked.iter().all(|r| is_filtered(r) || is_count(r)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listing_runs_when_asked_for_and_when_the_refresh_days_say_so() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 1500;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (dir, app) = project.temp_app(&[]).await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    // Fresh: a scheduled invocation has nothing to do; the full event lists every profile.
+    assert_eq!(engage(&app).await.status, Status::Idle);
+    sim.update_profiles(&[5, 6]);
+    let seen = sim.requests().len();
+    let r = handler::handle(&app, json!({"table": "engage", "full": true}), deadline())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert_exact(&app, sim).await;
+    assert_eq!(last_listing(&app).await, "full");
+    assert!(engage_requests(sim, seen).iter().all(|r| !is_filtered(r)));
+
+    // ENGAGE_FULL_REFRESH_DAYS=0: every snapshot is a full listing.
+    let app = project
+        .local_app(dir.path(), &[ALWAYS, ("ENGAGE_FULL_REFRESH_DAYS", "0")])
+        .await;
+    sim.update_profiles(&[7]);
+    let seen = sim.requests().len();
+    assert_eq!(engage(&app).await.status, Status::Done);
+    assert_exact(&app, sim).await;
+    assert_eq!(last_listing(&app).await, "full");
+    assert!(engage_requests(sim, seen).iter().all(|r| !is_filtered(r)));
+
+    // The default again: the next one lists the changed profiles only.
+    let app = project.local_app(dir.path(), &[ALWAYS]).await;
+    sim.update_profiles(&[8]);
+    assert_eq!(engage(&app).await.status, Status::Done);
+    assert_exact(&app, sim).await;
+    assert_eq!(last_listing(&app).await, "changed");
+
+    // `full` is for engage only.
+    let e = handler::handle(&app, json!({"table": "cohorts", "full": true}), deadline())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("`full` is for engage"), "{e}");
+}
+
+#[test]
+fn sync_full_lists_every_profile() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 1200;
+    let project = rt.block_on(Project::start(cfg));
+    let sim = project.simulator();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let sync = |extra: &[&str]| {
+        let mut cmd = project.command(None);
+        cmd.args(["sync", "--table", "engage", "--out", out])
+            .args(extra);
+        let o = output_with_stdin(&mut cmd, None);
+        assert_success(&o);
+    };
+    sync(&[]);
+    sim.update_profiles(&[1]);
+    let seen = sim.requests().len();
+    sync(&["--full"]);
+    let asked = engage_requests(sim, seen);
+    assert!(asked.len() >= 2, "{asked:?}");
+    assert!(asked.iter().all(|r| !is_filtered(r)), "{asked:?}");
+    let app = rt.block_on(project.local_app(dir.path(), &[]));
+    rt.block_on(assert_exact(&app, sim));
+    let mut cmd = project.command(None);
+    cmd.args(["sync", "--table", "export", "--full", "--out", out]);
+    let o = output_with_stdin(&mut cmd, None);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--full is for engage"));
+}
