@@ -36,7 +36,7 @@ Events (`invoke --event FILE`, and what Lambda is invoked with):
   {\"table\": \"export\", \"from\": \"...\", \"to\": \"...\"}  queue a range (fanned out)
   {\"table\": \"export\", \"retry_parked\": true}       retry the parked slices
   {\"table\": \"engage\", \"full\": true}            list every profile now, not only the
-                                                   changed ones
+                                                   changed ones (cohort_members: every cohort)
   {\"check\": true}                                test settings, credentials, state and each
                                                    table's access, writing nothing (as `check`)
   an SQS event of those (the fan-out queue)";
@@ -70,7 +70,8 @@ enum Command {
         /// Retry the parked slices (and the tables remembered as not allowed by the plan) first.
         #[arg(long)]
         retry_parked: bool,
-        /// engage: list every profile, not only those changed since the last snapshot.
+        /// engage and cohort_members: list every profile (every cohort's members) again, not
+        /// only what changed since the last snapshot.
         #[arg(long)]
         full: bool,
         /// Slices replicated at once (each with its own lease; one request budget for all).
@@ -174,12 +175,19 @@ async fn sync_command(
 ) -> Result<ExitCode> {
     let app = App::build(settings, None).await?;
     if full {
-        if !tables.is_empty() && !tables.contains(&Table::Engage) {
+        let listed = [Table::Engage, Table::CohortMembers];
+        let chosen: Vec<Table> = listed
+            .into_iter()
+            .filter(|t| tables.is_empty() || tables.contains(t))
+            .collect();
+        if chosen.is_empty() {
             return Err(Error::event(
-                "--full is for engage (a full listing instead of the changed profiles): add --table engage",
+                "--full is for engage and cohort_members (every profile or member listed again): add --table engage or --table cohort_members",
             ));
         }
-        crate::snapshot::changed::start_full(&app, Table::Engage).await?;
+        for t in chosen {
+            crate::snapshot::changed::start_full(&app, t).await?;
+        }
     }
     let report = sync_concurrently(&app, &tables, retry_parked, concurrency).await?;
     for line in &report.parked {

@@ -1,6 +1,7 @@
 //! Incremental engage against the simulator over HTTP, locally and on moto: after a full
 //! snapshot, a snapshot lists only the profiles whose `$last_seen` moved, merges them into the
-//! previous rows, and is still the whole table; gone profiles make it list every one.
+//! previous rows, and is still the whole table; gone profiles make it list every one. And
+//! cohort_members keeps the members of the cohorts whose entry did not change.
 
 mod support;
 
@@ -430,4 +431,126 @@ fn sync_full_lists_every_profile() {
     let o = output_with_stdin(&mut cmd, None);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--full is for engage"));
+}
+
+/// The cohorts whose members the engage requests from index `from` on listed (page 0 each).
+fn cohorts_listed(sim: &Simulator, from: usize) -> Vec<u64> {
+    let mut ids: Vec<u64> = engage_requests(sim, from)
+        .iter()
+        .filter(|r| r.query.split('&').any(|kv| kv == "page=0"))
+        .filter_map(|r| {
+            let v = r
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("filter_by_cohort="))?;
+            let digits: String = v
+                .replace("%7B%22id%22%3A", "")
+                .replace("%7D", "")
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+async fn cohort_members(app: &App, event: Value) -> Response {
+    let r = handler::handle(app, event, deadline()).await.unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    r
+}
+
+async fn assert_members_exact(app: &App, sim: &Simulator) -> String {
+    let (snapshot, rows) = read_latest_snapshot(app, "cohort_members").await.unwrap();
+    let truth = canonical(sim.cohort_members_ground_truth());
+    let extra: Vec<&String> = rows.iter().filter(|r| !truth.contains(r)).collect();
+    let missing: Vec<&String> = truth.iter().filter(|r| !rows.contains(r)).collect();
+    assert!(
+        rows == truth,
+        "{} rows against {}; not in the truth: {extra:?}; missing: {missing:?}",
+        rows.len(),
+        truth.len()
+    );
+    snapshot
+}
+
+fn cohort_counts(sim: &Simulator) -> std::collections::BTreeMap<u64, u64> {
+    sim.cohorts_ground_truth()
+        .iter()
+        .map(|c| (c["id"].as_u64().unwrap(), c["count"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cohorts_whose_entry_is_unchanged_keep_their_members_and_the_others_are_listed() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 3000;
+    cfg.cohorts = 6;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (dir, app) = project.temp_app(&[ALWAYS]).await;
+    let table = json!({"table": "cohort_members"});
+    let all: Vec<u64> = cohort_counts(sim).keys().copied().collect();
+    assert_eq!(all.len(), 6);
+
+    cohort_members(&app, table.clone()).await;
+    let first = assert_members_exact(&app, sim).await;
+    assert_eq!(
+        cohorts_listed(sim, 0),
+        all,
+        "the first snapshot lists every cohort"
+    );
+
+    // Profiles changed, none gone or added: every cohort's entry is the same, nothing listed.
+    sim.update_profiles(&every_20th(3000, 1));
+    let seen = sim.requests().len();
+    cohort_members(&app, table.clone()).await;
+    let second = assert_members_exact(&app, sim).await;
+    assert_ne!(second, first, "a new snapshot");
+    assert!(cohorts_listed(sim, seen).is_empty());
+    let asked: Vec<String> = sim.requests()[seen..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(asked, ["/api/2.0/cohorts/list"], "one query in all");
+
+    // Gone profiles, then new ones, move some cohorts' counts: exactly those are listed again.
+    for change in ["gone", "new"] {
+        let before = cohort_counts(sim);
+        match change {
+            "gone" => sim.delete_profiles(&[4, 5, 6]),
+            _ => sim.add_profiles(2),
+        };
+        let after = cohort_counts(sim);
+        let moved: Vec<u64> = all
+            .iter()
+            .copied()
+            .filter(|id| before[id] != after[id])
+            .collect();
+        assert!(
+            !moved.is_empty() && moved.len() < all.len(),
+            "{change}: {before:?} → {after:?}"
+        );
+        let seen = sim.requests().len();
+        cohort_members(&app, table.clone()).await;
+        assert_members_exact(&app, sim).await;
+        assert_eq!(cohorts_listed(sim, seen), moved, "{change}");
+    }
+
+    // Asked for: every cohort listed again.
+    let seen = sim.requests().len();
+    cohort_members(&app, json!({"table": "cohort_members", "full": true})).await;
+    assert_members_exact(&app, sim).await;
+    assert_eq!(cohorts_listed(sim, seen), all);
+
+    // ENGAGE_FULL_REFRESH_DAYS=0: never kept.
+    let app = project
+        .local_app(dir.path(), &[ALWAYS, ("ENGAGE_FULL_REFRESH_DAYS", "0")])
+        .await;
+    let seen = sim.requests().len();
+    cohort_members(&app, table.clone()).await;
+    assert_members_exact(&app, sim).await;
+    assert_eq!(cohorts_listed(sim, seen), all);
 }

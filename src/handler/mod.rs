@@ -36,7 +36,8 @@ pub enum Invocation {
     /// (and of a remembered skip), then as scheduled.
     RetryParked(Table),
     /// `{"table": "engage", "full": true}`: a snapshot now that lists every profile, not only
-    /// the changed ones; then as scheduled.
+    /// the changed ones (`cohort_members`: every cohort's members, none kept); then as
+    /// scheduled.
     FullListing(Table),
     /// `{"check": true}`: test the settings, the credentials, the state store and each table's
     /// access, writing nothing ([`crate::check`]).
@@ -146,9 +147,9 @@ pub fn parse_event(v: &Value) -> Result<Invocation> {
         }
     };
     if full {
-        if table != Table::Engage {
+        if !matches!(table, Table::Engage | Table::CohortMembers) {
             return Err(Error::event(format!(
-                "`full` is for engage (a full listing instead of the changed profiles); {table} is always read whole"
+                "`full` is for engage and cohort_members (every profile or member listed again); {table} is always read whole"
             )));
         }
         if retry_parked {
@@ -461,7 +462,7 @@ mod tests {
             ),
             (
                 json!({"table": "export", "full": true}),
-                "`full` is for engage",
+                "`full` is for engage and cohort_members",
             ),
             (
                 json!({"table": "engage", "full": "yes"}),

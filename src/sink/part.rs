@@ -125,6 +125,42 @@ pub fn decompress(name: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Calls `f` with each line (newline included) of the part `name` holding `data`.
+pub fn for_each_line(
+    name: &str,
+    data: &[u8],
+    mut f: impl FnMut(&[u8]) -> crate::error::Result<()>,
+) -> crate::error::Result<()> {
+    use crate::error::Error;
+    use std::io::{BufRead, BufReader, Read};
+    let io = |e: std::io::Error| Error::io(format!("the part {name}"), e);
+    let reader: Box<dyn Read + '_> = match Compression::of_name(name) {
+        Some(Compression::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(data)),
+        Some(Compression::Zstd) => Box::new(zstd::stream::read::Decoder::new(data).map_err(io)?),
+        Some(Compression::None) => Box::new(data),
+        None => {
+            return Err(Error::storage(format!(
+                "{name} is not a part (.jsonl, .jsonl.gz or .jsonl.zst)"
+            )));
+        }
+    };
+    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    let mut line = Vec::with_capacity(8 * 1024);
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            line.push(b'\n');
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        f(&line)?;
+    }
+}
+
 /// The `Content-Type` of the part named `name`.
 pub fn content_type(name: &str) -> &'static str {
     Compression::of_name(name).map_or("application/octet-stream", Compression::content_type)
@@ -311,6 +347,30 @@ impl<F: FnMut(PartEvent) -> bool> PartWriter<F> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lines_are_read_from_every_compression() {
+        let body = b"{\"distinct_id\":1}\n{\"distinct_id\":2}".to_vec();
+        for (name, c) in [
+            ("part-00000.jsonl.gz", Compression::Gzip),
+            ("part-00000.jsonl.zst", Compression::Zstd),
+            ("part-00000.jsonl", Compression::None),
+        ] {
+            let data = compress(c, body.clone()).unwrap();
+            let mut lines = Vec::new();
+            for_each_line(name, &data, |l| {
+                lines.push(String::from_utf8(l.to_vec()).unwrap());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(
+                lines,
+                ["{\"distinct_id\":1}\n", "{\"distinct_id\":2}\n"],
+                "{name}"
+            );
+        }
+        assert!(for_each_line("part.csv", b"", |_| Ok(())).is_err());
+    }
+
     use super::*;
     use std::io::Read;
 

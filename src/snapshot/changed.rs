@@ -16,7 +16,6 @@
 //! distinct id (as export's deduplication does): memory stays bounded whatever the table.
 
 use std::hash::{BuildHasher, Hasher};
-use std::io::{BufRead, BufReader, Read};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -25,8 +24,8 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::commit::{FileEntry, Manifest, key};
-use crate::config::Compression;
 use crate::error::{Error, ErrorKind, Result};
+use crate::sink::part;
 use crate::sink::streaming::StreamingParts;
 use crate::spill::Spill;
 use crate::state::SliceRecord;
@@ -81,6 +80,19 @@ pub struct Committed {
     pub listing: String,
     /// When the last full listing began, epoch milliseconds.
     pub last_full_ms: u64,
+    /// When the committed snapshot's listing began, epoch milliseconds (0: unknown, then its
+    /// name tells, to the second; a name may be a second or two later than the start when
+    /// snapshots follow each other within a second).
+    #[serde(default)]
+    pub started_ms: u64,
+}
+
+/// When the listing of `snapshot` began: `started_ms` when known, else the snapshot's name.
+pub fn listing_start(started_ms: u64, snapshot: &str) -> Option<Timestamp> {
+    match started_ms {
+        0 => snapshot_start(snapshot),
+        ms => Timestamp::from_millisecond(ms as i64).ok(),
+    }
 }
 
 /// The state store document where a person's request for a full listing is kept.
@@ -188,7 +200,7 @@ pub async fn choose(
             prev.snapshot
         ));
     };
-    let Some(started) = snapshot_start(&prev.snapshot) else {
+    let Some(started) = listing_start(prev.started_ms, &prev.snapshot) else {
         return full(format!("{} is not a snapshot name", prev.snapshot));
     };
     let margin = jiff::SignedDuration::try_from(s.engage_last_seen_margin).unwrap_or_default();
@@ -264,7 +276,7 @@ pub async fn merge(
                 ))
             })?;
             let mut rows = 0u64;
-            for_each_line(&f.name, &body, |line| {
+            part::for_each_line(&f.name, &body, |line| {
                 let id = row_id(line).ok_or_else(|| {
                     let excerpt: String = String::from_utf8_lossy(line).chars().take(120).collect();
                     Error::storage(format!(
@@ -344,36 +356,6 @@ impl KeyHasher {
     }
 }
 
-/// Calls `f` with each line (newline included) of the part `name` holding `data`.
-fn for_each_line(name: &str, data: &[u8], mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
-    let io = |e: std::io::Error| Error::io(format!("the part {name}"), e);
-    let reader: Box<dyn Read + '_> = match Compression::of_name(name) {
-        Some(Compression::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(data)),
-        Some(Compression::Zstd) => Box::new(zstd::stream::read::Decoder::new(data).map_err(io)?),
-        Some(Compression::None) => Box::new(data),
-        None => {
-            return Err(Error::storage(format!(
-                "{name} is not a part (.jsonl, .jsonl.gz or .jsonl.zst)"
-            )));
-        }
-    };
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let mut line = Vec::with_capacity(8 * 1024);
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
-            return Ok(());
-        }
-        if line.last() != Some(&b'\n') {
-            line.push(b'\n');
-        }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        f(&line)?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,30 +383,6 @@ mod tests {
         assert_eq!(k.key(escaped), k.key(plain));
         assert_ne!(k.key(plain), k.key(a));
         assert!(row_id(b"{\"x\":1}\n").is_none());
-    }
-
-    #[test]
-    fn lines_are_read_from_every_compression() {
-        let body = b"{\"distinct_id\":1}\n{\"distinct_id\":2}".to_vec();
-        for (name, c) in [
-            ("part-00000.jsonl.gz", Compression::Gzip),
-            ("part-00000.jsonl.zst", Compression::Zstd),
-            ("part-00000.jsonl", Compression::None),
-        ] {
-            let data = crate::sink::part::compress(c, body.clone()).unwrap();
-            let mut lines = Vec::new();
-            for_each_line(name, &data, |l| {
-                lines.push(String::from_utf8(l.to_vec()).unwrap());
-                Ok(())
-            })
-            .unwrap();
-            assert_eq!(
-                lines,
-                ["{\"distinct_id\":1}\n", "{\"distinct_id\":2}\n"],
-                "{name}"
-            );
-        }
-        assert!(for_each_line("part.csv", b"", |_| Ok(())).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! After a full listing, `engage` lists only the profiles changed since ([`changed`]).
 
 pub mod changed;
+pub mod members;
 
 use std::collections::BTreeMap;
 
@@ -49,6 +50,9 @@ pub struct Progress {
     /// engage: when the current listing began, epoch milliseconds (0: unknown).
     #[serde(default)]
     pub listing_started_ms: u64,
+    /// cohort_members: each cohort, and the unchanged ones whose members are kept.
+    #[serde(default)]
+    pub members: Option<members::Reuse>,
 }
 
 /// The position in a paged listing.
@@ -308,7 +312,45 @@ async fn fill(
                     }
                     Err(e) => return Err(e),
                 };
-                progress.cursor.cohorts = Some(cohorts::rows(&body, |_| {})?);
+                let mut prints = Vec::new();
+                let ids = cohorts::rows(&body, |line| {
+                    prints.push(members::fingerprint(line.trim_ascii_end()));
+                })?;
+                let entries: Vec<(u64, String)> = ids.iter().copied().zip(prints).collect();
+                let record = app
+                    .store
+                    .slices(table)
+                    .await?
+                    .into_iter()
+                    .find(|r| r.slice == SliceId::Full);
+                let (reuse, why) =
+                    members::plan(app, record.as_ref(), &entries, Timestamp::now()).await?;
+                tracing::info!(table = %table, why = %why, "a new cohort_members snapshot");
+                let kept: std::collections::BTreeSet<u64> = reuse.copied.iter().copied().collect();
+                progress.cursor.cohorts =
+                    Some(ids.into_iter().filter(|id| !kept.contains(id)).collect());
+                progress.members = Some(reuse);
+            }
+            if let Some(reuse) = progress.members.clone().filter(|r| !r.done) {
+                match members::copy(app, deadline, &reuse, parts, &mut progress.ids).await? {
+                    None => {
+                        // Not kept: the copy starts over next time.
+                        parts.checkpoint().await?;
+                        parts.files.clear();
+                        return Ok(Some(
+                            "deadline reached while keeping the unchanged cohorts' members".into(),
+                        ));
+                    }
+                    Some(rows) => {
+                        parts.checkpoint().await?;
+                        tracing::info!(table = %table, cohorts = reuse.copied.len(), rows, "members of unchanged cohorts kept");
+                        if let Some(m) = progress.members.as_mut() {
+                            m.done = true;
+                        }
+                        progress.cursor.files_at_cohort_start = parts.files.len();
+                        save_place(app, lease, progress, parts).await?;
+                    }
+                }
             }
             let ids = progress.cursor.cohorts.clone().unwrap_or_default();
             let mut columns = Columns::new(None);
@@ -870,8 +912,20 @@ async fn finish(
     }))
 }
 
-/// What an engage commit records for the next snapshot to build on (nothing for other tables).
+/// What an engage or cohort_members commit records for the next snapshot to build on (nothing
+/// for the other tables).
 fn committed(table: Table, progress: &Progress) -> Result<Option<String>> {
+    if table == Table::CohortMembers
+        && let Some(reuse) = &progress.members
+    {
+        return serde_json::to_string(&members::Committed {
+            snapshot: progress.snapshot.clone(),
+            cohorts: reuse.cohorts.clone(),
+            started_ms: progress.listing_started_ms,
+        })
+        .map(Some)
+        .map_err(Error::state);
+    }
     if table != Table::Engage {
         return Ok(None);
     }
@@ -891,6 +945,7 @@ fn committed(table: Table, progress: &Progress) -> Result<Option<String>> {
         snapshot: progress.snapshot.clone(),
         listing: listing.into(),
         last_full_ms,
+        started_ms: progress.listing_started_ms,
     })
     .map(Some)
     .map_err(Error::state)
