@@ -92,6 +92,11 @@ async fn duckdb_reads_zstd_parts_as_it_reads_gzip_ones() {
     read_by_duckdb("zstd").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_reads_uncompressed_parts_as_it_reads_gzip_ones() {
+    read_by_duckdb("none").await;
+}
+
 async fn read_by_duckdb(compression: &str) {
     let mut cfg = sim_config("America/Los_Angeles", 4, 60);
     cfg.column_collisions = true;
@@ -106,10 +111,10 @@ async fn read_by_duckdb(compression: &str) {
         .await;
     let report = sync(&app, &[]).await.unwrap();
     assert_eq!((report.failed, report.skipped.len()), (0, 0), "{report:?}");
-    let extension = if compression == "zstd" {
-        ".jsonl.zst"
-    } else {
-        ".jsonl.gz"
+    let extension = match compression {
+        "zstd" => ".jsonl.zst",
+        "none" => ".jsonl",
+        _ => ".jsonl.gz",
     };
     let (m, _) = read_partition(
         &app.sink,
