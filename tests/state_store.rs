@@ -85,6 +85,8 @@ conformance!(
     a_failed_attempt_is_recorded_with_its_backoff_and_error,
     a_parked_slice_is_never_claimed_or_requeued_until_a_person_retries_it,
     fail_needs_the_lease,
+    a_document_is_written_only_at_the_version_its_writer_read,
+    concurrent_compare_and_swap_updates_of_a_document_lose_none,
 );
 
 const DAY: Date = date(2026, 11, 1);
@@ -642,6 +644,84 @@ async fn concurrent_schema_merges_lose_no_column(store: Arc<dyn StateStore>) {
     }
     let columns = store.schema(T).await.unwrap().unwrap().columns;
     assert_eq!(columns.len(), 1 + 8 * 3, "{columns:?}");
+}
+
+/// The request ledger's compare-and-swap: a document is created once, and replaced only by a
+/// writer that read its current version; each write moves the version on by one.
+async fn a_document_is_written_only_at_the_version_its_writer_read(store: Arc<dyn StateStore>) {
+    let name = "ratelimit/test";
+    assert_eq!(store.document(name).await.unwrap(), None);
+    assert!(store.put_document(name, "{\"n\":1}", None).await.unwrap());
+    assert!(
+        !store.put_document(name, "{\"n\":9}", None).await.unwrap(),
+        "created only once"
+    );
+    assert_eq!(
+        store.document(name).await.unwrap(),
+        Some(("{\"n\":1}".to_string(), 1))
+    );
+    assert!(
+        !store
+            .put_document(name, "{\"n\":9}", Some(7))
+            .await
+            .unwrap(),
+        "a stale version is refused"
+    );
+    assert!(
+        store
+            .put_document(name, "{\"n\":2}", Some(1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_document(name, "{\"n\":9}", Some(1))
+            .await
+            .unwrap(),
+        "the version it read is gone"
+    );
+    assert_eq!(
+        store.document(name).await.unwrap(),
+        Some(("{\"n\":2}".to_string(), 2))
+    );
+    // Documents are independent of each other and of the slices.
+    assert_eq!(store.document("ratelimit/other").await.unwrap(), None);
+    assert!(store.slices(T).await.unwrap().is_empty());
+}
+
+/// Eight writers each add 1 five times by read, modify, compare-and-swap: no increment is lost.
+async fn concurrent_compare_and_swap_updates_of_a_document_lose_none(store: Arc<dyn StateStore>) {
+    let name = "ratelimit/counter";
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    loop {
+                        let current = store.document(name).await.unwrap();
+                        let (n, version) = match &current {
+                            Some((body, v)) => (body.parse::<u64>().unwrap(), Some(*v)),
+                            None => (0, None),
+                        };
+                        if store
+                            .put_document(name, &(n + 1).to_string(), version)
+                            .await
+                            .unwrap()
+                        {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        store.document(name).await.unwrap(),
+        Some(("40".to_string(), 40))
+    );
 }
 
 // ---- The local file only ----
