@@ -149,22 +149,37 @@ async fn days_replicate_exactly_as_zstd_into_a_local_folder_and_replace_gzip_par
     }
 }
 
+/// The attribution window: settings that re-read today and the five days before at once.
+const LATE_WINDOW: [(&str, &str); 2] = [
+    ("MIXPANEL_REFRESH_MINUTES", "0"),
+    ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "5"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_events_replace_their_days_and_leave_older_days_untouched() {
-    let cfg = sim_config("UTC", 10, 200);
-    let first = cfg.first_day;
-    let project = Project::start(cfg).await;
-    let extra = [
-        ("MIXPANEL_REFRESH_MINUTES", "0"),
-        ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "5"),
-    ];
-    let (_dir, app) = project.temp_app(&extra).await;
-    sync(&app, &[Table::Export]).await.unwrap();
+    let project = Project::start(sim_config("UTC", 10, 200)).await;
+    let (_dir, app) = project.temp_app(&LATE_WINDOW).await;
+    late_events_replace_their_days(&project, &app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_and_dynamodb_late_events_replace_their_days_and_leave_older_days_untouched() {
+    let project = Project::start(sim_config("UTC", 10, 200)).await;
+    let (_aws, app) = aws_app(&project, "late-out", "late-state", "late-secret", &LATE_WINDOW).await;
+    late_events_replace_their_days(&project, &app).await;
+}
+
+async fn late_events_replace_their_days(project: &Project, app: &mixpanel_replicator::app::App) {
+    let first = project.simulator().config().first_day;
+    sync(app, &[Table::Export]).await.unwrap();
 
     let today = today_in("UTC");
     let old_day = minus(today, 8);
     let late_day = minus(today, 3);
-    let (old_manifest, _) = read_partition(&app.sink, "", "export", old_day)
+    let (old_manifest, _) = read_partition(&app.sink, &app.prefix, "export", old_day)
+        .await
+        .unwrap();
+    let (late_before, _) = read_partition(&app.sink, &app.prefix, "export", late_day)
         .await
         .unwrap();
     let before = truth(project.simulator(), late_day, None);
@@ -172,19 +187,21 @@ async fn late_events_replace_their_days_and_leave_older_days_untouched() {
     let after = truth(project.simulator(), late_day, None);
     assert_eq!(after.len(), before.len() + 25);
 
-    let report = sync(&app, &[Table::Export]).await.unwrap();
+    let report = sync(app, &[Table::Export]).await.unwrap();
     assert_eq!(
         report.slices, 6,
         "the attribution window: today and the five days before"
     );
-    assert_exact(&app, project.simulator(), first, today, None).await;
-    let (late_manifest, rows) = read_partition(&app.sink, "", "export", late_day)
+    assert_exact(app, project.simulator(), first, today, None).await;
+    // (read_partition checks that the folder holds nothing but the new commit's parts)
+    let (late_manifest, rows) = read_partition(&app.sink, &app.prefix, "export", late_day)
         .await
         .unwrap();
     assert_eq!(rows, after);
     assert_eq!(late_manifest.records, after.len() as u64);
+    assert_ne!(late_manifest.attempt, late_before.attempt, "a new commit");
     // Outside the window nothing was touched.
-    let (old_again, _) = read_partition(&app.sink, "", "export", old_day)
+    let (old_again, _) = read_partition(&app.sink, &app.prefix, "export", old_day)
         .await
         .unwrap();
     assert_eq!(old_again, old_manifest);
