@@ -329,9 +329,10 @@ pub(crate) async fn fetch(
         if bounds.len() > 2 {
             transformer = transformer.routed(bounds);
         }
-        // A slice that has not begun yet (an hour of today still to come) holds no event:
-        // Mixpanel is not asked, and the slice is written empty (the day is refreshed later).
-        let begun = window.start <= Timestamp::now().as_second();
+        // A slice that has not begun yet (an hour of today still to come), or that holds no
+        // instant (the hour the clocks skip on a 23-hour day), holds no event: Mixpanel is not
+        // asked, and the slice is written empty (a day of today is refreshed later).
+        let begun = window.start <= Timestamp::now().as_second() && window.start < window.end;
         match fetch_into_spill(
             app,
             &window.query,

@@ -165,7 +165,14 @@ async fn late_events_replace_their_days_and_leave_older_days_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_s3_and_dynamodb_late_events_replace_their_days_and_leave_older_days_untouched() {
     let project = Project::start(sim_config("UTC", 10, 200)).await;
-    let (_aws, app) = aws_app(&project, "late-out", "late-state", "late-secret", &LATE_WINDOW).await;
+    let (_aws, app) = aws_app(
+        &project,
+        "late-out",
+        "late-state",
+        "late-secret",
+        &LATE_WINDOW,
+    )
+    .await;
     late_events_replace_their_days(&project, &app).await;
 }
 

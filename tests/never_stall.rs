@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use jiff::civil::Date;
+use jiff::civil::{Date, date};
 use mixpanel_replicator::app::App;
 use mixpanel_replicator::cli;
 use mixpanel_replicator::handler::{self, Status};
@@ -369,6 +369,105 @@ async fn a_day_mixpanel_always_cuts_off_whole_is_split_into_hours_and_commits_ex
             .count(),
         24
     );
+}
+
+/// A day whose clocks change (23 or 25 hours in Los Angeles) that Mixpanel cannot export
+/// whole is split into its 24 hour slices, which tile its instants: every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_of_23_or_25_hours_mixpanel_cannot_export_whole_commits_exactly_from_its_hours() {
+    for (heavy, hours_asked) in [(date(2026, 3, 8), 23), (date(2026, 11, 1), 24)] {
+        let mut cfg = sim_config("America/Los_Angeles", 3, 240);
+        cfg.first_day = heavy.yesterday().unwrap();
+        let project = Project::start(cfg).await;
+        let sim = project.simulator();
+        // Every request of the day wider than two hours ends `terminated early`: the whole
+        // day fails, its hours (the 25-hour day's repeated hour is two hours long) go through.
+        sim.push_fault(FaultRule::export_day(
+            heavy,
+            Some(Duration::from_secs(7200)),
+            Fault::TerminatedEarly { after_lines: 30 },
+        ));
+        let (_dir, app) = project
+            .temp_app(&[NO_BACKOFF, ("MIXPANEL_ATTRIBUTION_WINDOW_DAYS", "0")])
+            .await;
+        let report = cli::sync(&app, &[Table::Export]).await.unwrap();
+        assert_eq!(
+            (report.failed, report.parked.len()),
+            (0, 0),
+            "{heavy}: {report:?}"
+        );
+        let day_truth = truth(sim, heavy, None);
+        assert!(day_truth.len() > 200, "{heavy}: {} events", day_truth.len());
+        let (manifest, rows) = read_partition(&app.sink, &app.prefix, "export", heavy)
+            .await
+            .unwrap();
+        assert_eq!(rows, day_truth, "{heavy}");
+        assert_eq!(manifest.records, day_truth.len() as u64);
+        assert_exact(
+            &app,
+            sim,
+            heavy.yesterday().unwrap(),
+            heavy.tomorrow().unwrap(),
+            None,
+        )
+        .await;
+        let slices = app.store.slices(Table::Export).await.unwrap();
+        let hours: Vec<_> = slices
+            .iter()
+            .filter(|r| r.slice.day() == Some(heavy) && matches!(r.slice, SliceId::Hours { .. }))
+            .collect();
+        assert_eq!(hours.len(), 24, "{heavy}");
+        assert!(hours.iter().all(|r| r.status == SliceStatus::Committed));
+        // The day's hour requests all went through (the 23-hour day's missing hour asks
+        // nothing); only requests wider than two hours met the fault.
+        let la = jiff::tz::TimeZone::get("America/Los_Angeles").unwrap();
+        let start_of = |d: Date| {
+            d.to_zoned_datetime(la.clone())
+                .unwrap()
+                .timestamp()
+                .as_second()
+        };
+        let (start, end) = (start_of(heavy), start_of(heavy.tomorrow().unwrap()));
+        assert_eq!(
+            (end - start) / 3600,
+            if hours_asked == 23 { 23 } else { 25 }
+        );
+        let ranges: Vec<(i64, i64, bool)> = sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == "/api/2.0/export")
+            .filter_map(|r| {
+                let bound = |key: &str| -> Option<i64> {
+                    let at = r.query.find(key)? + key.len();
+                    r.query[at..].split("%29").next()?.parse().ok()
+                };
+                let from = bound("%3E%3D+datetime%28")?;
+                let to = bound("%3C+datetime%28")?;
+                Some((from, to, r.faulted || r.status != 200))
+            })
+            .collect();
+        // (A neighbour's requests name the day in their UTC dates too: only those asking
+        // for the day's own instants are the day's.)
+        let of_the_day: Vec<&(i64, i64, bool)> = ranges
+            .iter()
+            .filter(|(a, b, _)| *a < end && *b > start)
+            .collect();
+        assert!(
+            of_the_day
+                .iter()
+                .all(|(a, b, failed)| *failed == (b - a > 7200)),
+            "{heavy}: {of_the_day:?}"
+        );
+        assert!(
+            ranges.iter().all(|(a, b, _)| a < b),
+            "no request for an hour without instants: {ranges:?}"
+        );
+        let hour_requests = ranges
+            .iter()
+            .filter(|(a, b, _)| *a >= start && *b <= end && b - a <= 7200)
+            .count();
+        assert_eq!(hour_requests, hours_asked, "{heavy}: {ranges:?}");
+    }
 }
 
 /// A project whose hour 13 of its first day is too heavy for Mixpanel.
