@@ -1,6 +1,6 @@
 //! One Mixpanel request budget for every invocation: a sliding-window ledger per API family kept
-//! in the state store (one versioned document, updated by conditional writes), so that
-//! concurrent invocations (fan-out) never cause a 429 storm.
+//! in the state store through its [`Ledger`] side only (one versioned document, updated by
+//! compare-and-swap), so that concurrent invocations (fan-out) never cause a 429 storm.
 //!
 //! A request is granted when, over the window, fewer than `per_window` requests were granted,
 //! fewer than `per_second` in the last second, and fewer than `concurrent` are in flight. When
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::state::StateStore;
+use crate::state::Ledger;
 
 /// The two request families Mixpanel limits separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,8 +58,10 @@ impl Limits {
     }
 }
 
+/// The ledger document of one request family: the grants within the sliding window, the
+/// requests in flight and the paging tables' shares.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Ledger {
+struct Window {
     /// When requests were granted, epoch ms.
     grants: Vec<u64>,
     /// Requests in flight.
@@ -115,7 +117,7 @@ struct Inflight {
 /// How many requests of the `tags` shares the ledger of `family` holds within the last
 /// `window` (as [`RequestBudget::acquire`] counts them): a cheap read of one document.
 pub async fn share_used(
-    store: &dyn StateStore,
+    store: &dyn Ledger,
     family: Family,
     tags: &[&str],
     window: Duration,
@@ -123,7 +125,7 @@ pub async fn share_used(
     let Some((body, _)) = store.document(family.document()).await? else {
         return Ok(0);
     };
-    let ledger = serde_json::from_str::<Ledger>(&body).unwrap_or_default();
+    let ledger = serde_json::from_str::<Window>(&body).unwrap_or_default();
     let limits = Limits {
         per_window: 0,
         window,
@@ -142,14 +144,14 @@ pub async fn share_used(
 
 /// The shared budget.
 pub struct RequestBudget {
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn Ledger>,
     export: Limits,
     query: Limits,
 }
 
 /// A granted request; its in-flight slot is given back when released or dropped.
 pub struct Permit {
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn Ledger>,
     family: Family,
     id: String,
     released: bool,
@@ -161,7 +163,7 @@ fn now_ms() -> u64 {
 
 impl RequestBudget {
     /// A budget kept in `store`.
-    pub fn new(store: Arc<dyn StateStore>, export: Limits, query: Limits) -> Self {
+    pub fn new(store: Arc<dyn Ledger>, export: Limits, query: Limits) -> Self {
         RequestBudget {
             store,
             export,
@@ -188,10 +190,10 @@ impl RequestBudget {
             let now = now_ms();
             let (mut ledger, version) = match &current {
                 Some((body, v)) => (
-                    serde_json::from_str::<Ledger>(body).unwrap_or_default(),
+                    serde_json::from_str::<Window>(body).unwrap_or_default(),
                     Some(*v),
                 ),
-                None => (Ledger::default(), None),
+                None => (Window::default(), None),
             };
             let window_start =
                 now.saturating_sub(limits.window.as_millis() as u64 + limits.margin_ms());
@@ -345,7 +347,7 @@ impl RequestBudget {
             let Some((body, version)) = self.store.document(name).await? else {
                 return Ok(());
             };
-            let mut ledger = serde_json::from_str::<Ledger>(&body).unwrap_or_default();
+            let mut ledger = serde_json::from_str::<Window>(&body).unwrap_or_default();
             let now = now_ms();
             let mut moved = false;
             if let Some(g) = ledger.grants.iter_mut().find(|g| **g == stamp) {
@@ -388,10 +390,10 @@ impl RequestBudget {
             let current = self.store.document(name).await?;
             let (mut ledger, version) = match &current {
                 Some((body, v)) => (
-                    serde_json::from_str::<Ledger>(body).unwrap_or_default(),
+                    serde_json::from_str::<Window>(body).unwrap_or_default(),
                     Some(*v),
                 ),
-                None => (Ledger::default(), None),
+                None => (Window::default(), None),
             };
             let until = match retry_after {
                 Some(d) => now + d.as_millis() as u64,
@@ -452,13 +454,13 @@ impl Drop for Permit {
     }
 }
 
-async fn release(store: Arc<dyn StateStore>, family: Family, id: String) {
+async fn release(store: Arc<dyn Ledger>, family: Family, id: String) {
     let name = family.document();
     for _ in 0..16 {
         let Ok(Some((body, version))) = store.document(name).await else {
             return;
         };
-        let Ok(mut ledger) = serde_json::from_str::<Ledger>(&body) else {
+        let Ok(mut ledger) = serde_json::from_str::<Window>(&body) else {
             return;
         };
         let before = ledger.inflight.len();
@@ -484,7 +486,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_takers_never_exceed_the_window_and_wait_for_room() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn StateStore> =
+        let store: Arc<dyn Ledger> =
             Arc::new(LocalStore::open(dir.path().join("state.json")).unwrap());
         let limits = Limits {
             per_window: 5,
@@ -535,7 +537,7 @@ mod tests {
     #[tokio::test]
     async fn a_capped_share_is_counted_across_budgets_and_leaves_the_rest_to_others() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn StateStore> =
+        let store: Arc<dyn Ledger> =
             Arc::new(LocalStore::open(dir.path().join("state.json")).unwrap());
         let limits = Limits {
             per_window: 4,
@@ -576,19 +578,19 @@ mod tests {
                 .release()
                 .await;
         }
-        let ledger: Ledger =
+        let ledger: Window =
             serde_json::from_str(&store.document("requests#query").await.unwrap().unwrap().0)
                 .unwrap();
         assert_eq!((ledger.grants.len(), ledger.shares["engage"].len()), (4, 2));
         // A ledger written before shares existed is read as it was.
-        let old: Ledger = serde_json::from_str(r#"{"grants":[1],"inflight":[]}"#).unwrap();
+        let old: Window = serde_json::from_str(r#"{"grants":[1],"inflight":[]}"#).unwrap();
         assert!(old.shares.is_empty());
     }
 
     #[tokio::test]
     async fn no_room_before_the_deadline_is_a_clean_deadline_error() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn StateStore> =
+        let store: Arc<dyn Ledger> =
             Arc::new(LocalStore::open(dir.path().join("state.json")).unwrap());
         let limits = Limits {
             per_window: 1,

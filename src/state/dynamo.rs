@@ -22,7 +22,9 @@ use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::AttributeValue;
 use jiff::civil::Date;
 
-use super::{Failure, Lease, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore};
+use super::{
+    Failure, Lease, Ledger, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore,
+};
 use crate::error::{Error, Result, describe_sdk_error as describe};
 use crate::tables::Table;
 
@@ -522,6 +524,34 @@ impl StateStore for DynamoStore {
         }
     }
 
+    async fn merge_schema(&self, table: Table, columns: &Schema) -> Result<Schema> {
+        for _ in 0..MERGE_ATTEMPTS {
+            let current = self.read_schema(table).await?;
+            let (merged, expected) = match &current {
+                Some((stored, version)) => {
+                    (stored.merged(columns, table.fixed_keys()), Some(*version))
+                }
+                None => (columns.clone(), None),
+            };
+            if let Some((stored, _)) = &current
+                && *stored == merged
+            {
+                return Ok(merged);
+            }
+            if self.write_schema(table, &merged, expected).await? {
+                return Ok(merged);
+            }
+        }
+        Err(Error::state(format!(
+            "merging the schema of {table} (DynamoDB table {}): lost {MERGE_ATTEMPTS} races to \
+             concurrent writers",
+            self.table_name
+        )))
+    }
+}
+
+#[async_trait]
+impl Ledger for DynamoStore {
     async fn document(&self, name: &str) -> Result<Option<(String, u64)>> {
         let op = format!("reading the document {name}");
         let Some(item) = self.get(&op, DOCUMENT_PK, name).await? else {
@@ -558,31 +588,6 @@ impl StateStore for DynamoStore {
             Err(e) if condition_failed(&e) => Ok(false),
             Err(e) => Err(self.fail(&format!("writing the document {name}"), e)),
         }
-    }
-
-    async fn merge_schema(&self, table: Table, columns: &Schema) -> Result<Schema> {
-        for _ in 0..MERGE_ATTEMPTS {
-            let current = self.read_schema(table).await?;
-            let (merged, expected) = match &current {
-                Some((stored, version)) => {
-                    (stored.merged(columns, table.fixed_keys()), Some(*version))
-                }
-                None => (columns.clone(), None),
-            };
-            if let Some((stored, _)) = &current
-                && *stored == merged
-            {
-                return Ok(merged);
-            }
-            if self.write_schema(table, &merged, expected).await? {
-                return Ok(merged);
-            }
-        }
-        Err(Error::state(format!(
-            "merging the schema of {table} (DynamoDB table {}): lost {MERGE_ATTEMPTS} races to \
-             concurrent writers",
-            self.table_name
-        )))
     }
 }
 

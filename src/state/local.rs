@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
 
-use super::{Failure, Lease, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore};
+use super::{
+    Failure, Lease, Ledger, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore,
+};
 use crate::error::{Error, Result};
 use crate::tables::Table;
 
@@ -461,7 +463,10 @@ impl StateStore for LocalStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl Ledger for LocalStore {
     async fn document(&self, name: &str) -> Result<Option<(String, u64)>> {
         let name = name.to_owned();
         self.read(move |state| {

@@ -19,7 +19,8 @@ use serde_json::value::RawValue;
 use crate::config::ExportTimeMode;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mixpanel::ExportQuery;
-use crate::state::{Schema, SliceId};
+use crate::schema::Schema;
+use crate::slice::SliceId;
 use crate::tables::json::{Columns, Key};
 
 /// What one slice asks the export API for, and which true-UTC instants belong to it.

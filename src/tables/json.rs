@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 
 use std::sync::{Arc, Mutex};
 
-use crate::state::{Schema, folded, type_name};
+use crate::schema::{Schema, folded, type_name};
 
 /// JSON types seen in a column, as bits.
 const T_STRING: u8 = 1;
