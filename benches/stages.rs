@@ -22,10 +22,10 @@ use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt;
 use mixpanel_replicator::config::{Compression, ExportTimeMode};
+use mixpanel_replicator::run::spill::{Spill, SpillWriter};
 use mixpanel_replicator::sink::ObjectSink;
 use mixpanel_replicator::sink::local::LocalSink;
 use mixpanel_replicator::sink::part::{GZIP_LEVEL, PartEvent, PartWriter, ZSTD_LEVEL};
-use mixpanel_replicator::spill::{Spill, SpillWriter};
 use mixpanel_replicator::state::SliceId;
 use mixpanel_replicator::tables::export::{self, LineOutcome, Transformer};
 

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use crate::config::Settings;
 use crate::error::Result;
+use crate::fan_out::FanOutQueue;
 use crate::mixpanel::MixpanelClient;
 use crate::ratelimit::{Limits, RequestBudget};
-use crate::schedule::queue::FanOutQueue;
 use crate::secrets::CredentialsProvider;
 use crate::sink::ObjectSink;
 use crate::sink::catalog::GlueCatalog;

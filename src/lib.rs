@@ -1,35 +1,36 @@
 //! mixpanel-replicator: replicates a Mixpanel project into Amazon S3 as gzip (or zstd) JSON Lines.
 //!
-//! The path of a record: [`mixpanel`] client → [`tables`] transform → [`sink::part`] writer →
-//! [`sink`] → [`commit`].
+//! The path of a record: the [`mixpanel`] client reads it, the table's module in [`tables`]
+//! transforms it, the runner of its slice in [`run`] deduplicates it ([`run::spill`]) and
+//! writes it through the [`sink::part`] writer to the [`sink`], and [`run::commit`] makes it
+//! visible with its manifest and records it in the [`state`] store.
+//!
+//! Around that path: the entry points ([`handler`] for Lambda, [`cli`] for the command line,
+//! with its demo when built with the simulator) call [`run`], which claims slices that
+//! [`plan`] queues in the [`state`] store, under the shared request budget of [`ratelimit`];
+//! [`fan_out`] sends days to the fan-out queue. The shared domain types are [`mod@slice`] and
+//! [`schema`]. No module calls an entry point, and the top-level modules depend on each other
+//! without cycles (checked by a test in [`run`]).
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod check;
 pub mod cli;
-pub mod commit;
 pub mod config;
-pub mod dated;
-#[cfg(feature = "demo")]
-pub mod demo;
-pub mod discovery;
 pub mod error;
+pub mod fan_out;
 pub mod handler;
 pub mod logging;
 pub mod metrics;
 pub mod mixpanel;
 pub mod park;
+pub mod plan;
 pub mod ratelimit;
-pub mod replicate;
-pub mod schedule;
+pub mod run;
 pub mod schema;
 pub mod secrets;
-pub mod setaside;
 pub mod sink;
 pub mod skip;
 pub mod slice;
-pub mod snapshot;
-pub mod spill;
-pub mod split;
 pub mod state;
 pub mod tables;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use serde_json::json;
 
 use crate::mixpanel::RequestStats;
-use crate::schedule::Response;
+use crate::run::Response;
 
 /// Request counters at a point in time, to report one invocation's share.
 #[derive(Clone, Copy, Debug, Default)]
@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn an_idle_and_a_failed_invocation_both_tell_freshness_and_parked_slices() {
-        let idle = Response::new(crate::schedule::Status::Idle, crate::tables::Table::Export);
+        let idle = Response::new(crate::run::Status::Idle, crate::tables::Table::Export);
         let zero = StatsSnapshot::default();
         let summary = Summary {
             table: "export",

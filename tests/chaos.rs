@@ -360,7 +360,8 @@ async fn a_commit_failing_after_its_manifest_leaves_no_manifest_naming_missing_p
         .await
         .expect("the manifest was written before the clean-up failed, and stays");
     let body = manifest.body.collect().await.unwrap().into_bytes();
-    let manifest: mixpanel_replicator::commit::Manifest = serde_json::from_slice(&body).unwrap();
+    let manifest: mixpanel_replicator::run::commit::Manifest =
+        serde_json::from_slice(&body).unwrap();
     assert_eq!(manifest.records, 40, "{manifest:?}");
     assert!(!manifest.files.is_empty(), "{manifest:?}");
     for f in &manifest.files {

@@ -151,7 +151,7 @@ async fn demo_replicates_the_bundled_simulator_and_checks_it() {
     );
     // Not only the demo's word: the folder holds every table of the demo's project exactly,
     // read here with the test's own readers against a simulator of the same project.
-    let config = mixpanel_replicator::demo::project(jiff::Timestamp::now()).unwrap();
+    let config = mixpanel_replicator::cli::demo::project(jiff::Timestamp::now()).unwrap();
     let project = Project::start(config).await;
     let app = project
         .local_app(&dir.path().join("mixpanel-data"), &[])

@@ -944,7 +944,7 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
             .await
             .unwrap()
             .unwrap();
-        let m: mixpanel_replicator::commit::Manifest = serde_json::from_slice(&body).unwrap();
+        let m: mixpanel_replicator::run::commit::Manifest = serde_json::from_slice(&body).unwrap();
         assert_eq!(m, manifest);
     }
     assert_eq!(last.as_deref(), Some(d1.to_string().as_str()));

@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use mixpanel_replicator::app::App;
-use mixpanel_replicator::schedule::plan::Claim;
+use mixpanel_replicator::plan::Claim;
 use mixpanel_replicator::state::{SliceId, SliceStatus};
 use mixpanel_replicator::tables::Table;
 use mixpanel_sim::{Fault, FaultRule};
@@ -56,13 +56,13 @@ async fn a_zombie_never_commits_nor_deletes_the_winners_parts(project: &Project,
     let long = tokio::time::Instant::now() + Duration::from_secs(120);
     let zombie_app = app.clone();
     let zombie_run = tokio::spawn(async move {
-        mixpanel_replicator::schedule::attempt_slice(&zombie_app, &zombie, long).await
+        mixpanel_replicator::run::attempt_slice(&zombie_app, &zombie, long).await
     });
     // Its lease runs out while it still reads; the winner takes the day over and commits it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!zombie_run.is_finished(), "the zombie was still reading");
     let winner = claim(app, slice, "winner000001", Duration::from_secs(120)).await;
-    let r = mixpanel_replicator::schedule::run_slice(app, &winner, long)
+    let r = mixpanel_replicator::run::run_slice(app, &winner, long)
         .await
         .unwrap();
     assert_eq!(

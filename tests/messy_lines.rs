@@ -7,8 +7,8 @@ mod support;
 
 use jiff::civil::Date;
 use mixpanel_replicator::app::App;
-use mixpanel_replicator::commit::Manifest;
 use mixpanel_replicator::handler::Status;
+use mixpanel_replicator::run::commit::Manifest;
 use mixpanel_replicator::state::{SliceId, SliceStatus};
 use mixpanel_replicator::tables::Table;
 use mixpanel_sim::{Fault, SimConfig, Simulator};

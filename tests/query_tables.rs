@@ -372,14 +372,9 @@ async fn engage_with_pending_funnels_stops_at_half_the_window_and_funnels_then_r
         .await;
     // Funnels have days queued: they wait for the same query budget.
     let now = jiff::Timestamp::now();
-    mixpanel_replicator::schedule::plan::queue_table(
-        app.store.as_ref(),
-        &app.settings,
-        Table::Funnels,
-        now,
-    )
-    .await
-    .unwrap();
+    mixpanel_replicator::plan::queue_table(app.store.as_ref(), &app.settings, Table::Funnels, now)
+        .await
+        .unwrap();
     let r = handler::handle(&app, json!({"table": "engage"}), deadline(30))
         .await
         .unwrap();

@@ -88,7 +88,7 @@ const CODE_CALLS: &[(&str, &str, &str)] = &[
         "secretsmanager:GetSecretValue",
         "CredentialsProvider::get (cached five minutes)",
     ),
-    // src/schedule/queue.rs
+    // src/fan_out.rs
     (
         "send_message_batch",
         "sqs:SendMessage",

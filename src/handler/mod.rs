@@ -13,15 +13,13 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::config::parse_date;
 use crate::error::{Error, Result};
-use crate::schedule::plan;
+use crate::plan;
 use crate::state::SliceId;
 use crate::tables::Table;
 use crate::tables::export::project_today;
 
-use crate::schedule::drain;
-pub use crate::schedule::{
-    Response, Status, attempt_slice, lease_times, new_attempt_id, run_slice,
-};
+use crate::run::drain;
+pub use crate::run::{Response, Status, attempt_slice, lease_times, new_attempt_id, run_slice};
 
 /// A validated invocation event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -271,7 +269,7 @@ pub(crate) async fn reported<T>(
     let (lag, parked_now) = match table.parse::<Table>() {
         Ok(t) => match app.store.slices(t).await {
             Ok(slices) => (
-                crate::schedule::freshness_lag_seconds(
+                crate::run::freshness_lag_seconds(
                     &slices,
                     &app.settings.timezone,
                     Timestamp::now(),
@@ -333,7 +331,7 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
             "{\"check\": true} is answered by the function itself, not through the fan-out queue",
         )),
         Invocation::FullListing(t) => {
-            let queued = crate::snapshot::changed::start_full(app, t).await?;
+            let queued = crate::run::snapshot::changed::start_full(app, t).await?;
             let mut resp = drain(app, t, deadline).await?;
             resp.queued = u64::from(queued);
             Ok(resp)

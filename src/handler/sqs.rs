@@ -2,7 +2,7 @@
 //! record by record and answered with the records not finished (`batchItemFailures`), so SQS
 //! delivers those again and, after the queue's `maxReceiveCount`, moves them to its
 //! dead-letter queue. A day event from the queue is a hint to look at that day
-//! ([`crate::schedule::queued_day`]): the state store is the truth.
+//! ([`crate::run::queued_day`]): the state store is the truth.
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{self, Invocation, Response, Status};
-use crate::schedule;
+use crate::run;
 
 /// A record is not started with less time than this left: it would only be abandoned.
 const MIN_RECORD_TIME: Duration = Duration::from_secs(15);
@@ -197,7 +197,7 @@ async fn run_record(
     deadline: Instant,
 ) -> Result<(Response, bool)> {
     match inv {
-        Invocation::Day(table, day) => schedule::queued_day(app, table, day, deadline).await,
+        Invocation::Day(table, day) => run::queued_day(app, table, day, deadline).await,
         _ => {
             let event: Value = serde_json::from_str(&record.body)
                 .map_err(|e| Error::event(format!("SQS message {}: {e}", record.message_id)))?;

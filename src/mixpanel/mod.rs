@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use jiff::civil::Date;
 use reqwest::StatusCode;
 use tokio::time::Instant;
 
@@ -23,18 +22,7 @@ pub struct RequestStats {
     pub rate_limited: AtomicU64,
 }
 
-/// One raw export request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExportQuery {
-    /// First day (inclusive), in the export API's day encoding.
-    pub from_date: Date,
-    /// Last day (inclusive).
-    pub to_date: Date,
-    /// Only these event names.
-    pub events: Option<Vec<String>>,
-    /// A `where` expression (time bounds of the slice).
-    pub where_clause: Option<String>,
-}
+pub use crate::tables::export::ExportQuery;
 
 /// How many times a request is sent before a retryable failure is given up on.
 const MAX_ATTEMPTS: u32 = 6;

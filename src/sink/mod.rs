@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod local;
+pub mod manifest;
 pub mod part;
 pub mod s3;
 pub mod streaming;

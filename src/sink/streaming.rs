@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use crate::commit::FileEntry;
 use crate::config::Compression;
 use crate::error::{Error, Result};
+use crate::sink::manifest::FileEntry;
 use crate::sink::part::{PartEvent, PartWriter, content_type};
 use crate::sink::{ObjectSink, Upload};
 

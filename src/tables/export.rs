@@ -18,10 +18,22 @@ use serde_json::value::RawValue;
 
 use crate::config::ExportTimeMode;
 use crate::error::{Error, ErrorKind, Result};
-use crate::mixpanel::ExportQuery;
 use crate::schema::Schema;
 use crate::slice::SliceId;
 use crate::tables::json::{Columns, Key};
+
+/// One raw export request (what the export API is asked for a slice).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportQuery {
+    /// First day (inclusive), in the export API's day encoding.
+    pub from_date: Date,
+    /// Last day (inclusive).
+    pub to_date: Date,
+    /// Only these event names.
+    pub events: Option<Vec<String>>,
+    /// A `where` expression (time bounds of the slice).
+    pub where_clause: Option<String>,
+}
 
 /// What one slice asks the export API for, and which true-UTC instants belong to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1171,7 +1183,7 @@ mod tests {
                     let now = start + jiff::SignedDuration::from_mins(5 * step);
                     let today = project_today(&tz, now);
                     let api_today = export_today(&tz, mode, now);
-                    let mut slices = crate::schedule::plan::pieces(SliceId::Day(today));
+                    let mut slices = crate::plan::pieces(SliceId::Day(today));
                     slices.push(SliceId::Day(today));
                     for slice in slices {
                         let w = window(slice, &tz, mode, api_today, None).unwrap();
@@ -1212,12 +1224,12 @@ mod tests {
         for (tz, day) in cases {
             for mode in [ExportTimeMode::Utc, ExportTimeMode::ProjectLocal] {
                 let w = |s: SliceId| window(s, &tz, mode, today, None).unwrap();
-                for hour in crate::schedule::plan::pieces(SliceId::Day(d(day))) {
+                for hour in crate::plan::pieces(SliceId::Day(d(day))) {
                     let whole = w(hour);
                     let mut next = whole.start;
                     let mut next_where: Option<i64> = None;
-                    for quarter in crate::schedule::plan::pieces(hour) {
-                        for five in crate::schedule::plan::pieces(quarter) {
+                    for quarter in crate::plan::pieces(hour) {
+                        for five in crate::plan::pieces(quarter) {
                             let mut p = w(five);
                             if mode == ExportTimeMode::ProjectLocal {
                                 // A legacy project's pieces are told apart by their `where`

@@ -185,7 +185,7 @@ fn plain_length(name: &str) -> bool {
 }
 
 /// A property's plain column name: its output name ([`output_key`]); `_blank` for a key that
-/// is empty or only whitespace; a key longer than [`MAX_COLUMN_CHARS`] cut there, with a hash
+/// is empty or only whitespace; a key longer than `MAX_COLUMN_CHARS` cut there, with a hash
 /// of the whole key so that two long keys stay apart.
 pub fn column_name(key: &str) -> String {
     let name = output_key(key);

@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use jiff::civil::Date;
 use mixpanel_replicator::app::App;
-use mixpanel_replicator::commit::{Manifest, key};
 use mixpanel_replicator::config::{RunMode, Settings};
 use mixpanel_replicator::handler::{self, Status};
+use mixpanel_replicator::run::commit::{Manifest, key};
 use mixpanel_replicator::sink::ObjectSink;
 use mixpanel_replicator::sink::local::LocalSink;
 use mixpanel_replicator::sink::s3::S3Sink;

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use jiff::civil::Date;
 use mixpanel_replicator::app::App;
-use mixpanel_replicator::commit::Manifest;
 use mixpanel_replicator::config::{RunMode, Settings};
 use mixpanel_replicator::handler::{self, Response};
+use mixpanel_replicator::run::commit::Manifest;
 use mixpanel_replicator::sink::ObjectSink;
 use mixpanel_replicator::sink::local::LocalSink;
 use mixpanel_sim::{Fault, FaultRule, RunningSim, SimConfig, Simulator};

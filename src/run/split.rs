@@ -18,10 +18,10 @@ use jiff::civil::Date;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::commit::{self, FileEntry};
 use crate::error::{Error, Result};
-use crate::replicate::{self, Exported, Recorded, SliceResult};
-use crate::schedule::plan;
+use crate::plan;
+use crate::run::commit::{self, FileEntry};
+use crate::run::export::{self as replicate, Exported, Recorded, SliceResult};
 use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
 use crate::tables::Table;
 
@@ -45,11 +45,11 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
         .day()
         .ok_or_else(|| Error::event("the export table is sliced by day, not snapshotted"))?;
     if claim.widen {
-        match crate::schedule::window::run(app, claim, deadline).await? {
-            Some(crate::schedule::window::Windowed::Done(r, label)) => {
+        match crate::run::window::run(app, claim, deadline).await? {
+            Some(crate::run::window::Windowed::Done(r, label)) => {
                 return Ok(Ran::Done(r, label));
             }
-            Some(crate::schedule::window::Windowed::Partial(why)) => return Ok(Ran::Partial(why)),
+            Some(crate::run::window::Windowed::Partial(why)) => return Ok(Ran::Partial(why)),
             None => {}
         }
     }
@@ -109,12 +109,12 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
             break;
         }
         // A fresh attempt id: it names the slice's parts.
-        let (now_ms, until) = crate::schedule::lease_times(deadline);
+        let (now_ms, until) = crate::run::lease_times(deadline);
         let next = plan::claim_next_of(
             app.store.as_ref(),
             Table::Export,
             Some(day),
-            &crate::schedule::new_attempt_id(),
+            &crate::run::new_attempt_id(),
             now_ms,
             until,
         )
@@ -409,7 +409,8 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
         commit::ShrinkGuard::for_slice(app.settings.shrink_guard_percent, before(slices, lease)),
     )
     .await?;
-    commit::advance_bookmark(app.store.as_ref(), Table::Export, app.settings.start_date).await?;
+    crate::plan::advance_bookmark(app.store.as_ref(), Table::Export, app.settings.start_date)
+        .await?;
     Ok(Step::Done(result))
 }
 

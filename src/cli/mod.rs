@@ -1,5 +1,8 @@
 //! The local command: `sync`, `invoke`, `plan`, `demo`.
 
+#[cfg(feature = "demo")]
+pub mod demo;
+
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +16,7 @@ use crate::app::App;
 use crate::config::{RunMode, Settings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{self, Status};
-use crate::schedule::plan;
+use crate::plan;
 use crate::tables::Table;
 
 /// What `--help` says after the commands: the tables, the settings a run needs, the events.
@@ -135,7 +138,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             Err(e) => Err(e),
         },
         #[cfg(feature = "demo")]
-        Command::Demo { out } => Box::pin(crate::demo::run(out)).await,
+        Command::Demo { out } => Box::pin(crate::cli::demo::run(out)).await,
         #[cfg(not(feature = "demo"))]
         Command::Demo { .. } => {
             eprintln!("{NO_DEMO}");
@@ -186,7 +189,7 @@ async fn sync_command(
             ));
         }
         for t in chosen {
-            crate::snapshot::changed::start_full(&app, t).await?;
+            crate::run::snapshot::changed::start_full(&app, t).await?;
         }
     }
     let report = sync_concurrently(&app, &tables, retry_parked, concurrency).await?;
@@ -377,7 +380,7 @@ async fn work(
                 worked.slices += resp
                     .slice
                     .as_deref()
-                    .map_or(1, crate::schedule::window::days_in_label);
+                    .map_or(1, crate::run::window::days_in_label);
                 worked.records += resp.records;
                 worked.bytes += resp.bytes;
                 worked.files += resp.files;
@@ -458,7 +461,7 @@ impl Progress {
             bar.inc(
                 resp.slice
                     .as_deref()
-                    .map_or(1, crate::schedule::window::days_in_label),
+                    .map_or(1, crate::run::window::days_in_label),
             );
         } else {
             // Why a slice did not finish is worth a line; a finished one is the bar's.

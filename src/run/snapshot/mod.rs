@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::commit::{self, FileEntry, key};
 use crate::error::{Cause, Error, ErrorKind, Result};
+use crate::plan;
 use crate::ratelimit::{Family, Share, ShareCap, with_share};
-use crate::replicate::SliceResult;
-use crate::schedule::plan;
+use crate::run::commit::{self, FileEntry, key};
+use crate::run::export::SliceResult;
 use crate::sink::streaming::StreamingParts;
 use crate::state::{Lease, Schema, SliceId, SliceStatus};
 use crate::tables::json::{Columns, Types, fixed_schema, write_object};
@@ -267,7 +267,8 @@ async fn fill(
                     Some(known) => Some(known),
                     // First discovery: every property Mixpanel knows now is selected.
                     None => {
-                        let discovered = crate::discovery::discover(app, table, deadline).await?;
+                        let discovered =
+                            crate::run::discovery::discover(app, table, deadline).await?;
                         Some(app.store.init_schema(table, &discovered).await?)
                     }
                 }

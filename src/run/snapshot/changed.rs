@@ -23,11 +23,11 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::commit::{FileEntry, Manifest, key};
 use crate::error::{Error, ErrorKind, Result};
+use crate::run::commit::{FileEntry, Manifest, key};
+use crate::run::spill::Spill;
 use crate::sink::part;
 use crate::sink::streaming::StreamingParts;
-use crate::spill::Spill;
 use crate::state::SliceRecord;
 use crate::tables::Table;
 use crate::tables::json::Types;

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
 
 use crate::error::{Error, Result};
-use crate::spill::DayShards;
+use crate::run::spill::DayShards;
 use crate::tables::export::{self, LineOutcome, Transformer, Unusable};
 
 /// The most lines one event is joined from (a stack trace in a string is a few dozen lines).

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use mixpanel_sim::{SimConfig, Simulator};
 
 use crate::app::App;
-use crate::commit::Manifest;
 use crate::config::{RunMode, Settings};
 use crate::error::{Error, Result};
+use crate::run::commit::Manifest;
 use crate::tables::Table;
 
 /// The rows of a committed partition or snapshot, as canonical JSON strings.

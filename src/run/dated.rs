@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::commit::{self, FileEntry};
 use crate::config::Residency;
 use crate::error::{Cause, Error, ErrorKind, Result};
-use crate::replicate::SliceResult;
-use crate::schedule::plan;
+use crate::plan;
+use crate::run::commit::{self, FileEntry};
+use crate::run::export::SliceResult;
 use crate::sink::part;
 use crate::state::{Lease, SliceId};
 use crate::tables::json::fixed_schema;
@@ -256,7 +256,7 @@ async fn replicate(
         total.files += m.files.len() as u64;
         total.bytes += m.files.iter().map(|f| f.bytes).sum::<u64>();
     }
-    commit::advance_bookmark(app.store.as_ref(), table, app.settings.start_date).await?;
+    crate::plan::advance_bookmark(app.store.as_ref(), table, app.settings.start_date).await?;
     let columns = match table {
         Table::Funnels => fixed_schema(&[
             ("funnel_id", "integer"),

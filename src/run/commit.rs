@@ -3,46 +3,13 @@
 
 use bytes::Bytes;
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::sink::ObjectSink;
 use crate::state::{Lease, Schema, SliceId, SliceRecord, SliceStatus, StateStore};
 use crate::tables::Table;
 
-/// A committed part as the manifest lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// File name within the partition.
-    pub name: String,
-    /// Records in the part.
-    pub records: u64,
-    /// Stored (compressed) size.
-    pub bytes: u64,
-}
-
-/// `_manifest.json` of a committed partition or snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Table name.
-    pub table: String,
-    /// Partition, e.g. `date=2026-11-01`.
-    pub partition: String,
-    /// The attempt that wrote the parts.
-    pub attempt: String,
-    /// When it was committed (RFC 3339 UTC).
-    pub committed_at: String,
-    /// Records in all parts.
-    pub records: u64,
-    /// The parts.
-    pub files: Vec<FileEntry>,
-    /// Export days: the source lines that could not be used, kept raw under `_rejected/`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rejected: Option<u64>,
-    /// Export days: the parts holding those lines, in `{prefix}/export/_rejected/date=…/`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rejected_files: Option<Vec<FileEntry>>,
-}
+pub use crate::sink::manifest::{FileEntry, Manifest};
 
 /// An export day's rejected lines: their folder, how many, and the parts that hold them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -393,56 +360,6 @@ fn lost(lease: &Lease) -> Error {
     .with_cause(Cause::LeaseLost)
 }
 
-/// Moves the bookmark of a date-sliced table to the last day D such that every day from the
-/// start date to D is committed.
-pub async fn advance_bookmark(
-    store: &dyn StateStore,
-    table: Table,
-    start: jiff::civil::Date,
-) -> Result<()> {
-    let slices = store.slices(table).await?;
-    advance_bookmark_over(store, table, start, &slices).await
-}
-
-/// [`advance_bookmark`] given the table's slices as just read.
-pub async fn advance_bookmark_over(
-    store: &dyn StateStore,
-    table: Table,
-    start: jiff::civil::Date,
-    slices: &[SliceRecord],
-) -> Result<()> {
-    let mut committed: Vec<jiff::civil::Date> = slices
-        .iter()
-        .filter(|s| s.status == SliceStatus::Committed)
-        .filter_map(|s| match s.slice {
-            SliceId::Day(d) => Some(d),
-            _ => None,
-        })
-        .filter(|d| *d >= start)
-        .collect();
-    committed.sort();
-    let mut last = None;
-    let mut expect = start;
-    for d in committed {
-        if d != expect {
-            break;
-        }
-        last = Some(d);
-        match d.tomorrow() {
-            Ok(t) => expect = t,
-            Err(_) => break,
-        }
-    }
-    if let Some(d) = last {
-        let current = store.bookmark(table).await?;
-        if current.is_none_or(|c| c < d) {
-            store.advance_bookmark(table, d).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes `{prefix}/{table}/_schema.json`: column names and JSON types.
 /// Writes the table's `_schema.json` for its stored `schema`, then brings its Glue table up to
 /// it when `GLUE_DATABASE` is set. The rows are committed already, so a catalog that cannot be
 /// updated does not fail the commit: it is logged, and the next commit tries again.
@@ -460,6 +377,7 @@ pub async fn publish_schema(app: &crate::app::App, table: Table, schema: &Schema
     Ok(())
 }
 
+/// Writes `{prefix}/{table}/_schema.json`: column names, JSON types and original names.
 pub async fn write_schema(
     sink: &dyn ObjectSink,
     prefix: &str,

@@ -46,7 +46,7 @@ pub async fn queue_table(
         // The bookmark moves after each commit; moving it here too makes up for an invocation
         // that stopped between its last commit and the bookmark.
         let existing = store.slices(table).await?;
-        crate::commit::advance_bookmark_over(store, table, settings.start_date, &existing).await?;
+        advance_bookmark_over(store, table, settings.start_date, &existing).await?;
         let days = planned_days(store, settings, table, now).await?;
         let refresh_from = Some(refresh_from(settings, now));
         Ok(
@@ -361,7 +361,7 @@ pub struct Claim {
     pub lease: Lease,
     pub slices: Vec<SliceRecord>,
     /// Claimed as the table's oldest (not a given day's): the small days after it may join
-    /// it in one export request ([`crate::schedule::window`]).
+    /// it in one export request ([`crate::run::window`]).
     pub widen: bool,
 }
 
@@ -441,6 +441,55 @@ pub async fn outstanding(store: &dyn StateStore, table: Table) -> Result<usize> 
         .iter()
         .filter(|r| r.status != SliceStatus::Committed)
         .count())
+}
+
+/// Moves the bookmark of a date-sliced table to the last day D such that every day from the
+/// start date to D is committed.
+pub async fn advance_bookmark(
+    store: &dyn StateStore,
+    table: Table,
+    start: jiff::civil::Date,
+) -> Result<()> {
+    let slices = store.slices(table).await?;
+    advance_bookmark_over(store, table, start, &slices).await
+}
+
+/// [`advance_bookmark`] given the table's slices as just read.
+pub async fn advance_bookmark_over(
+    store: &dyn StateStore,
+    table: Table,
+    start: jiff::civil::Date,
+    slices: &[SliceRecord],
+) -> Result<()> {
+    let mut committed: Vec<jiff::civil::Date> = slices
+        .iter()
+        .filter(|s| s.status == SliceStatus::Committed)
+        .filter_map(|s| match s.slice {
+            SliceId::Day(d) => Some(d),
+            _ => None,
+        })
+        .filter(|d| *d >= start)
+        .collect();
+    committed.sort();
+    let mut last = None;
+    let mut expect = start;
+    for d in committed {
+        if d != expect {
+            break;
+        }
+        last = Some(d);
+        match d.tomorrow() {
+            Ok(t) => expect = t,
+            Err(_) => break,
+        }
+    }
+    if let Some(d) = last {
+        let current = store.bookmark(table).await?;
+        if current.is_none_or(|c| c < d) {
+            store.advance_bookmark(table, d).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::commit::{FileEntry, Manifest, key};
 use crate::error::{Error, Result};
+use crate::run::commit::{FileEntry, Manifest, key};
 use crate::sink::part;
 use crate::sink::streaming::StreamingParts;
 use crate::state::SliceRecord;

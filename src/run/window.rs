@@ -24,8 +24,8 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::{ErrorKind, Result};
-use crate::replicate::{self, DayBody, Fetch, Heavy, Recorded, SliceResult};
-use crate::schedule::plan;
+use crate::plan;
+use crate::run::export::{self as replicate, DayBody, Fetch, Heavy, Recorded, SliceResult};
 use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
 use crate::tables::Table;
 use crate::tables::export;
@@ -161,7 +161,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
             break;
         }
         let before = claim.slices.iter().find(|r| r.slice == SliceId::Day(*day));
-        let guard = crate::commit::ShrinkGuard::for_slice(s.shrink_guard_percent, before);
+        let guard = crate::run::commit::ShrinkGuard::for_slice(s.shrink_guard_percent, before);
         let body = DayBody {
             spill,
             raw_bytes,

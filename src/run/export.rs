@@ -16,12 +16,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::commit::{self, FileEntry};
 use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
-use crate::setaside::{self, Aside, BodyShape, Rejected};
+use crate::run::commit::{self, FileEntry};
+use crate::run::setaside::{self, Aside, BodyShape, Rejected};
+use crate::run::spill::{DayShards, Spill};
 use crate::sink::part::{PartEvent, PartWriter, content_type};
-use crate::spill::{DayShards, Spill};
 use crate::state::{Lease, Schema, SliceId, SliceRecord};
 use crate::tables::Table;
 use crate::tables::export::{self, LineOutcome, Transformer};
@@ -164,7 +164,7 @@ pub async fn export_slice(
     let known = known_schema(app).await?;
     let heavy = Heavy {
         signals: prior_signals,
-        split: !crate::schedule::plan::pieces(lease.slice).is_empty(),
+        split: !crate::plan::pieces(lease.slice).is_empty(),
         whole_day: matches!(lease.slice, SliceId::Day(_)),
     };
     let fetched = match fetch(app, lease.slice, &window, &[], &known, heavy, deadline).await? {
@@ -553,7 +553,7 @@ pub(crate) async fn write_day(
             }
             return Err(e);
         }
-        commit::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
+        crate::plan::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
     }
     Ok(result)
 }
