@@ -20,7 +20,6 @@ use crate::run::commit::{self, FileEntry};
 use crate::run::export::SliceResult;
 use crate::sink::part;
 use crate::state::{Lease, SliceId};
-use crate::tables::json::fixed_schema;
 use crate::tables::{Table, funnels, revenue};
 
 /// What an invocation did to a window.
@@ -258,19 +257,8 @@ async fn replicate(
     }
     crate::plan::advance_bookmark(app.store.as_ref(), table, app.settings.start_date).await?;
     let columns = match table {
-        Table::Funnels => fixed_schema(&[
-            ("funnel_id", "integer"),
-            ("name", "string"),
-            ("date", "date"),
-            ("steps", "array"),
-            ("analysis", "object"),
-        ]),
-        _ => fixed_schema(&[
-            ("date", "date"),
-            ("amount", "number"),
-            ("count", "integer"),
-            ("paid_count", "integer"),
-        ]),
+        Table::Funnels => crate::tables::funnels::schema(),
+        _ => crate::tables::revenue::schema(),
     };
     let schema = app.store.merge_schema(table, &columns).await?;
     commit::publish_schema(app, table, &schema).await?;

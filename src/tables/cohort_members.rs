@@ -5,7 +5,13 @@ use serde_json::value::RawValue;
 
 use crate::error::Result;
 use crate::tables::engage;
-use crate::tables::json::Types;
+use crate::tables::json::{Types, fixed_schema};
+
+/// The table's columns: `distinct_id` typed as the ids written were (`string`, `integer`, or
+/// both).
+pub fn schema(ids: Types) -> crate::schema::Schema {
+    fixed_schema(&[("cohort_id", "integer"), ("distinct_id", &ids.name())])
+}
 
 /// Writes `{"cohort_id": N, "distinct_id": ...}` and a newline (the id keeps its JSON type,
 /// recorded in `ids`).

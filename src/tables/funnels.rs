@@ -9,6 +9,17 @@ use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// The table's columns, every row has them all (`date` also names the partition).
+pub fn schema() -> crate::schema::Schema {
+    crate::tables::json::fixed_schema(&[
+        ("funnel_id", "integer"),
+        ("name", "string"),
+        ("date", "date"),
+        ("steps", "array"),
+        ("analysis", "object"),
+    ])
+}
+
 /// The query API path of the funnel list.
 pub const LIST_PATH: &str = "funnels/list";
 /// The query API path of one funnel's results.

@@ -9,6 +9,16 @@ use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// The table's columns, every row has them all (`date` also names the partition).
+pub fn schema() -> crate::schema::Schema {
+    crate::tables::json::fixed_schema(&[
+        ("date", "date"),
+        ("amount", "number"),
+        ("count", "integer"),
+        ("paid_count", "integer"),
+    ])
+}
+
 /// The query API path.
 pub const PATH: &str = "engage/revenue";
 

@@ -21,7 +21,7 @@ use crate::run::commit::{self, FileEntry, key};
 use crate::run::export::SliceResult;
 use crate::sink::streaming::StreamingParts;
 use crate::state::{Lease, Schema, SliceId, SliceStatus};
-use crate::tables::json::{Columns, Types, fixed_schema, write_object};
+use crate::tables::json::{Columns, Types, write_object};
 use crate::tables::{Table, annotations, cohort_members, cohorts, engage};
 
 use changed::Listing;
@@ -383,10 +383,7 @@ async fn fill(
                     ..Cursor::default()
                 };
             }
-            progress.columns = fixed_schema(&[
-                ("cohort_id", "integer"),
-                ("distinct_id", &progress.ids.name()),
-            ]);
+            progress.columns = cohort_members::schema(progress.ids);
             Ok(stopped)
         }
         other => Err(Error::event(format!("{other} is not a full table"))),
