@@ -8,6 +8,8 @@
 //!
 //! `cargo bench --bench engage_changed`.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -17,20 +19,12 @@ use mixpanel_replicator::app::App;
 use mixpanel_replicator::handler::{self, Status};
 use support::harness::*;
 
-fn var(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("engage_changed: run with `cargo bench --bench engage_changed`");
+    if !common::benching("engage_changed") {
         return;
     }
-    let profiles = var("BENCH_PROFILES", 100_000);
-    let percent = var("BENCH_CHANGED_PERCENT", 5);
+    let profiles: u64 = common::env_or("BENCH_PROFILES", 100_000);
+    let percent: u64 = common::env_or("BENCH_CHANGED_PERCENT", 5);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(run(profiles, percent));
 }
