@@ -38,7 +38,7 @@ pub enum Invocation {
     /// scheduled.
     FullListing(Table),
     /// `{"check": true}`: test the settings, the credentials, the state store and each table's
-    /// access, writing nothing ([`crate::check`]).
+    /// access, writing nothing (`check`).
     Check,
 }
 

@@ -4,7 +4,7 @@
 //! the oldest claimable slice (never-committed first, see [`plan::claim_next_seeing`]), runs it
 //! with its table's runner under its lease, records a failure on the slice, works through the
 //! queue while the deadline allows ([`drain`]) and sends what it cannot finish to the fan-out
-//! queue ([`crate::fan_out`]); a day the queue delivers back is looked at by [`queued_day`].
+//! queue (`fan_out`); a day the queue delivers back is looked at by [`queued_day`].
 //! Planning and claiming are [`plan`]'s.
 //!
 //! The runners: [`export`] (one day or hour: fetch, [`spill`] deduplication, parts;
@@ -307,7 +307,7 @@ pub async fn run_slice(app: &App, claim: &plan::Claim, deadline: Instant) -> Res
     }
 }
 
-/// Replicates a claimed slice. A failure of the slice's own (see [`crate::park::counts`]) is
+/// Replicates a claimed slice. A failure of the slice's own (see `park::counts`) is
 /// recorded on it and comes back as a `partial` answer (`failed` 1, `parked` 1 when it parked
 /// it) with the error; other failures (settings, credentials, state store) are the `Err`.
 pub async fn attempt_slice(
