@@ -28,7 +28,7 @@ use support::chaos::{
     summary,
 };
 use support::harness::{Aws, Project, assert_exact, sim_config};
-use support::proxy::{Action, Proxy};
+use support::proxy::{Action, Proxy, through};
 
 fn seeds() -> Vec<u64> {
     if let Some(seed) = std::env::var("CHAOS_SEED")
@@ -163,22 +163,6 @@ async fn the_proxy_fails_drops_delays_and_holds_requests_as_told() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
-}
-
-/// An SDK configuration that reaches moto through `proxy`, retrying as the SDK does by default.
-async fn through(proxy: &Proxy) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(proxy.endpoint())
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .retry_config(
-            aws_config::retry::RetryConfig::standard()
-                .with_initial_backoff(Duration::from_millis(20)),
-        )
-        .load()
-        .await
 }
 
 /// Found by the chaos suite: DynamoDB applied the completion of a day, the answer was lost, the

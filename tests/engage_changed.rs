@@ -554,3 +554,132 @@ async fn cohorts_whose_entry_is_unchanged_keep_their_members_and_the_others_are_
     assert_members_exact(&app, sim).await;
     assert_eq!(cohorts_listed(sim, seen), all);
 }
+
+/// The part files of the latest snapshot of `table` in a local output folder.
+fn latest_parts(dir: &std::path::Path, table: &str, snapshot: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir.join(table).join(snapshot))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("part-")
+        })
+        .collect()
+}
+
+/// A previous snapshot that lost a part for good (a person's clean-up, a lifecycle rule) is
+/// never built on: every profile, every cohort is listed again, exactly, on that very run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_snapshot_missing_a_part_is_listed_again_in_full() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 3000;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (dir, app) = project.temp_app(&[ALWAYS]).await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    cohort_members(&app, json!({"table": "cohort_members"})).await;
+    for table in ["engage", "cohort_members"] {
+        let (snapshot, _) = read_latest_snapshot(&app, table).await.unwrap();
+        let parts = latest_parts(dir.path(), table, &snapshot);
+        assert!(!parts.is_empty(), "{table}");
+        std::fs::remove_file(&parts[0]).unwrap();
+    }
+    sim.update_profiles(&every_20th(3000, 2));
+    let seen = sim.requests().len();
+    assert_eq!(engage(&app).await.status, Status::Done);
+    assert_exact(&app, sim).await;
+    assert_eq!(last_listing(&app).await, "full");
+    let asked = engage_requests(sim, seen);
+    assert!(
+        asked
+            .iter()
+            .filter(|r| !is_filtered(r) && !is_count(r))
+            .count()
+            >= 3
+    );
+
+    let all: Vec<u64> = cohort_counts(sim).keys().copied().collect();
+    let seen = sim.requests().len();
+    cohort_members(&app, json!({"table": "cohort_members"})).await;
+    assert_members_exact(&app, sim).await;
+    assert_eq!(cohorts_listed(sim, seen), all);
+}
+
+/// A merge that never fits in an invocation (the previous parts come from a storage that
+/// stays slow) does not stall the table: after two merges cut short, the snapshot lists every
+/// profile, which resumes across invocations, and commits exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_that_never_fits_an_invocation_becomes_a_full_listing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use support::proxy::{Action, Proxy, through};
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 3000;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let aws = Aws::start().await;
+    aws.provision(
+        "slow-out",
+        "slow-state",
+        "slow-secret",
+        &project.secret_json(),
+    )
+    .await;
+    let slow = Arc::new(AtomicBool::new(false));
+    let slow_reads = slow.clone();
+    let proxy = Proxy::start(
+        &aws.moto.endpoint(),
+        Box::new(move |r| {
+            if slow_reads.load(Ordering::Relaxed)
+                && r.method == "GET"
+                && r.path.contains("/engage/snapshot=")
+                && r.path.contains("/part-")
+            {
+                return Action::Delay(std::time::Duration::from_secs(4));
+            }
+            Action::Pass
+        }),
+    )
+    .await;
+    let mut settings = project
+        .settings(&[
+            ALWAYS,
+            ("OUTPUT_BUCKET", "slow-out"),
+            ("STATE_TABLE", "slow-state"),
+        ])
+        .unwrap();
+    settings.output_dir = None;
+    settings.state_file = None;
+    let app = App::build(settings, Some(through(&proxy).await))
+        .await
+        .unwrap();
+    assert_eq!(engage(&app).await.status, Status::Done);
+    let first = assert_exact(&app, sim).await;
+    sim.update_profiles(&every_20th(3000, 4));
+    slow.store(true, Ordering::Relaxed);
+    let mut partials = 0;
+    loop {
+        let short = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        let r = handler::handle(&app, json!({"table": "engage"}), short)
+            .await
+            .unwrap();
+        match r.status {
+            Status::Partial => {
+                assert_eq!(r.failed, 0, "{r:?}");
+                partials += 1;
+            }
+            Status::Done => break,
+            other => panic!("unexpected {other:?}: {r:?}"),
+        }
+        assert!(partials < 8, "the snapshot stalled: {r:?}");
+    }
+    assert!(
+        partials >= 2,
+        "two merges were cut short ({partials} partial answers)"
+    );
+    let second = assert_exact(&app, sim).await;
+    assert_ne!(second, first);
+    assert_eq!(last_listing(&app).await, "full");
+}

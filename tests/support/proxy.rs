@@ -518,3 +518,19 @@ async fn forward(
         reset(client);
     }
 }
+
+/// An SDK configuration that reaches moto through `proxy`, retrying as the SDK does by default.
+pub async fn through(proxy: &Proxy) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(proxy.endpoint())
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .retry_config(
+            aws_config::retry::RetryConfig::standard()
+                .with_initial_backoff(Duration::from_millis(20)),
+        )
+        .load()
+        .await
+}

@@ -62,7 +62,14 @@ pub struct Changed {
     /// The profiles Mixpanel holds, asked once the listing is complete.
     #[serde(default)]
     pub current: Option<u64>,
+    /// Merges the deadline cut short so far (after [`MAX_CUT_MERGES`], every profile is
+    /// listed instead: a listing resumes across invocations, a merge does not).
+    #[serde(default)]
+    pub merges_cut: u32,
 }
+
+/// Merges cut short by the deadline after which a snapshot lists every profile instead.
+pub const MAX_CUT_MERGES: u32 = 2;
 
 impl Changed {
     /// The `$last_seen` from which profiles are listed.
@@ -218,6 +225,7 @@ pub async fn choose(
             last_full_ms: prev.last_full_ms,
             delta: None,
             current: None,
+            merges_cut: 0,
         }),
         why,
     ))
@@ -244,10 +252,22 @@ pub fn count_of(body: &[u8]) -> Result<u64> {
     })
 }
 
+/// How a merge ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Merged {
+    /// Every row written: this many.
+    Rows(u64),
+    /// The deadline came first: nothing of it is kept, the merge starts over next time.
+    Deadline,
+    /// A part to merge is missing, unreadable, or not what its manifest says: the snapshot
+    /// cannot be built on, and every profile is listed instead.
+    Unusable(String),
+}
+
 /// Merges the previous snapshot's parts (in `base_folder`) and the changed profiles' parts
 /// (in `delta_folder`) into `parts`: one row per distinct id, a changed profile's row in place
-/// of its old one. Returns the rows written, or `None` when the deadline came first (nothing
-/// of it is committed; the merge starts over next time).
+/// of its old one. An error is the spill's or the storage's (retried like any failure); a part
+/// that can never be merged is [`Merged::Unusable`].
 #[allow(clippy::too_many_arguments)]
 pub async fn merge(
     app: &App,
@@ -258,41 +278,48 @@ pub async fn merge(
     delta: &[FileEntry],
     parts: &mut StreamingParts,
     ids: &mut Types,
-) -> Result<Option<u64>> {
+) -> Result<Merged> {
     let mut spill = Spill::new()?;
     let keys = KeyHasher::default();
     // The previous rows lose to the changed ones (processing time 0 < 1); among the changed
     // rows of one profile, the last listed wins (the spill's delivery order).
     for (folder, files, newer) in [(base_folder, base, 0u64), (delta_folder, delta, 1)] {
         for f in files {
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
             let object = format!("{folder}/{}", f.name);
-            let body = app.sink.get(&object).await?.ok_or_else(|| {
-                Error::storage(format!(
-                    "{} is missing: the snapshot it belongs to cannot be merged",
-                    app.sink.url(&object)
-                ))
-            })?;
-            let mut rows = 0u64;
-            part::for_each_line(&f.name, &body, |line| {
-                let id = row_id(line).ok_or_else(|| {
+            let url = app.sink.url(&object);
+            let Ok(body) = tokio::time::timeout_at(deadline, app.sink.get(&object)).await else {
+                return Ok(Merged::Deadline);
+            };
+            let Some(body) = body? else {
+                return Ok(Merged::Unusable(format!("{url} is missing")));
+            };
+            let (mut rows, mut bad, mut failed) = (0u64, None, None);
+            let read = part::for_each_line(&f.name, &body, |line| {
+                let Some(id) = row_id(line) else {
                     let excerpt: String = String::from_utf8_lossy(line).chars().take(120).collect();
-                    Error::storage(format!(
-                        "a row of {} has no distinct_id: {excerpt:?}",
-                        app.sink.url(&object)
-                    ))
-                })?;
+                    bad = Some(format!("a row of {url} has no distinct_id: {excerpt:?}"));
+                    return Err(Error::storage("stopped"));
+                };
                 ids.add(id.get());
-                spill.push(Some(keys.key(id)), newer, line)?;
+                if let Err(e) = spill.push(Some(keys.key(id)), newer, line) {
+                    failed = Some(e);
+                    return Err(Error::storage("stopped"));
+                }
                 rows += 1;
                 Ok(())
-            })?;
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if let Some(why) = bad {
+                return Ok(Merged::Unusable(why));
+            }
+            if let Err(e) = read {
+                return Ok(Merged::Unusable(format!("{url} cannot be read: {e}")));
+            }
             if rows != f.records {
-                return Err(Error::storage(format!(
-                    "{} holds {rows} rows where its manifest says {}: not merged",
-                    app.sink.url(&object),
+                return Ok(Merged::Unusable(format!(
+                    "{url} holds {rows} rows where its manifest says {}",
                     f.records
                 )));
             }
@@ -301,7 +328,7 @@ pub async fn merge(
     let mut records = 0u64;
     for bucket in spill.into_buckets()? {
         if Instant::now() >= deadline {
-            return Ok(None);
+            return Ok(Merged::Deadline);
         }
         bucket.drain_deduplicated(|row| {
             parts.write(row);
@@ -310,7 +337,7 @@ pub async fn merge(
         })?;
         parts.pump().await?;
     }
-    Ok(Some(records))
+    Ok(Merged::Rows(records))
 }
 
 /// The distinct id of an engage row (`{"distinct_id": ..., ...}`, as this table writes it).

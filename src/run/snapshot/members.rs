@@ -46,6 +46,9 @@ pub struct Reuse {
     pub base_files: Vec<FileEntry>,
     /// Whether the copy is done (its rows are in this snapshot's parts).
     pub done: bool,
+    /// Copies the deadline cut short so far (see [`MAX_CUT_COPIES`]).
+    #[serde(default)]
+    pub copies_cut: u32,
 }
 
 /// What a `cohort_members` commit records in its slice, for the next snapshot to build on.
@@ -164,18 +167,47 @@ pub async fn plan(
     Ok((reuse, why))
 }
 
-/// Copies the rows of the cohorts `reuse` keeps from the previous snapshot into `parts`.
-/// Returns the rows copied, or `None` when the deadline came first (nothing of it is kept:
-/// the copy starts over next time).
+/// How a copy of the kept cohorts' members ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// Every kept row written: this many.
+    Rows(u64),
+    /// The deadline came first: nothing of it is kept, the copy starts over next time.
+    Deadline,
+    /// A part of the previous snapshot is missing, unreadable or not what its manifest says:
+    /// every cohort is listed instead.
+    Unusable(String),
+}
+
+/// Copies made before the deadline cut them short, after which every cohort is listed.
+pub const MAX_CUT_COPIES: u32 = 2;
+
+impl Reuse {
+    /// Keeps nothing: every cohort is listed (its members listed now). Returns the cohorts.
+    pub fn list_all(&mut self, now: Timestamp) -> Vec<u64> {
+        let now_ms = now.as_millisecond() as u64;
+        for mark in self.cohorts.values_mut() {
+            mark.listed_ms = now_ms;
+        }
+        self.copied.clear();
+        self.base = None;
+        self.base_files.clear();
+        self.done = true;
+        self.cohorts.keys().copied().collect()
+    }
+}
+
+/// Copies the rows of the cohorts `reuse` keeps from the previous snapshot into `parts`. An
+/// error is the storage's (retried like any failure).
 pub async fn copy(
     app: &App,
     deadline: Instant,
     reuse: &Reuse,
     parts: &mut StreamingParts,
     ids: &mut Types,
-) -> Result<Option<u64>> {
+) -> Result<Copied> {
     let Some(base) = &reuse.base else {
-        return Ok(Some(0));
+        return Ok(Copied::Rows(0));
     };
     let keep: BTreeSet<u64> = reuse.copied.iter().copied().collect();
     let folder = key(
@@ -184,39 +216,52 @@ pub async fn copy(
     );
     let mut copied = 0u64;
     for f in &reuse.base_files {
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
         let object = format!("{folder}/{}", f.name);
-        let body = app.sink.get(&object).await?.ok_or_else(|| {
-            Error::storage(format!(
-                "{} is missing: the members it holds cannot be kept",
-                app.sink.url(&object)
-            ))
-        })?;
-        part::for_each_line(&f.name, &body, |line| {
+        let url = app.sink.url(&object);
+        let Ok(body) = tokio::time::timeout_at(deadline, app.sink.get(&object)).await else {
+            return Ok(Copied::Deadline);
+        };
+        let Some(body) = body? else {
+            return Ok(Copied::Unusable(format!("{url} is missing")));
+        };
+        let (mut rows, mut bad) = (0u64, None);
+        let read = part::for_each_line(&f.name, &body, |line| {
             #[derive(Deserialize)]
             struct Row<'a> {
                 cohort_id: u64,
                 #[serde(borrow)]
                 distinct_id: &'a RawValue,
             }
-            let row: Row = serde_json::from_slice(line).map_err(|e| {
-                Error::storage(format!(
-                    "a row of {} is not a cohort membership ({e})",
-                    app.sink.url(&object)
-                ))
-            })?;
+            let row: Row = match serde_json::from_slice(line) {
+                Ok(r) => r,
+                Err(e) => {
+                    bad = Some(format!("a row of {url} is not a cohort membership ({e})"));
+                    return Err(Error::storage("stopped"));
+                }
+            };
+            rows += 1;
             if keep.contains(&row.cohort_id) {
                 ids.add(row.distinct_id.get());
                 parts.write(line);
                 copied += 1;
             }
             Ok(())
-        })?;
+        });
+        if let Some(why) = bad {
+            return Ok(Copied::Unusable(why));
+        }
+        if let Err(e) = read {
+            return Ok(Copied::Unusable(format!("{url} cannot be read: {e}")));
+        }
+        if rows != f.records {
+            return Ok(Copied::Unusable(format!(
+                "{url} holds {rows} rows where its manifest says {}",
+                f.records
+            )));
+        }
         parts.pump().await?;
     }
-    Ok(Some(copied))
+    Ok(Copied::Rows(copied))
 }
 
 #[cfg(test)]

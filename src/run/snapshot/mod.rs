@@ -24,7 +24,7 @@ use crate::state::{Lease, Schema, SliceId, SliceStatus};
 use crate::tables::json::{Columns, Types, write_object};
 use crate::tables::{Table, annotations, cohort_members, cohorts, engage};
 
-use changed::Listing;
+use changed::{Listing, Merged};
 
 /// Where a snapshot stands, saved with the slice so that the next invocation resumes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,25 +333,43 @@ async fn fill(
                 progress.members = Some(reuse);
             }
             if let Some(reuse) = progress.members.clone().filter(|r| !r.done) {
-                match members::copy(app, deadline, &reuse, parts, &mut progress.ids).await? {
-                    None => {
-                        // Not kept: the copy starts over next time.
-                        parts.checkpoint().await?;
-                        parts.files.clear();
-                        return Ok(Some(
-                            "deadline reached while keeping the unchanged cohorts' members".into(),
-                        ));
-                    }
-                    Some(rows) => {
-                        parts.checkpoint().await?;
+                let copied = members::copy(app, deadline, &reuse, parts, &mut progress.ids).await?;
+                // Nothing of a copy that did not end is kept.
+                parts.checkpoint().await?;
+                let give_up = match copied {
+                    members::Copied::Rows(rows) => {
                         tracing::info!(table = %table, cohorts = reuse.copied.len(), rows, "members of unchanged cohorts kept");
                         if let Some(m) = progress.members.as_mut() {
                             m.done = true;
                         }
-                        progress.cursor.files_at_cohort_start = parts.files.len();
-                        save_place(app, lease, progress, parts).await?;
+                        None
+                    }
+                    members::Copied::Deadline if reuse.copies_cut + 1 < members::MAX_CUT_COPIES => {
+                        parts.files.clear();
+                        if let Some(m) = progress.members.as_mut() {
+                            m.copies_cut += 1;
+                        }
+                        return Ok(Some(
+                            "deadline reached while keeping the unchanged cohorts' members".into(),
+                        ));
+                    }
+                    members::Copied::Deadline => Some(format!(
+                        "keeping the unchanged cohorts' members did not fit in an invocation {} times",
+                        reuse.copies_cut + 1
+                    )),
+                    members::Copied::Unusable(why) => {
+                        Some(format!("the previous snapshot cannot be built on: {why}"))
+                    }
+                };
+                if let Some(why) = give_up {
+                    tracing::warn!(table = %table, why = %why, "listing every cohort's members");
+                    parts.files.clear();
+                    if let Some(m) = progress.members.as_mut() {
+                        progress.cursor.cohorts = Some(m.list_all(Timestamp::now()));
                     }
                 }
+                progress.cursor.files_at_cohort_start = parts.files.len();
+                save_place(app, lease, progress, parts).await?;
             }
             let ids = progress.cursor.cohorts.clone().unwrap_or_default();
             let mut columns = Columns::new(None);
@@ -527,23 +545,40 @@ async fn list_profiles(
         )
         .await?;
         match merged {
-            None => {
-                // The merged parts so far are not kept: the merge starts over next time.
+            Merged::Deadline => {
+                // The merged parts so far are not kept: the merge starts over next time, or,
+                // cut short again, every profile is listed (a listing resumes, a merge not).
                 parts.checkpoint().await?;
                 parts.files.clear();
+                let cut = c.merges_cut + 1;
+                if cut >= changed::MAX_CUT_MERGES {
+                    let why = format!(
+                        "the merge into {} did not fit in an invocation {cut} times",
+                        c.base
+                    );
+                    to_full(app, progress, parts, &why).await?;
+                    continue;
+                }
+                if let Listing::Changed(c) = &mut progress.listing {
+                    c.merges_cut = cut;
+                }
                 return Ok(Some(
                     "deadline reached while merging the changed profiles".into(),
                 ));
             }
+            Merged::Unusable(why) => {
+                let why = format!("the snapshot cannot be built on: {why}");
+                to_full(app, progress, parts, &why).await?;
+            }
             // More rows than Mixpanel holds profiles: some are gone, list every one.
-            Some(rows) if rows > current => {
+            Merged::Rows(rows) if rows > current => {
                 let why = format!(
                     "{rows} profiles after the merge, but Mixpanel holds {current}: {} gone",
                     rows - current
                 );
                 to_full(app, progress, parts, &why).await?;
             }
-            Some(rows) => {
+            Merged::Rows(rows) => {
                 tracing::info!(
                     table = %Table::Engage,
                     base = %c.base,
