@@ -183,29 +183,9 @@ pub async fn choose(
     {
         return full("a full listing was asked for".into());
     }
-    let table_key = key(&app.prefix, Table::Engage.as_str());
-    let latest = app.sink.get(&format!("{table_key}/_latest.json")).await?;
-    let latest: Option<String> = latest
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.get("snapshot")?.as_str().map(String::from));
-    if latest.as_deref() != Some(prev.snapshot.as_str()) {
-        return full(format!(
-            "_latest.json names {}, not the committed {}",
-            latest.as_deref().unwrap_or("no snapshot"),
-            prev.snapshot
-        ));
-    }
-    let manifest_key = format!("{table_key}/{}/_manifest.json", prev.snapshot);
-    let Some(manifest) = app
-        .sink
-        .get(&manifest_key)
-        .await?
-        .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
-    else {
-        return full(format!(
-            "the manifest of {} is missing or unreadable",
-            prev.snapshot
-        ));
+    let manifest = match committed_manifest(app, Table::Engage, &prev.snapshot).await? {
+        Ok(m) => m,
+        Err(why) => return full(why),
     };
     let Some(started) = listing_start(prev.started_ms, &prev.snapshot) else {
         return full(format!("{} is not a snapshot name", prev.snapshot));
@@ -229,6 +209,34 @@ pub async fn choose(
         }),
         why,
     ))
+}
+
+/// The manifest of `snapshot`, the table's committed snapshot, if a next snapshot may build on
+/// it: `_latest.json` names it and its manifest reads. Otherwise why not (for the log).
+pub async fn committed_manifest(
+    app: &App,
+    table: Table,
+    snapshot: &str,
+) -> Result<std::result::Result<Manifest, String>> {
+    let table_key = key(&app.prefix, table.as_str());
+    let latest: Option<String> = app
+        .sink
+        .get(&format!("{table_key}/_latest.json"))
+        .await?
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("snapshot")?.as_str().map(String::from));
+    if latest.as_deref() != Some(snapshot) {
+        return Ok(Err(format!(
+            "_latest.json names {}, not the committed {snapshot}",
+            latest.as_deref().unwrap_or("no snapshot")
+        )));
+    }
+    Ok(app
+        .sink
+        .get(&format!("{table_key}/{snapshot}/_manifest.json"))
+        .await?
+        .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+        .ok_or_else(|| format!("the manifest of {snapshot} is missing or unreadable")))
 }
 
 /// The start of the snapshot `snapshot=YYYYMMDDTHHMMSSZ`.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::run::commit::{FileEntry, Manifest, key};
+use crate::run::commit::{FileEntry, key};
 use crate::sink::part;
 use crate::sink::streaming::StreamingParts;
 use crate::state::SliceRecord;
@@ -119,30 +119,15 @@ pub async fn plan(
     {
         return fresh("a full listing was asked for".into());
     }
-    let table_key = key(&app.prefix, Table::CohortMembers.as_str());
-    let latest: Option<String> = app
-        .sink
-        .get(&format!("{table_key}/_latest.json"))
-        .await?
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.get("snapshot")?.as_str().map(String::from));
-    if latest.as_deref() != Some(prev.snapshot.as_str()) {
-        return fresh(format!(
-            "_latest.json names {}, not the committed {}",
-            latest.as_deref().unwrap_or("no snapshot"),
-            prev.snapshot
-        ));
-    }
-    let Some(manifest) = app
-        .sink
-        .get(&format!("{table_key}/{}/_manifest.json", prev.snapshot))
-        .await?
-        .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
-    else {
-        return fresh(format!(
-            "the manifest of {} is missing or unreadable",
-            prev.snapshot
-        ));
+    let manifest = match super::changed::committed_manifest(
+        app,
+        Table::CohortMembers,
+        &prev.snapshot,
+    )
+    .await?
+    {
+        Ok(m) => m,
+        Err(why) => return fresh(why),
     };
     let (mut reuse, _) = fresh(String::new())?;
     for (id, f) in entries {
