@@ -683,3 +683,35 @@ async fn a_merge_that_never_fits_an_invocation_becomes_a_full_listing() {
     assert_ne!(second, first);
     assert_eq!(last_listing(&app).await, "full");
 }
+
+/// Mixpanel's answer to the profile count is never usable: the run cannot tell gone profiles,
+/// so it lists every one, and does so again on the next runs while the count stays broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_count_mixpanel_never_answers_usably_falls_back_to_full_listings() {
+    let mut cfg = sim_config("UTC", 3, 10);
+    cfg.profiles = 2500;
+    let project = Project::start(cfg).await;
+    let sim = project.simulator();
+    let (_dir, app) = project.temp_app(&[ALWAYS]).await;
+    assert_eq!(engage(&app).await.status, Status::Done);
+    // Only the count asks for `output_properties`: its every answer lacks `total`.
+    sim.push_fault(
+        FaultRule::new(
+            "/api/2.0/engage",
+            FaultRule::PERSISTENT,
+            Fault::Status {
+                status: 200,
+                body: r#"{"page":0,"page_size":1,"status":"ok","results":[]}"#.into(),
+            },
+        )
+        .with_param("output_properties"),
+    );
+    for round in 0..2 {
+        sim.update_profiles(&every_20th(2500, round));
+        sim.delete_profiles(&[100 + round]);
+        let r = engage(&app).await;
+        assert_eq!((r.status, r.failed), (Status::Done, 0), "{r:?}");
+        assert_exact(&app, sim).await;
+        assert_eq!(last_listing(&app).await, "full");
+    }
+}
