@@ -5,9 +5,11 @@
 //! default 1, ending yesterday). It installs the tap with
 //! `benches/incumbent/setup.sh` (its own venv, pinned) and runs it through
 //! `benches/incumbent/run_tap.py`, which points the tap's hard-coded Mixpanel URLs elsewhere.
-//! The tap's discovery (not timed) reads the simulator; the timed runs read the simulator's day,
-//! gzip-compressed once, from a static server in this process on core 1, so that no measured
-//! run shares a core with the simulator's generator. Each measured process runs on core 0
+//! The tap's discovery (not timed) reads the simulator; the timed runs read the simulator's days,
+//! gzip-compressed once for every range of whole days a program may ask for, from a static
+//! server in this process on core 1, so that no measured run shares a core with the simulator's
+//! generator. `BENCH_TAP=skip` leaves the tap out (its figures then come from
+//! `BENCH_TAP_SECONDS` and `BENCH_TAP_RSS_MIB`), to profile the replicator's rows. Each measured process runs on core 0
 //! (`taskset -c 0`); the replicator also on both cores, once with gzip parts from a request a
 //! day and once with zstd parts from multi-day requests (its default window). Over several days
 //! the tap keeps its default 30-day window (one request for them all). The tap writes its
@@ -62,26 +64,49 @@ fn main() {
         ..SimConfig::default()
     });
     let events = events / days * days;
-    // One body per day (the tap's one-day windows and the replicator's one-day requests) and,
-    // over several days, the whole range (both programs' multi-day requests; today is empty).
-    let mut bodies = HashMap::new();
+    // A body for every range of whole days a program may ask for: each day (the tap's one-day
+    // windows, the replicator's probe), every run of days (the replicator's multi-day windows)
+    // and the whole range (the tap's 30-day window); a range ending today is the same body,
+    // since today is empty.
+    let mut raw_days = Vec::new();
     let (mut raw, mut deliveries) = (0, 0);
     let mut d = first;
     while d <= last {
         let body = raw_body(&sim, d);
         raw += body.len();
         deliveries += memchr::memchr_iter(b'\n', &body).count() as u64;
-        bodies.insert((d, d), Arc::new(gzip(&body, 6)));
+        raw_days.push((d, body));
         d = d.tomorrow().unwrap();
     }
-    if days > 1 {
-        let mut body = Vec::new();
-        sim.write_export_body(first, last, None, None, &mut body)
-            .unwrap();
-        let gz = Arc::new(gzip(&body, 6));
-        bodies.insert((first, last), gz.clone());
-        bodies.insert((first, today), gz);
+    let mut ranges = Vec::new();
+    for a in 0..raw_days.len() {
+        for b in a..raw_days.len() {
+            ranges.push((a, b));
+        }
     }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let built = std::sync::Mutex::new(HashMap::new());
+    std::thread::scope(|scope| {
+        for _ in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(a, b)) = ranges.get(i) else { break };
+                    let body: Vec<u8> = raw_days[a..=b]
+                        .iter()
+                        .flat_map(|(_, raw)| raw.iter().copied())
+                        .collect();
+                    let gz = Arc::new(gzip(&body, 6));
+                    let mut built = built.lock().unwrap();
+                    built.insert((raw_days[a].0, raw_days[b].0), gz.clone());
+                    if b + 1 == raw_days.len() {
+                        built.insert((raw_days[a].0, today), gz);
+                    }
+                }
+            });
+        }
+    });
+    let bodies = built.into_inner().unwrap();
     let server = StaticServer::start_ranges(bodies, vec![1]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -143,7 +168,8 @@ fn main() {
     let catalog_path = work.path().join("catalog.json");
     std::fs::write(&catalog_path, catalog.to_string()).unwrap();
 
-    // The tap, alone on core 0.
+    // The tap, alone on core 0 (`BENCH_TAP=skip`: not run, its figures from `BENCH_TAP_SECONDS`
+    // and `BENCH_TAP_RSS_MIB`, for profiling the replicator's rows).
     let log_path = work.path().join("tap.log");
     let mut cmd = Command::new("taskset");
     cmd.arg("-c")
@@ -155,20 +181,29 @@ fn main() {
         .arg("--catalog")
         .arg(&catalog_path)
         .env("MIXPANEL_SIM_URL", &server.url);
-    let tap = measure(
-        cmd,
-        Stdio::null(),
-        Stdio::from(std::fs::File::create(&log_path).unwrap()),
-    );
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let tap_records: u64 = log
-        .lines()
-        .filter_map(|l| l.split("Total endpoint records: ").nth(1))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back()
-        .expect("the tap reports its record count");
-    assert_eq!(tap_records, deliveries, "the tap wrote every delivery");
-    requests("tap");
+    let tap = if std::env::var("BENCH_TAP").as_deref() == Ok("skip") {
+        Usage {
+            seconds: env_or("BENCH_TAP_SECONDS", 48.19),
+            max_rss_mib: env_or("BENCH_TAP_RSS_MIB", 34.8),
+            cpu_seconds: 0.0,
+        }
+    } else {
+        let tap = measure(
+            cmd,
+            Stdio::null(),
+            Stdio::from(std::fs::File::create(&log_path).unwrap()),
+        );
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let tap_records: u64 = log
+            .lines()
+            .filter_map(|l| l.split("Total endpoint records: ").nth(1))
+            .filter_map(|n| n.trim().parse().ok())
+            .next_back()
+            .expect("the tap reports its record count");
+        assert_eq!(tap_records, deliveries, "the tap wrote every delivery");
+        requests("tap");
+        tap
+    };
 
     // The replicator, alone on core 0, then on both cores (sharing core 1 with the server):
     // gzip parts from one request per day, then zstd parts from multi-day requests.

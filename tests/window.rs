@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jiff::civil::Date;
 use mixpanel_replicator::app::App;
-use mixpanel_replicator::cli::sync;
+use mixpanel_replicator::cli::{sync, sync_concurrently};
 use mixpanel_replicator::handler::{self, Status};
 use mixpanel_replicator::state::{SliceId, SliceStatus};
 use mixpanel_replicator::tables::Table;
@@ -124,6 +124,50 @@ async fn a_backfill_of_120_small_days_is_one_probe_and_windows_of_30_days_each_c
         s.app.store.bookmark(Table::Export).await.unwrap(),
         Some(s.today)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_a_new_project_probe_one_day_then_take_days_of_5_mb_in_windows() {
+    // Days of 10,000 events, about 5.6 MB of raw JSONL each.
+    let cfg = sim_config("UTC", 5, 10_000);
+    let first = cfg.first_day;
+    let project = Project::start(cfg).await;
+    // The probe takes its time: no other request may start before it ends.
+    let probe_wait = Duration::from_millis(700);
+    project.simulator().push_fault(FaultRule {
+        from_date: Some(first),
+        ..FaultRule::new(
+            "/api/2.0/export",
+            1,
+            Fault::SlowFirstByte { delay: probe_wait },
+        )
+    });
+    let (_dir, app) = project.temp_app(&[]).await;
+    let report = sync_concurrently(&app, &[Table::Export], false, 2)
+        .await
+        .unwrap();
+    let today = today_in("UTC");
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_exact(&app, project.simulator(), first, today, None).await;
+    assert_committed_by_contract(&app, first, today).await;
+    let records: Vec<RequestRecord> = project
+        .simulator()
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/api/2.0/export")
+        .collect();
+    let requests: Vec<(Date, Date)> = records.iter().map(dates).collect();
+    // One probe, alone until it ended; then the other five days in at most two requests
+    // (the second worker may start a window of its own), each day in exactly one.
+    assert_eq!(requests[0], (first, first), "{requests:?}");
+    assert!(
+        records[1].at_ms >= records[0].at_ms + probe_wait.as_millis() as u64,
+        "a second request started while the probe ran: {records:?}"
+    );
+    assert!(requests.len() <= 3, "{requests:?}");
+    let mut covered: Vec<Date> = requests.iter().flat_map(|(a, b)| days(*a, *b)).collect();
+    covered.sort();
+    assert_eq!(covered, days(first, today), "{requests:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -284,14 +284,24 @@ pub async fn sync_concurrently(
         // same way) stops the others after their current slice, which each gives back or
         // commits: none is dropped while it holds a lease.
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut done: Vec<Result<Worked>> = Vec::new();
+        // An export table without one measured day first fetches a day alone (the probe whose
+        // size plans the multi-day windows after it): one worker, so that the others do not
+        // each probe a day of their own, one export request (of 60 an hour) apiece.
+        if table == Table::Export && concurrency > 1 && !crate::run::window::measured(store).await?
+        {
+            done.push(work(app, table, progress.clone(), json_lines, &stop, Some(1)).await);
+        }
         let workers = (0..concurrency.max(1)).map(|_| async {
-            let worked = work(app, table, progress.clone(), json_lines, &stop).await;
+            let worked = work(app, table, progress.clone(), json_lines, &stop, None).await;
             if worked.is_err() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             worked
         });
-        let done: Vec<Result<Worked>> = futures_util::future::join_all(workers).await;
+        if done.iter().all(Result::is_ok) {
+            done.extend(futures_util::future::join_all(workers).await);
+        }
         let done: Vec<Worked> = done.into_iter().collect::<Result<_>>()?;
         for worked in done {
             report.slices += worked.slices;
@@ -327,16 +337,18 @@ struct Worked {
 }
 
 /// One sync worker on `table`: claims and replicates slices until none is claimable (waiting
-/// out backoffs and rate limits).
+/// out backoffs and rate limits), or `max_claims` of them.
 async fn work(
     app: &App,
     table: Table,
     progress: std::sync::Arc<Progress>,
     json_lines: bool,
     stop: &std::sync::atomic::AtomicBool,
+    max_claims: Option<u32>,
 ) -> Result<Worked> {
     let store = app.store.as_ref();
     let mut worked = Worked::default();
+    let mut claims = 0;
     // A snapshot answers partial after every budget's worth of pages, and a funnels window
     // after every budget's worth of funnels: that is progress. An export day that answers
     // partial three times in a row does not fit the budget (a slice split into smaller
@@ -348,9 +360,10 @@ async fn work(
     // row, before the next slice.
     let mut rate_wait = RATE_WAIT_FIRST;
     loop {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || max_claims == Some(claims) {
             break;
         }
+        claims += 1;
         let deadline = Instant::now() + app.settings.time_budget;
         let owner = handler::new_attempt_id();
         let now_ms = Timestamp::now().as_millisecond() as u64;

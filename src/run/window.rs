@@ -7,9 +7,10 @@
 //! (`from_date..to_date`, a `where` on `$time` for the exact instant range); each line goes to
 //! its local day by its instant as the body streams, with the day's own spill, so a day is
 //! deduplicated alone (Mixpanel's key holds the event's second: a duplicate never crosses a
-//! day). Then each day is written and committed on its own, in order, exactly as a day fetched
-//! alone: its manifest, parts, `_rejected/`, its record (its own lines' raw bytes) and the
-//! bookmark. A day with no history near it is fetched alone first (the probe).
+//! day). Then each day is written and committed on its own, exactly as a day fetched alone: its
+//! manifest, parts, `_rejected/`, its record (its own lines' raw bytes) and the bookmark; as
+//! many days at a time as there are cores, since a small day is written by one worker. A day
+//! with no history near it is fetched alone first (the probe).
 //!
 //! A window whose body Mixpanel fails, or that does not end before the deadline, or outgrows
 //! the disk, commits nothing: its days are given back marked to be fetched alone next, so a
@@ -18,6 +19,7 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use jiff::Timestamp;
 use jiff::civil::Date;
 use tokio::time::Instant;
@@ -30,11 +32,14 @@ use crate::state::{Lease, SliceId, SliceRecord, SliceStatus};
 use crate::tables::Table;
 use crate::tables::export;
 
-/// A day estimated above this many raw bytes is fetched alone (where its time is measured).
-const SMALL_DAY_BYTES: u64 = 4 << 20;
+/// A day estimated above this many raw bytes is fetched alone (where its time is measured): at
+/// most a quarter of a window, so that a window always carries several days.
+const SMALL_DAY_BYTES: u64 = 64 << 20;
 
-/// The most raw bytes one window asks for.
-const WINDOW_MAX_BYTES: u64 = 64 << 20;
+/// The most raw bytes one window asks for: about 45 MB on the wire, a body Mixpanel serves
+/// in seconds. Under 60 exports an hour, a backfill of days of 11 MB goes 23 days a request
+/// (about 1,400 days an hour) where it would go a day a request alone.
+const WINDOW_MAX_BYTES: u64 = 256 << 20;
 
 /// The share of the time left that a window's body may take at the measured throughput.
 const WINDOW_TIME_SHARE: f64 = 0.3;
@@ -146,46 +151,61 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     // Lines without a usable time belong to no day by their instant: they are kept with the
     // window's first day.
     let mut rejected = Some(fetched.pass1.rejected);
-    let mut done: Vec<SliceResult> = Vec::new();
-    let mut days_done = Vec::new();
-    let mut bodies = fetched.pass1.days.into_iter();
-    for (i, (day, lease)) in days.iter().zip(&leases).enumerate() {
-        let Some((spill, raw_bytes)) = bodies.next() else {
-            give_back(app, &leases[i..], false).await;
-            break;
-        };
-        // Never start a day that cannot be committed before the deadline: it comes back.
-        if Instant::now() + replicate::pass2_at_least(raw_bytes) > deadline {
-            tracing::warn!(table = "export", window = %label, day = %day, "deadline near; the window's remaining days stay pending");
-            give_back(app, &leases[i..], false).await;
-            break;
-        }
-        let before = claim.slices.iter().find(|r| r.slice == SliceId::Day(*day));
-        let guard = crate::run::commit::ShrinkGuard::for_slice(s.shrink_guard_percent, before);
+    let bodies = fetched.pass1.days;
+    let given = bodies.len();
+    // The days are written side by side, one per core (each small day by one worker), and
+    // each commits on its own as soon as its parts are written.
+    let mut jobs = Vec::new();
+    for ((day, lease), (spill, raw_bytes)) in days.iter().zip(&leases).zip(bodies) {
         let body = DayBody {
             spill,
             raw_bytes,
             rejected: rejected.take().unwrap_or_default(),
         };
-        let began = Instant::now();
-        // The day's share of reading the body, and its own writing.
-        let share = (u128::from(read_ms) * u128::from(raw_bytes) / u128::from(total_raw)) as u64;
-        let ms = move || share + began.elapsed().as_millis() as u64;
-        match replicate::write_day(app, lease, guard, body, ms, deadline).await {
-            Ok(r) => {
+        let before = claim.slices.iter().find(|r| r.slice == SliceId::Day(*day));
+        let guard = crate::run::commit::ShrinkGuard::for_slice(s.shrink_guard_percent, before);
+        // The day's share of reading the body, then its own writing.
+        let read = (u128::from(read_ms) * u128::from(raw_bytes) / u128::from(total_raw)) as u64;
+        jobs.push(DayJob {
+            day: *day,
+            lease: lease.clone(),
+            guard,
+            body,
+            read_ms: read,
+        });
+    }
+    let written: Vec<Option<Result<SliceResult>>> = futures_util::stream::iter(jobs)
+        .map(|job| write_window_day(app, &label, job, deadline))
+        .buffered(replicate::workers())
+        .collect()
+        .await;
+    let mut done: Vec<SliceResult> = Vec::new();
+    let mut days_done = Vec::new();
+    let mut first_error = None;
+    let mut back = Vec::new();
+    for (i, w) in written.into_iter().enumerate() {
+        match w {
+            Some(Ok(r)) => {
                 done.push(r);
-                days_done.push(*day);
+                days_done.push(days[i]);
             }
-            Err(e) if i == 0 => {
-                give_back(app, &leases[1..], false).await;
-                return Err(e);
+            // The first day's failure is the window's: its caller records it.
+            Some(Err(e)) if i == 0 => first_error = Some(e),
+            Some(Err(e)) => {
+                tracing::warn!(table = "export", window = %label, day = %days[i], kind = %e.kind(), error = %e, "a day of the window did not commit; it stays pending");
+                back.push(leases[i].clone());
             }
-            Err(e) => {
-                tracing::warn!(table = "export", window = %label, day = %day, kind = %e.kind(), error = %e, "a day of the window did not commit; it and the days after it stay pending");
-                give_back(app, &leases[i..], false).await;
-                break;
-            }
+            None => back.push(leases[i].clone()),
         }
+    }
+    // Days the body held nothing for (it ended before them) are given back too.
+    back.extend(leases.iter().skip(given).cloned());
+    give_back(app, &back, false).await;
+    if let Some(e) = first_error {
+        if !done.is_empty() {
+            replicate::store_schema(app).await?;
+        }
+        return Err(e);
     }
     if done.is_empty() {
         return Ok(Some(Windowed::Partial(format!(
@@ -203,6 +223,34 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
         _ => label,
     };
     Ok(Some(Windowed::Done(total, label)))
+}
+
+/// One day of a window to write and commit.
+struct DayJob {
+    day: Date,
+    lease: Lease,
+    guard: crate::run::commit::ShrinkGuard,
+    body: DayBody,
+    /// The day's share of the time the body took to read.
+    read_ms: u64,
+}
+
+/// Writes and commits one day of a window; `None` when the deadline is too near to start it
+/// (it comes back).
+async fn write_window_day(
+    app: &App,
+    label: &str,
+    job: DayJob,
+    deadline: Instant,
+) -> Option<Result<SliceResult>> {
+    if Instant::now() + replicate::pass2_at_least(job.body.raw_bytes) > deadline {
+        tracing::warn!(table = "export", window = %label, day = %job.day, "deadline near; the day stays pending");
+        return None;
+    }
+    let began = Instant::now();
+    let read_ms = job.read_ms;
+    let ms = move || read_ms + began.elapsed().as_millis() as u64;
+    Some(replicate::write_day(app, &job.lease, job.guard, job.body, ms, deadline).await)
 }
 
 /// The window's days are marked to be fetched alone and given back (the first one by its
@@ -241,6 +289,13 @@ pub fn days_in_label(label: &str) -> u64 {
         (Ok(a), Ok(b)) => a.until(b).map_or(1, |s| s.get_days().max(0) as u64 + 1),
         _ => 1,
     }
+}
+
+/// Whether any export day has a recorded size (else the next day fetched is a probe).
+pub async fn measured(store: &dyn crate::state::StateStore) -> Result<bool> {
+    Ok(store.slices(Table::Export).await?.iter().any(|r| {
+        matches!(r.slice, SliceId::Day(_)) && Recorded::parse(r.result.as_deref()).is_some()
+    }))
 }
 
 /// Whether a day is marked to be fetched alone.
@@ -326,4 +381,81 @@ pub fn plan_window(
         d = next;
     }
     days
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(day: &str, raw_bytes: Option<u64>) -> SliceRecord {
+        let result = raw_bytes.map(|b| {
+            Recorded {
+                raw_bytes: b,
+                ms: 1000,
+                records: 1,
+                duplicates: 0,
+                files: Vec::new(),
+                rejected: 0,
+                rejected_files: Vec::new(),
+            }
+            .to_json()
+        });
+        SliceRecord {
+            table: Table::Export,
+            slice: SliceId::Day(day.parse().unwrap()),
+            status: SliceStatus::Pending,
+            lease_owner: None,
+            lease_expires_ms: None,
+            committed_at_ms: None,
+            attempts: 0,
+            progress: None,
+            result,
+            failures: 0,
+            retry_at_ms: None,
+            error: None,
+        }
+    }
+
+    fn planned(slices: &[SliceRecord]) -> Vec<String> {
+        let first = match slices[0].slice {
+            SliceId::Day(d) => d,
+            _ => unreachable!(),
+        };
+        // Ample time: only the sizes bound the window.
+        plan_window(slices, first, 30, 0, Duration::from_secs(3600))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn days_of_sixty_mib_go_four_to_a_window_and_a_day_past_sixty_four_mib_alone() {
+        const MIB: u64 = 1 << 20;
+        let days: Vec<SliceRecord> = (1..=6)
+            .map(|i| pending(&format!("2026-03-0{i}"), Some(60 * MIB)))
+            .collect();
+        // 4 × 60 MiB = 240 MiB fits the 256 MiB of a request; a fifth day does not.
+        assert_eq!(
+            planned(&days),
+            ["2026-03-01", "2026-03-02", "2026-03-03", "2026-03-04"]
+        );
+        // Days of 11 MB (above the 4 MB a day once was) go 23 to a request.
+        let days: Vec<SliceRecord> = (1..=28)
+            .map(|i| pending(&format!("2026-03-{i:02}"), Some(11_000_000)))
+            .collect();
+        assert_eq!(planned(&days).len(), 24);
+        // A day estimated above 64 MiB goes alone, and a window stops before one.
+        let mut days = vec![pending("2026-03-01", Some(65 * MIB))];
+        days.push(pending("2026-03-02", Some(MIB)));
+        assert_eq!(planned(&days), ["2026-03-01"]);
+        let days = vec![
+            pending("2026-03-01", Some(MIB)),
+            pending("2026-03-02", Some(MIB)),
+            pending("2026-03-03", Some(65 * MIB)),
+        ];
+        assert_eq!(planned(&days), ["2026-03-01", "2026-03-02"]);
+        // A day without a size near it is fetched alone (the probe).
+        let days = vec![pending("2026-03-01", None), pending("2026-03-02", None)];
+        assert_eq!(planned(&days), ["2026-03-01"]);
+    }
 }
