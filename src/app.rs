@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::error::Result;
 use crate::fan_out::FanOutQueue;
@@ -34,12 +35,32 @@ pub struct App {
     pub fan_out: Option<Arc<FanOutQueue>>,
     /// The Glue tables kept current with the discovered columns (`GLUE_DATABASE`), when set.
     pub catalog: Option<Arc<GlueCatalog>>,
+    /// The wall clock of leases, the request budget, backoffs and schedules.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl App {
     /// Builds the app from settings: S3/DynamoDB where named, else the local folder and file.
     /// `sdk` is loaded only when an AWS service is used.
     pub async fn build(settings: Settings, sdk: Option<aws_config::SdkConfig>) -> Result<App> {
+        App::build_with_clock(settings, sdk, crate::clock::system()).await
+    }
+
+    /// The same app on the wall clock `clock` (its request budget too): a test's
+    /// [`crate::clock::ShiftedClock`], say, to make a lease run out at once.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> App {
+        let budget = request_budget(&self.settings, self.store.clone(), clock.clone());
+        self.mixpanel = self.mixpanel.with_budget(Arc::new(budget));
+        self.clock = clock;
+        self
+    }
+
+    /// [`App::build`] with the wall clock `clock` (a test's [`crate::clock::TokioClock`]).
+    pub async fn build_with_clock(
+        settings: Settings,
+        sdk: Option<aws_config::SdkConfig>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<App> {
         let needs_aws = settings.output_bucket.is_some() && settings.output_dir.is_none()
             || settings.state_table.is_some() && settings.state_file.is_none()
             || settings.fan_out_queue_url.is_some()
@@ -88,24 +109,7 @@ impl App {
                     .unwrap_or_else(|| local_root.join(".state.json")),
             )?),
         };
-        let budget = RequestBudget::new(
-            store.clone(),
-            Limits {
-                per_window: settings.export_requests_per_window,
-                window: settings.rate_window,
-                per_second: Some(settings.export_requests_per_second),
-                concurrent: settings.export_concurrency,
-                // An export body may stream for the whole invocation.
-                max_hold: Duration::from_secs(900),
-            },
-            Limits {
-                per_window: settings.query_requests_per_window,
-                window: settings.rate_window,
-                per_second: None,
-                concurrent: settings.query_concurrency,
-                max_hold: Duration::from_secs(120),
-            },
-        );
+        let budget = request_budget(&settings, store.clone(), clock.clone());
         let mixpanel = mixpanel.with_budget(Arc::new(budget));
         let fan_out = match (&settings.fan_out_queue_url, &sdk) {
             (Some(url), Some(sdk)) => Some(Arc::new(FanOutQueue::new(
@@ -129,6 +133,34 @@ impl App {
             prefix,
             fan_out,
             catalog,
+            clock,
         })
     }
+}
+
+/// The request budget of `settings`, kept in `store`, its grants stamped by `clock`.
+fn request_budget(
+    settings: &Settings,
+    store: Arc<dyn StateStore>,
+    clock: Arc<dyn Clock>,
+) -> RequestBudget {
+    RequestBudget::new(
+        store,
+        clock,
+        Limits {
+            per_window: settings.export_requests_per_window,
+            window: settings.rate_window,
+            per_second: Some(settings.export_requests_per_second),
+            concurrent: settings.export_concurrency,
+            // An export body may stream for the whole invocation.
+            max_hold: Duration::from_secs(900),
+        },
+        Limits {
+            per_window: settings.query_requests_per_window,
+            window: settings.rate_window,
+            per_second: None,
+            concurrent: settings.query_concurrency,
+            max_hold: Duration::from_secs(120),
+        },
+    )
 }

@@ -16,6 +16,7 @@
 pub mod app;
 pub(crate) mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub(crate) mod fan_out;

@@ -93,7 +93,7 @@ pub async fn record(
         app.store.release(lease).await?;
         return Ok(None);
     }
-    let now_ms = Timestamp::now().as_millisecond() as u64;
+    let now_ms = app.clock.now_ms();
     let failures = before.map_or(0, |r| r.failures).saturating_add(1);
     let max = app.settings.max_slice_attempts;
     let park = failures >= max || parks_at_once(err.kind());

@@ -1,7 +1,6 @@
 //! Tables the Mixpanel plan does not allow (HTTP 402, EU `engage/revenue`), remembered for
 //! `MIXPANEL_SKIP_RECHECK_HOURS` so that every run does not spend requests finding it out again.
 
-use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::app::App;
@@ -26,7 +25,7 @@ pub async fn remembered(app: &App, table: Table) -> Result<Option<String>> {
     let Some((body, _)) = app.store.document(&document(table)).await? else {
         return Ok(None);
     };
-    let now = Timestamp::now().as_millisecond() as u64;
+    let now = app.clock.now_ms();
     Ok(serde_json::from_str::<Skipped>(&body)
         .ok()
         .filter(|s| s.until_ms > now)
@@ -40,7 +39,7 @@ pub async fn remember(app: &App, table: Table, reason: &str) -> Result<()> {
         return Ok(());
     }
     let name = document(table);
-    let until_ms = Timestamp::now().as_millisecond() as u64 + recheck.as_millis() as u64;
+    let until_ms = app.clock.now_ms() + recheck.as_millis() as u64;
     let body = serde_json::to_string(&Skipped {
         until_ms,
         reason: reason.to_string(),

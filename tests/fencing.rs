@@ -1,25 +1,23 @@
 //! A live zombie fenced out, on the local store and on S3 + DynamoDB: a worker whose lease
 //! expires while it still reads its day (a stalled process, a slow body) and is taken over by
 //! another never commits and never deletes the winner's parts. The partition holds the
-//! winner's commit exactly, before and after the zombie finishes.
+//! winner's commit exactly, before and after the zombie finishes. The lease runs out on a
+//! clock the test moves forward, so nothing waits for it.
 
 mod support;
 
 use std::time::Duration;
 
 use mixpanel_replicator::app::App;
+use mixpanel_replicator::clock::ShiftedClock;
 use mixpanel_replicator::plan::Claim;
 use mixpanel_replicator::state::{SliceId, SliceStatus};
 use mixpanel_replicator::tables::Table;
 use mixpanel_sim::{Fault, FaultRule};
 use support::harness::*;
 
-fn now_ms() -> u64 {
-    jiff::Timestamp::now().as_millisecond() as u64
-}
-
 async fn claim(app: &App, slice: SliceId, owner: &str, lease: Duration) -> Claim {
-    let now = now_ms();
+    let now = app.clock.now_ms();
     let lease = app
         .store
         .claim(
@@ -39,7 +37,20 @@ async fn claim(app: &App, slice: SliceId, owner: &str, lease: Duration) -> Claim
     }
 }
 
-async fn a_zombie_never_commits_nor_deletes_the_winners_parts(project: &Project, app: &App) {
+/// Whether `owner` is refused the slice now.
+async fn claim_fails(app: &App, slice: SliceId, owner: &str) -> bool {
+    let now = app.clock.now_ms();
+    app.store
+        .claim(Table::Export, slice, owner, now, now + 60_000)
+        .await
+        .unwrap()
+        .is_none()
+}
+
+async fn a_zombie_never_commits_nor_deletes_the_winners_parts(project: &Project, app: App) {
+    // Both workers read one clock, which the test moves past the zombie's lease at once.
+    let clock = ShiftedClock::new();
+    let app = &app.with_clock(clock.clone());
     let sim = project.simulator();
     let day = sim.config().first_day;
     let slice = SliceId::Day(day);
@@ -52,14 +63,19 @@ async fn a_zombie_never_commits_nor_deletes_the_winners_parts(project: &Project,
             lines_per_second: 1000,
         },
     ));
-    let zombie = claim(app, slice, "zombie000001", Duration::from_millis(700)).await;
+    let zombie = claim(app, slice, "zombie000001", Duration::from_secs(600)).await;
     let long = tokio::time::Instant::now() + Duration::from_secs(120);
     let zombie_app = app.clone();
     let zombie_run = tokio::spawn(async move {
         mixpanel_replicator::run::attempt_slice(&zombie_app, &zombie, long).await
     });
     // Its lease runs out while it still reads; the winner takes the day over and commits it.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    while !sim.requests().iter().any(|r| r.path == "/api/2.0/export") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let early = claim_fails(app, slice, "early0000001").await;
+    assert!(early, "the zombie's lease holds until it runs out");
+    clock.advance(Duration::from_secs(601));
     assert!(!zombie_run.is_finished(), "the zombie was still reading");
     let winner = claim(app, slice, "winner000001", Duration::from_secs(120)).await;
     let r = mixpanel_replicator::run::run_slice(app, &winner, long)
@@ -106,7 +122,7 @@ async fn a_zombie_never_commits_nor_deletes_the_winners_parts(project: &Project,
 async fn locally_a_zombie_never_commits_nor_deletes_the_winners_parts() {
     let project = Project::start(sim_config("UTC", 1, 3000)).await;
     let (_dir, app) = project.temp_app(&[]).await;
-    a_zombie_never_commits_nor_deletes_the_winners_parts(&project, &app).await;
+    a_zombie_never_commits_nor_deletes_the_winners_parts(&project, app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,5 +136,5 @@ async fn on_s3_and_dynamodb_a_zombie_never_commits_nor_deletes_the_winners_parts
         &[],
     )
     .await;
-    a_zombie_never_commits_nor_deletes_the_winners_parts(&project, &app).await;
+    a_zombie_never_commits_nor_deletes_the_winners_parts(&project, app).await;
 }

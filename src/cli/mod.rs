@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use jiff::Timestamp;
 use tokio::time::Instant;
 
 use crate::app::App;
@@ -277,7 +276,7 @@ pub async fn sync_concurrently(
             report.skipped.push(table.to_string());
             continue;
         }
-        plan::queue_table(store, &app.settings, table, Timestamp::now()).await?;
+        plan::queue_table(store, &app.settings, table, app.clock.now()).await?;
         let progress = Progress::new(table, plan::outstanding(store, table).await? as u64);
         let progress = std::sync::Arc::new(progress);
         // A worker that fails (settings, credentials, state store: every slice would fail the
@@ -287,8 +286,12 @@ pub async fn sync_concurrently(
         let mut done: Vec<Result<Worked>> = Vec::new();
         // An export table without one measured day first fetches a day alone (the probe whose
         // size plans the multi-day windows after it): one worker, so that the others do not
-        // each probe a day of their own, one export request (of 60 an hour) apiece.
-        if table == Table::Export && concurrency > 1 && !crate::run::window::measured(store).await?
+        // each probe a day of their own, one export request (of 60 an hour) apiece. Without
+        // windows (`MIXPANEL_EXPORT_WINDOW_DAYS=1`) there is nothing to plan: all start at once.
+        if table == Table::Export
+            && concurrency > 1
+            && app.settings.export_window_days > 1
+            && !crate::run::window::measured(store).await?
         {
             done.push(work(app, table, progress.clone(), json_lines, &stop, Some(1)).await);
         }
@@ -366,7 +369,7 @@ async fn work(
         claims += 1;
         let deadline = Instant::now() + app.settings.time_budget;
         let owner = handler::new_attempt_id();
-        let now_ms = Timestamp::now().as_millisecond() as u64;
+        let now_ms = app.clock.now_ms();
         let until = now_ms + app.settings.time_budget.as_millis() as u64 + 60_000;
         let (claim, slices) =
             plan::claim_next_seeing(store, table, None, &owner, now_ms, until).await?;
@@ -586,7 +589,7 @@ async fn plan_command(settings: Settings, tables: Vec<Table>) -> Result<ExitCode
     } else {
         tables
     };
-    let now = Timestamp::now();
+    let now = app.clock.now();
     for table in chosen {
         let pending = plan::preview(app.store.as_ref(), &app.settings, table, now).await?;
         if pending.is_empty() {

@@ -4,7 +4,6 @@ pub mod sqs;
 
 use std::time::{Duration, SystemTime};
 
-use jiff::Timestamp;
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -269,11 +268,7 @@ pub(crate) async fn reported<T>(
     let (lag, parked_now) = match table.parse::<Table>() {
         Ok(t) => match app.store.slices(t).await {
             Ok(slices) => (
-                crate::run::freshness_lag_seconds(
-                    &slices,
-                    &app.settings.timezone,
-                    Timestamp::now(),
-                ),
+                crate::run::freshness_lag_seconds(&slices, &app.settings.timezone, app.clock.now()),
                 Some(
                     slices
                         .iter()
@@ -305,7 +300,7 @@ pub(crate) async fn reported<T>(
 /// Handles one invocation event.
 pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Response> {
     let inv = parse_event(&event)?;
-    let now = Timestamp::now();
+    let now = app.clock.now();
     let today = project_today(&app.settings.timezone, now);
     let store = app.store.as_ref();
     match inv {
@@ -360,7 +355,7 @@ pub async fn handle(app: &App, event: Value, deadline: Instant) -> Result<Respon
             }
             plan::requeue_day(store, &slices, t, d, u64::MAX).await?;
             let owner = new_attempt_id();
-            let (now_ms, until) = lease_times(deadline);
+            let (now_ms, until) = lease_times(app.clock.as_ref(), deadline);
             match plan::claim_next_of(store, t, Some(d), &owner, now_ms, until).await? {
                 Some(claim) => run_slice(app, &claim, deadline).await,
                 None => {

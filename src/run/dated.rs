@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use jiff::Timestamp;
 use jiff::civil::Date;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -97,7 +96,7 @@ async fn claim_window(app: &App, first: &Lease, until: Option<Date>) -> Result<V
     let Some(mut day) = first.slice.day() else {
         return Err(Error::event(format!("{} slices are days", first.table)));
     };
-    let now_ms = Timestamp::now().as_millisecond() as u64;
+    let now_ms = app.clock.now_ms();
     let slices = app.store.slices(first.table).await?;
     while leases.len() < app.settings.date_window_days as usize {
         let Ok(next) = day.tomorrow() else { break };

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -153,7 +152,7 @@ pub async fn export_slice(
     let prior_signals = heavy_signals(before);
     let guard = commit::ShrinkGuard::for_slice(app.settings.shrink_guard_percent, before);
     let s = &app.settings;
-    let today = export::export_today(&s.timezone, s.export_time_mode, Timestamp::now());
+    let today = export::export_today(&s.timezone, s.export_time_mode, app.clock.now());
     let window = export::window(
         lease.slice,
         &s.timezone,
@@ -332,7 +331,7 @@ pub(crate) async fn fetch(
         // A slice that has not begun yet (an hour of today still to come), or that holds no
         // instant (the hour the clocks skip on a 23-hour day), holds no event: Mixpanel is not
         // asked, and the slice is written empty (a day of today is refreshed later).
-        let begun = window.start <= Timestamp::now().as_second() && window.start < window.end;
+        let begun = window.start <= app.clock.now().as_second() && window.start < window.end;
         match fetch_into_spill(
             app,
             &window.query,

@@ -32,6 +32,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::app::App;
+use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan;
 use crate::run::export::SliceResult;
@@ -140,8 +141,8 @@ pub fn new_attempt_id() -> String {
 }
 
 /// Now and the end of a lease that outlives this invocation (so it is never taken while we run).
-pub fn lease_times(deadline: Instant) -> (u64, u64) {
-    let now_ms = Timestamp::now().as_millisecond() as u64;
+pub fn lease_times(clock: &dyn Clock, deadline: Instant) -> (u64, u64) {
+    let now_ms = clock.now_ms();
     let left = deadline.saturating_duration_since(Instant::now());
     (now_ms, now_ms + left.as_millis() as u64 + 60_000)
 }
@@ -179,7 +180,7 @@ pub async fn drain(app: &App, table: Table, deadline: Instant) -> Result<Respons
     let mut slowest = Duration::ZERO;
     loop {
         let owner = new_attempt_id();
-        let (now_ms, until) = lease_times(deadline);
+        let (now_ms, until) = lease_times(app.clock.as_ref(), deadline);
         let (claim, slices) =
             plan::claim_next_seeing(store, table, None, &owner, now_ms, until).await?;
         let parked = crate::park::parked(&slices).count() as u64;
@@ -233,7 +234,7 @@ pub async fn drain(app: &App, table: Table, deadline: Instant) -> Result<Respons
             // Read again: the slice just run may have been a window that committed the days
             // after it too (export, funnels, revenue).
             let slices = store.slices(table).await?;
-            let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
+            let now_ms = app.clock.now_ms();
             let left = slices
                 .iter()
                 .filter(|s| plan::claimable(s, now_ms) && !plan::waits_for_hours(&slices, s))
@@ -453,7 +454,7 @@ pub async fn queued_day(
     day: jiff::civil::Date,
     deadline: Instant,
 ) -> Result<(Response, bool)> {
-    let today = project_today(&app.settings.timezone, jiff::Timestamp::now());
+    let today = project_today(&app.settings.timezone, app.clock.now());
     if day > today {
         return Err(Error::event(format!(
             "`date` {day} is after today ({today}) in the project's timezone"
@@ -473,7 +474,7 @@ pub async fn queued_day(
         store.enqueue(table, SliceId::Day(day), None).await?;
     }
     let owner = new_attempt_id();
-    let (now_ms, until) = lease_times(deadline);
+    let (now_ms, until) = lease_times(app.clock.as_ref(), deadline);
     let resp = match plan::claim_next_of(store, table, Some(day), &owner, now_ms, until).await? {
         Some(claim) => match attempt_slice(app, &claim, deadline).await? {
             // The failure is recorded on the slice (tried again, or parked).
@@ -486,7 +487,7 @@ pub async fn queued_day(
             r
         }
     };
-    let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
+    let now_ms = app.clock.now_ms();
     let slices = store.slices(table).await?;
     let (finished, why) = settled(&slices, day, now_ms);
     let mut resp = resp;

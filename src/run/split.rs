@@ -109,7 +109,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Ra
             break;
         }
         // A fresh attempt id: it names the slice's parts.
-        let (now_ms, until) = crate::run::lease_times(deadline);
+        let (now_ms, until) = crate::run::lease_times(app.clock.as_ref(), deadline);
         let next = plan::claim_next_of(
             app.store.as_ref(),
             Table::Export,

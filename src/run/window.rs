@@ -20,7 +20,6 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use jiff::Timestamp;
 use jiff::civil::Date;
 use tokio::time::Instant;
 
@@ -65,7 +64,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     let SliceId::Day(first) = lease.slice else {
         return Ok(None);
     };
-    let now_ms = Timestamp::now().as_millisecond() as u64;
+    let now_ms = app.clock.now_ms();
     let left = deadline.saturating_duration_since(Instant::now());
     let days = plan_window(
         &claim.slices,
@@ -78,7 +77,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
         return Ok(None);
     }
     // The days after the first, each with its own lease; the window ends at the first taken.
-    let (now_ms, until) = super::lease_times(deadline);
+    let (now_ms, until) = super::lease_times(app.clock.as_ref(), deadline);
     let mut leases = vec![lease.clone()];
     for d in &days[1..] {
         match app
@@ -97,7 +96,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     let last = days[days.len() - 1];
     let label = format!("{first}..{last}");
     let s = &app.settings;
-    let today = export::export_today(&s.timezone, s.export_time_mode, Timestamp::now());
+    let today = export::export_today(&s.timezone, s.export_time_mode, app.clock.now());
     let (window, bounds) = match export::window_of_days(
         &days,
         &s.timezone,

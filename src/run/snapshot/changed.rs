@@ -117,7 +117,7 @@ struct Request {
 pub async fn request_full(app: &App, table: Table) -> Result<()> {
     let name = request_document(table);
     let body = serde_json::to_string(&Request {
-        requested_at_ms: Timestamp::now().as_millisecond() as u64,
+        requested_at_ms: app.clock.now_ms(),
     })
     .map_err(Error::state)?;
     for _ in 0..10 {

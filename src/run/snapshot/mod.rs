@@ -105,7 +105,7 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
         Some(p) => serde_json::from_str(p)
             .map_err(|e| Error::state(format!("unreadable {table} snapshot progress: {e}")))?,
         None => {
-            let now = Timestamp::now();
+            let now = app.clock.now();
             let listing = if table == Table::Engage {
                 let (listing, why) = changed::choose(app, record.as_ref(), now).await?;
                 let kind = match listing {
@@ -177,7 +177,7 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
 /// `snapshot=YYYYMMDDTHHMMSSZ` of now, or of the next free second when a snapshot of this
 /// second exists already (two snapshots within one second).
 async fn new_snapshot_name(app: &App, table: Table) -> Result<String> {
-    let mut ts = Timestamp::now();
+    let mut ts = app.clock.now();
     loop {
         let name = format!("snapshot={}", ts.strftime("%Y%m%dT%H%M%SZ"));
         if app
@@ -232,7 +232,7 @@ async fn fill(
         }
         Table::Annotations => {
             let today =
-                crate::tables::export::project_today(&app.settings.timezone, Timestamp::now());
+                crate::tables::export::project_today(&app.settings.timezone, app.clock.now());
             let creds = mc.credentials().await?;
             let body = match creds.project_id() {
                 Some(id) => {
@@ -325,7 +325,7 @@ async fn fill(
                     .into_iter()
                     .find(|r| r.slice == SliceId::Full);
                 let (reuse, why) =
-                    members::plan(app, record.as_ref(), &entries, Timestamp::now()).await?;
+                    members::plan(app, record.as_ref(), &entries, app.clock.now()).await?;
                 tracing::info!(table = %table, why = %why, "a new cohort_members snapshot");
                 let kept: std::collections::BTreeSet<u64> = reuse.copied.iter().copied().collect();
                 progress.cursor.cohorts =
@@ -365,7 +365,7 @@ async fn fill(
                     tracing::warn!(table = %table, why = %why, "listing every cohort's members");
                     parts.files.clear();
                     if let Some(m) = progress.members.as_mut() {
-                        progress.cursor.cohorts = Some(m.list_all(Timestamp::now()));
+                        progress.cursor.cohorts = Some(m.list_all(app.clock.now()));
                     }
                 }
                 progress.cursor.files_at_cohort_start = parts.files.len();
@@ -603,7 +603,7 @@ async fn to_full(
     restart(progress, parts).await?;
     progress.cursor.restarted = false;
     progress.listing = Listing::Full;
-    progress.listing_started_ms = Timestamp::now().as_millisecond() as u64;
+    progress.listing_started_ms = app.clock.now_ms();
     *parts = fresh_parts(app, parts, "part");
     Ok(())
 }
@@ -802,6 +802,7 @@ impl Fairness {
         };
         let used = crate::ratelimit::share_used(
             app.store.as_ref(),
+            app.clock.as_ref(),
             Family::Query,
             &widest.tags,
             app.settings.rate_window,
@@ -828,7 +829,7 @@ impl Fairness {
 /// that is not a paging table waits, both paging tables together take at most half; when only
 /// the other paging table waits, each takes at most half.
 async fn fair_share(app: &App, table: Table) -> Result<Share> {
-    let now = Timestamp::now();
+    let now = app.clock.now();
     let other_paging = if table == Table::Engage {
         Table::CohortMembers
     } else {
