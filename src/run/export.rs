@@ -20,7 +20,8 @@ use crate::mixpanel::without_url;
 use crate::run::commit::{self, FileEntry};
 use crate::run::setaside::{self, Aside, BodyShape, Rejected};
 use crate::run::spill::{DayShards, Spill};
-use crate::sink::part::{PartEvent, PartWriter, content_type};
+use crate::sink::part::{PartEvent, PartWriter};
+use crate::sink::streaming::Uploads;
 use crate::state::{Lease, Schema, SliceId, SliceRecord};
 use crate::tables::Table;
 use crate::tables::export::{self, LineOutcome, Transformer};
@@ -1076,39 +1077,10 @@ async fn upload_parts(
     mut rx: mpsc::Receiver<PartEvent>,
     stop: &AtomicBool,
 ) -> (Vec<FileEntry>, Option<Error>) {
-    let mut files = Vec::new();
-    let mut current: Option<(String, Box<dyn crate::sink::Upload>)> = None;
+    let mut uploads = Uploads::new(app.sink.clone(), folder.to_string(), Vec::new());
     let mut failure = None;
     while let Some(event) = rx.recv().await {
-        let step: Result<()> = async {
-            match event {
-                PartEvent::Begin(name) => {
-                    let upload = app
-                        .sink
-                        .start_upload(&format!("{folder}/{name}"), content_type(&name))
-                        .await?;
-                    current = Some((name, upload));
-                }
-                PartEvent::Data(bytes) => {
-                    if let Some((_, up)) = current.as_mut() {
-                        up.write(bytes).await?;
-                    }
-                }
-                PartEvent::End { name, records } => {
-                    if let Some((_, up)) = current.take() {
-                        let bytes = up.finish().await?;
-                        files.push(FileEntry {
-                            name,
-                            records,
-                            bytes,
-                        });
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = step {
+        if let Err(e) = uploads.apply(event).await {
             failure = Some(e);
             stop.store(true, Ordering::Relaxed);
             break;
@@ -1116,10 +1088,8 @@ async fn upload_parts(
     }
     drop(rx);
     // A part still open was left unfinished (a failure somewhere): nothing of it may remain.
-    if let Some((_, up)) = current.take() {
-        let _ = up.abort().await;
-    }
-    (files, failure)
+    uploads.abort().await;
+    (uploads.files, failure)
 }
 
 /// Whether the partition's manifest is this attempt's (a commit that failed after writing it).

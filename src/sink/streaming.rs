@@ -1,5 +1,7 @@
-//! Parts written from async code page by page (snapshots): the part writer's events are
-//! queued and uploaded when the caller pumps them, so at most a page's compressed bytes wait.
+//! The one upload of parts: [`Uploads`] turns the part writer's events into uploads through the
+//! sink, for the export's pass 2 (events from its writer threads) and for [`StreamingParts`],
+//! parts written from async code page by page (snapshots), whose events are queued and
+//! uploaded when the caller pumps them, so at most a page's compressed bytes wait.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -12,17 +14,74 @@ use crate::sink::{ObjectSink, Upload};
 
 type Emit = Box<dyn FnMut(PartEvent) -> bool + Send>;
 
+/// The parts of one folder being uploaded: the open one and those finished.
+pub struct Uploads {
+    sink: Arc<dyn ObjectSink>,
+    folder: String,
+    current: Option<Box<dyn Upload>>,
+    /// Parts finished so far.
+    pub files: Vec<FileEntry>,
+}
+
+impl Uploads {
+    /// Uploads into `folder`, after the already finished `files`.
+    pub fn new(sink: Arc<dyn ObjectSink>, folder: String, files: Vec<FileEntry>) -> Self {
+        Uploads {
+            sink,
+            folder,
+            current: None,
+            files,
+        }
+    }
+
+    /// Applies one event of the part writer: a part begins, gets bytes, or ends (and is listed).
+    pub async fn apply(&mut self, event: PartEvent) -> Result<()> {
+        match event {
+            PartEvent::Begin(name) => {
+                let key = format!("{}/{name}", self.folder);
+                let upload = self.sink.start_upload(&key, content_type(&name)).await?;
+                self.current = Some(upload);
+            }
+            PartEvent::Data(bytes) => {
+                if let Some(up) = self.current.as_mut() {
+                    up.write(bytes).await?;
+                }
+            }
+            PartEvent::End { name, records } => {
+                if let Some(up) = self.current.take() {
+                    let bytes = up.finish().await?;
+                    self.files.push(FileEntry {
+                        name,
+                        records,
+                        bytes,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards the open part (after a failure): nothing of it remains.
+    pub async fn abort(&mut self) {
+        if let Some(up) = self.current.take() {
+            let _ = up.abort().await;
+        }
+    }
+
+    /// The folder the parts go to.
+    pub fn folder(&self) -> &str {
+        &self.folder
+    }
+}
+
 /// Parts `{stem}-{NNNNN}` in one folder, uploaded as they are written.
 pub struct StreamingParts {
     writer: PartWriter<Emit>,
     events: mpsc::Receiver<PartEvent>,
-    sink: Arc<dyn ObjectSink>,
-    folder: String,
-    current: Option<(String, Box<dyn Upload>)>,
+    /// The uploads, with the parts finished so far (`uploads.files`).
+    pub uploads: Uploads,
     /// Set when the writer refused a record: the queue is ours, so only its compressor failed.
     failed: bool,
-    /// Parts finished so far.
-    pub files: Vec<FileEntry>,
 }
 
 impl StreamingParts {
@@ -47,11 +106,8 @@ impl StreamingParts {
                 emit,
             ),
             events: rx,
-            sink,
-            folder,
-            current: None,
+            uploads: Uploads::new(sink, folder, files),
             failed: false,
-            files,
         }
     }
 
@@ -65,33 +121,12 @@ impl StreamingParts {
     /// Uploads what the writer produced so far.
     pub async fn pump(&mut self) -> Result<()> {
         while let Ok(event) = self.events.try_recv() {
-            match event {
-                PartEvent::Begin(name) => {
-                    let key = format!("{}/{name}", self.folder);
-                    let upload = self.sink.start_upload(&key, content_type(&name)).await?;
-                    self.current = Some((name, upload));
-                }
-                PartEvent::Data(bytes) => {
-                    if let Some((_, up)) = self.current.as_mut() {
-                        up.write(bytes).await?;
-                    }
-                }
-                PartEvent::End { name, records } => {
-                    if let Some((_, up)) = self.current.take() {
-                        let bytes = up.finish().await?;
-                        self.files.push(FileEntry {
-                            name,
-                            records,
-                            bytes,
-                        });
-                    }
-                }
-            }
+            self.uploads.apply(event).await?;
         }
         if self.failed {
             return Err(Error::storage(format!(
                 "the part writer of {} failed (see the log)",
-                self.folder
+                self.uploads.folder()
             )));
         }
         Ok(())
@@ -107,7 +142,7 @@ impl StreamingParts {
 
     /// The folder the parts go to.
     pub fn folder(&self) -> &str {
-        &self.folder
+        self.uploads.folder()
     }
 
     /// The index of the next part.
@@ -118,8 +153,6 @@ impl StreamingParts {
     /// Discards the open part (after a failure): nothing of it remains.
     pub async fn abort(&mut self) {
         while self.events.try_recv().is_ok() {}
-        if let Some((_, up)) = self.current.take() {
-            let _ = up.abort().await;
-        }
+        self.uploads.abort().await;
     }
 }

@@ -153,12 +153,12 @@ pub async fn run(app: &App, lease: &Lease, deadline: Instant) -> Result<Outcome>
     match result {
         Ok(None) => {
             parts.checkpoint().await?;
-            let files = std::mem::take(&mut parts.files);
+            let files = std::mem::take(&mut parts.uploads.files);
             finish(app, lease, &folder, &progress, files, guard).await
         }
         Ok(Some(why)) => {
             parts.checkpoint().await?;
-            progress.files = std::mem::take(&mut parts.files);
+            progress.files = std::mem::take(&mut parts.uploads.files);
             progress.next_part = parts.next_index();
             save(app, lease, &progress).await?;
             let records: u64 = progress.files.iter().map(|f| f.records).sum();
@@ -345,7 +345,7 @@ async fn fill(
                         None
                     }
                     members::Copied::Deadline if reuse.copies_cut + 1 < members::MAX_CUT_COPIES => {
-                        parts.files.clear();
+                        parts.uploads.files.clear();
                         if let Some(m) = progress.members.as_mut() {
                             m.copies_cut += 1;
                         }
@@ -363,12 +363,12 @@ async fn fill(
                 };
                 if let Some(why) = give_up {
                     tracing::warn!(table = %table, why = %why, "listing every cohort's members");
-                    parts.files.clear();
+                    parts.uploads.files.clear();
                     if let Some(m) = progress.members.as_mut() {
                         progress.cursor.cohorts = Some(m.list_all(app.clock.now()));
                     }
                 }
-                progress.cursor.files_at_cohort_start = parts.files.len();
+                progress.cursor.files_at_cohort_start = parts.uploads.files.len();
                 save_place(app, lease, progress, parts).await?;
             }
             let ids = progress.cursor.cohorts.clone().unwrap_or_default();
@@ -397,7 +397,7 @@ async fn fill(
                 progress.cursor = Cursor {
                     cohorts: progress.cursor.cohorts.take(),
                     cohort_pos: progress.cursor.cohort_pos,
-                    files_at_cohort_start: parts.files.len(),
+                    files_at_cohort_start: parts.uploads.files.len(),
                     ..Cursor::default()
                 };
             }
@@ -487,7 +487,7 @@ async fn list_profiles(
                 Ok(Some(why)) => return Ok(Some(why)),
                 Ok(None) => {
                     parts.checkpoint().await?;
-                    let delta = std::mem::take(&mut parts.files);
+                    let delta = std::mem::take(&mut parts.uploads.files);
                     if let Listing::Changed(c) = &mut progress.listing {
                         c.delta = Some(delta);
                     }
@@ -549,7 +549,7 @@ async fn list_profiles(
                 // The merged parts so far are not kept: the merge starts over next time, or,
                 // cut short again, every profile is listed (a listing resumes, a merge not).
                 parts.checkpoint().await?;
-                parts.files.clear();
+                parts.uploads.files.clear();
                 let cut = c.merges_cut + 1;
                 if cut >= changed::MAX_CUT_MERGES {
                     let why = format!(
@@ -741,7 +741,7 @@ async fn save_place(
 ) -> Result<()> {
     parts.checkpoint().await?;
     let mut saved = progress.clone();
-    saved.files = parts.files.clone();
+    saved.files = parts.uploads.files.clone();
     saved.next_part = parts.next_index();
     save(app, lease, &saved).await
 }
@@ -758,7 +758,10 @@ async fn restart(progress: &mut Progress, parts: &mut StreamingParts) -> Result<
     // The dropped parts are not deleted: the saved progress may still name them (if this
     // invocation fails before saving again, the next one resumes from it). The snapshot's
     // commit removes every part its manifest does not list; new parts get new numbers.
-    parts.files.truncate(keep.min(parts.files.len()));
+    parts
+        .uploads
+        .files
+        .truncate(keep.min(parts.uploads.files.len()));
     progress.cursor.session_id = None;
     progress.cursor.page = 0;
     progress.cursor.total = None;
