@@ -37,8 +37,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::plan;
 use crate::run::export::SliceResult;
 use crate::state::{SliceId, SliceRecord, SliceStatus};
-use crate::tables::Table;
 use crate::tables::export::project_today;
+use crate::tables::{Runner, Table};
 
 /// The status of an invocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -319,8 +319,8 @@ pub async fn attempt_slice(
     let lease = &claim.lease;
     let started = Instant::now();
     let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
-    let result = match lease.table {
-        Table::Export => match first_discovery(app, work_deadline).await {
+    let result = match lease.table.spec().runner {
+        Runner::Export => match first_discovery(app, work_deadline).await {
             Ok(()) => crate::run::split::run(app, claim, work_deadline)
                 .await
                 .map(|r| match r {
@@ -329,20 +329,18 @@ pub async fn attempt_slice(
                 }),
             Err(e) => Err(e),
         },
-        Table::Funnels | Table::Revenue => crate::run::dated::run(app, lease, work_deadline)
+        Runner::Dated => crate::run::dated::run(app, lease, work_deadline)
             .await
             .map(|r| match r {
                 crate::run::dated::Ran::Done(r, label) => Ran::Done(r, Some(label)),
                 crate::run::dated::Ran::Partial(why) => Ran::Partial(why),
             }),
-        Table::Engage | Table::CohortMembers | Table::Cohorts | Table::Annotations => {
-            crate::run::snapshot::run(app, lease, work_deadline)
-                .await
-                .map(|o| match o {
-                    crate::run::snapshot::Outcome::Done(r) => Ran::Done(r, None),
-                    crate::run::snapshot::Outcome::Partial(why) => Ran::Partial(why),
-                })
-        }
+        Runner::Snapshot => crate::run::snapshot::run(app, lease, work_deadline)
+            .await
+            .map(|o| match o {
+                crate::run::snapshot::Outcome::Done(r) => Ran::Done(r, None),
+                crate::run::snapshot::Outcome::Partial(why) => Ran::Partial(why),
+            }),
     };
     let mut resp = Response::new(Status::Done, lease.table);
     resp.slice = Some(lease.slice.to_string());

@@ -23,28 +23,7 @@ pub const RECHECK: Duration = Duration::from_secs(900);
 /// The columns every row of a table has, first in its Glue table, with their Athena types:
 /// what the stack's template declares for the table.
 pub fn fixed_columns(table: Table) -> &'static [(&'static str, &'static str)] {
-    match table {
-        Table::Export => &[
-            ("event", "string"),
-            ("distinct_id", "string"),
-            ("time", "string"),
-        ],
-        Table::Engage => &[("distinct_id", "string")],
-        Table::CohortMembers => &[("cohort_id", "bigint"), ("distinct_id", "string")],
-        Table::Cohorts => &[("id", "bigint"), ("name", "string")],
-        Table::Annotations => &[("id", "bigint"), ("date", "string")],
-        Table::Funnels => &[
-            ("funnel_id", "bigint"),
-            ("name", "string"),
-            ("steps", "string"),
-            ("analysis", "string"),
-        ],
-        Table::Revenue => &[
-            ("amount", "double"),
-            ("count", "bigint"),
-            ("paid_count", "bigint"),
-        ],
-    }
+    table.spec().glue_columns
 }
 
 /// The Athena type of a column of these JSON types (`_schema.json`'s `integer|string`): one

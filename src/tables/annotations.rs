@@ -6,6 +6,16 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::tables::{Runner, Spec, Table};
+
+/// What the rest of the program knows of the table (its line in [`super::REGISTRY`]).
+pub const SPEC: Spec = Spec {
+    table: Table::Annotations,
+    name: "annotations",
+    runner: Runner::Snapshot,
+    fixed_keys: &[],
+    glue_columns: &[("id", "bigint"), ("date", "string")],
+};
 
 /// The query parameters of the Query API's `annotations`.
 pub fn params(from: Date, to: Date) -> Vec<(&'static str, String)> {

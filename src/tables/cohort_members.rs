@@ -6,6 +6,16 @@ use serde_json::value::RawValue;
 use crate::error::Result;
 use crate::tables::engage;
 use crate::tables::json::{Types, fixed_schema};
+use crate::tables::{Runner, Spec, Table};
+
+/// What the rest of the program knows of the table (its line in [`super::REGISTRY`]).
+pub const SPEC: Spec = Spec {
+    table: Table::CohortMembers,
+    name: "cohort_members",
+    runner: Runner::Snapshot,
+    fixed_keys: &[],
+    glue_columns: &[("cohort_id", "bigint"), ("distinct_id", "string")],
+};
 
 /// The table's columns: `distinct_id` typed as the ids written were (`string`, `integer`, or
 /// both).

@@ -4,6 +4,16 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::tables::{Runner, Spec, Table};
+
+/// What the rest of the program knows of the table (its line in [`super::REGISTRY`]).
+pub const SPEC: Spec = Spec {
+    table: Table::Cohorts,
+    name: "cohorts",
+    runner: Runner::Snapshot,
+    fixed_keys: &[],
+    glue_columns: &[("id", "bigint"), ("name", "string")],
+};
 
 /// The query API path.
 pub const PATH: &str = "cohorts/list";

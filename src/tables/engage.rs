@@ -9,6 +9,16 @@ use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::tables::json::{Columns, FlattenSeed, Key, Types};
+use crate::tables::{Runner, Spec, Table};
+
+/// What the rest of the program knows of the table (its line in [`super::REGISTRY`]).
+pub const SPEC: Spec = Spec {
+    table: Table::Engage,
+    name: "engage",
+    runner: Runner::Snapshot,
+    fixed_keys: &["distinct_id"],
+    glue_columns: &[("distinct_id", "string")],
+};
 
 /// Profiles asked for per page (the most Mixpanel serves; a project may serve fewer, and its
 /// answer's `page_size` then says how many).

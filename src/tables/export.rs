@@ -21,6 +21,20 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::schema::Schema;
 use crate::slice::SliceId;
 use crate::tables::json::{Columns, Key};
+use crate::tables::{Runner, Spec, Table};
+
+/// What the rest of the program knows of the table (its line in [`super::REGISTRY`]).
+pub const SPEC: Spec = Spec {
+    table: Table::Export,
+    name: "export",
+    runner: Runner::Export,
+    fixed_keys: &FIXED_KEYS,
+    glue_columns: &[
+        ("event", "string"),
+        ("distinct_id", "string"),
+        ("time", "string"),
+    ],
+};
 
 /// One raw export request (what the export API is asked for a slice).
 #[derive(Clone, Debug, PartialEq, Eq)]

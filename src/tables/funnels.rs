@@ -8,6 +8,21 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::tables::{Runner, Spec, Table};
+
+/// What the rest of the program knows of the table (its line in [`super::REGISTRY`]).
+pub const SPEC: Spec = Spec {
+    table: Table::Funnels,
+    name: "funnels",
+    runner: Runner::Dated,
+    fixed_keys: &[],
+    glue_columns: &[
+        ("funnel_id", "bigint"),
+        ("name", "string"),
+        ("steps", "string"),
+        ("analysis", "string"),
+    ],
+};
 
 /// The table's columns, every row has them all (`date` also names the partition).
 pub fn schema() -> crate::schema::Schema {
