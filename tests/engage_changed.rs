@@ -6,6 +6,7 @@
 mod support;
 
 use mixpanel_replicator::app::App;
+use mixpanel_replicator::clock::ShiftedClock;
 use mixpanel_replicator::handler::{self, Response, Status};
 use mixpanel_replicator::state::SliceId;
 use mixpanel_replicator::tables::Table;
@@ -389,6 +390,18 @@ async fn a_full_listing_runs_when_asked_for_and_when_the_refresh_days_say_so() {
     assert_eq!(engage(&app).await.status, Status::Done);
     assert_exact(&app, sim).await;
     assert_eq!(last_listing(&app).await, "changed");
+
+    // Eight days on, past ENGAGE_FULL_REFRESH_DAYS (7) since the last full listing: the next
+    // scheduled snapshot lists every profile again.
+    let clock = ShiftedClock::new();
+    let app = app.with_clock(clock.clone());
+    clock.advance(std::time::Duration::from_secs(8 * 86_400));
+    sim.update_profiles(&[9]);
+    let seen = sim.requests().len();
+    assert_eq!(engage(&app).await.status, Status::Done);
+    assert_exact(&app, sim).await;
+    assert_eq!(last_listing(&app).await, "full");
+    assert!(engage_requests(sim, seen).iter().all(|r| !is_filtered(r)));
 
     // `full` is for engage only.
     let e = handler::handle(&app, json!({"table": "cohorts", "full": true}), deadline())
