@@ -498,6 +498,17 @@ mod tests {
         (dir, store)
     }
 
+    /// Limits of `per_window` requests an hour.
+    fn hourly(per_window: u32, per_second: Option<u32>, concurrent: u32) -> Limits {
+        Limits {
+            per_window,
+            window: Duration::from_secs(3600),
+            per_second,
+            concurrent,
+            max_hold: Duration::from_secs(60),
+        }
+    }
+
     /// A clock that moves with tokio's paused clock: the waits below take no real time.
     fn clock() -> Arc<dyn Clock> {
         Arc::new(TokioClock::new())
@@ -506,13 +517,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrent_takers_never_exceed_the_window_and_wait_for_room() {
         let (_dir, store) = ledger();
-        let limits = Limits {
-            per_window: 5,
-            window: Duration::from_secs(3600),
-            per_second: None,
-            concurrent: 100,
-            max_hold: Duration::from_secs(60),
-        };
+        let limits = hourly(5, None, 100);
         let budget = Arc::new(RequestBudget::new(store, clock(), limits, limits));
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -573,13 +578,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn three_a_second_go_at_once_and_the_fourth_waits_for_the_second_to_pass() {
         let (_dir, store) = ledger();
-        let limits = Limits {
-            per_window: 60,
-            window: Duration::from_secs(3600),
-            per_second: Some(3),
-            concurrent: 100,
-            max_hold: Duration::from_secs(60),
-        };
+        let limits = hourly(60, Some(3), 100);
         let budget = RequestBudget::new(store, clock(), limits, limits);
         let started = Instant::now();
         let mut times = Vec::new();
@@ -605,16 +604,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_capped_share_is_counted_across_budgets_and_leaves_the_rest_to_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Ledger> =
-            Arc::new(LocalStore::open(dir.path().join("state.json")).unwrap());
-        let limits = Limits {
-            per_window: 4,
-            window: Duration::from_secs(3600),
-            per_second: None,
-            concurrent: 5,
-            max_hold: Duration::from_secs(60),
-        };
+        let (_dir, store) = ledger();
+        let limits = hourly(4, None, 5);
         let share = Share {
             tag: "engage",
             cap: Some(ShareCap {
@@ -658,16 +649,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_room_before_the_deadline_is_a_clean_deadline_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Ledger> =
-            Arc::new(LocalStore::open(dir.path().join("state.json")).unwrap());
-        let limits = Limits {
-            per_window: 1,
-            window: Duration::from_secs(3600),
-            per_second: None,
-            concurrent: 5,
-            max_hold: Duration::from_secs(60),
-        };
+        let (_dir, store) = ledger();
+        let limits = hourly(1, None, 5);
         let budget = RequestBudget::new(store, clock(), limits, limits);
         let p = budget
             .acquire(Family::Query, Instant::now() + Duration::from_secs(5))
