@@ -55,6 +55,16 @@ impl Policy {
         ..Policy::MIXPANEL
     };
 
+    /// Storage and state-store work after a commit's manifest is written (removing other
+    /// attempts' parts, reading a slice back): three tries, 0.4 s and 0.8 s apart.
+    pub const CLEANUP: Policy = Policy {
+        attempts: 3,
+        first_delay: Duration::from_millis(400),
+        factor: 2,
+        cap: Duration::from_secs(60),
+        jitter: 0.0,
+    };
+
     /// The same policy with another first delay (tests shorten Mixpanel's).
     pub const fn with_first_delay(self, first_delay: Duration) -> Policy {
         Policy {
@@ -227,6 +237,7 @@ mod tests {
             [500, 1000, 2000, 4000, 8000, 16000, 32000, 60000]
         );
         assert_eq!(ms(Policy::EXPORT_FETCH, 1), 500);
+        assert_eq!([ms(Policy::CLEANUP, 1), ms(Policy::CLEANUP, 2)], [400, 800]);
         assert_eq!(
             Policy::MIXPANEL
                 .with_first_delay(Duration::from_millis(20))
