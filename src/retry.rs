@@ -65,6 +65,16 @@ impl Policy {
         jitter: 0.0,
     };
 
+    /// A SendMessageBatch to the fan-out queue: the entries SQS did not take are sent again,
+    /// four sends in all, 0.2 s, 0.4 s and 0.8 s apart.
+    pub const SQS_SEND: Policy = Policy {
+        attempts: 4,
+        first_delay: Duration::from_millis(200),
+        factor: 2,
+        cap: Duration::from_secs(60),
+        jitter: 0.0,
+    };
+
     /// The same policy with another first delay (tests shorten Mixpanel's).
     pub const fn with_first_delay(self, first_delay: Duration) -> Policy {
         Policy {
@@ -238,6 +248,7 @@ mod tests {
         );
         assert_eq!(ms(Policy::EXPORT_FETCH, 1), 500);
         assert_eq!([ms(Policy::CLEANUP, 1), ms(Policy::CLEANUP, 2)], [400, 800]);
+        assert_eq!([1, 2, 3].map(|a| ms(Policy::SQS_SEND, a)), [200, 400, 800]);
         assert_eq!(
             Policy::MIXPANEL
                 .with_first_delay(Duration::from_millis(20))
