@@ -75,6 +75,17 @@ impl Policy {
         jitter: 0.0,
     };
 
+    /// A schema merge that lost a compare-and-swap race to another writer: read again and
+    /// merged at once (the winner's write is there to read: waiting would not help), 32 tries
+    /// before the merge fails.
+    pub const SCHEMA_MERGE: Policy = Policy {
+        attempts: 32,
+        first_delay: Duration::ZERO,
+        factor: 1,
+        cap: Duration::ZERO,
+        jitter: 0.0,
+    };
+
     /// The same policy with another first delay (tests shorten Mixpanel's).
     pub const fn with_first_delay(self, first_delay: Duration) -> Policy {
         Policy {
@@ -249,6 +260,7 @@ mod tests {
         assert_eq!(ms(Policy::EXPORT_FETCH, 1), 500);
         assert_eq!([ms(Policy::CLEANUP, 1), ms(Policy::CLEANUP, 2)], [400, 800]);
         assert_eq!([1, 2, 3].map(|a| ms(Policy::SQS_SEND, a)), [200, 400, 800]);
+        assert_eq!(Policy::SCHEMA_MERGE.delay(7), Duration::ZERO);
         assert_eq!(
             Policy::MIXPANEL
                 .with_first_delay(Duration::from_millis(20))
