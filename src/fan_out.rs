@@ -5,17 +5,14 @@
 //! Messages are only hints to look at a slice: the state store is the truth. A duplicate or
 //! late message finds its day committed, leased or parked and does nothing.
 
-use std::time::Duration;
-
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result, describe_sdk_error};
+use crate::retry::{Decision, Next, Policy};
 
 /// SendMessageBatch takes at most ten messages.
 const BATCH: usize = 10;
-/// Sends of a batch's failed entries before the fan-out gives up.
-const SEND_ATTEMPTS: u32 = 4;
 
 /// The fan-out queue (`FAN_OUT_QUEUE_URL`).
 pub struct FanOutQueue {
@@ -43,9 +40,10 @@ impl FanOutQueue {
                 .enumerate()
                 .map(|(i, e)| (i.to_string(), e.to_string()))
                 .collect();
-            let mut attempt = 0;
+            // Sends of a batch's failed entries, under the policy, before the fan-out gives up.
+            let mut attempts = Policy::SQS_SEND.start(None);
             while !left.is_empty() {
-                attempt += 1;
+                let attempt = attempts.begin();
                 let entries = left
                     .iter()
                     .map(|(id, body)| {
@@ -81,16 +79,16 @@ impl FanOutQueue {
                 if retry.is_empty() {
                     break;
                 }
-                if attempt >= SEND_ATTEMPTS {
+                let Next::Wait(wait) = attempts.after(Decision::Retry) else {
                     return Err(self.error(format!(
                         "{} of {} messages not accepted after {attempt} attempts: {}",
                         retry.len(),
                         chunk.len(),
                         why.join("; ")
                     )));
-                }
+                };
                 left.retain(|(id, _)| retry.contains(id));
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                tokio::time::sleep(wait).await;
             }
         }
         tracing::info!(queue = %self.url, messages = events.len(), "day events sent to the fan-out queue");

@@ -27,6 +27,7 @@ pub(crate) mod mixpanel;
 pub(crate) mod park;
 pub mod plan;
 pub(crate) mod ratelimit;
+pub(crate) mod retry;
 pub mod run;
 pub(crate) mod schema;
 pub mod secrets;

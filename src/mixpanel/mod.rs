@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::ratelimit::{Family, Permit, RequestBudget};
+use crate::retry::{Decision, Policy};
 use crate::secrets::CredentialsProvider;
 
 /// Counters of what the client did, for the invocation summary.
@@ -23,9 +24,6 @@ pub struct RequestStats {
 }
 
 pub use crate::tables::export::ExportQuery;
-
-/// How many times a request is sent before a retryable failure is given up on.
-const MAX_ATTEMPTS: u32 = 6;
 
 /// The client; cheap to clone.
 #[derive(Clone)]
@@ -264,8 +262,8 @@ impl MixpanelClient {
     }
 
     /// Sends a GET until it answers 200, retrying 429 (and for queries 5xx and network
-    /// failures) with backoff. With `first_byte`, an answer slower than that after sending is
-    /// a transient failure.
+    /// failures) under [`Policy::MIXPANEL`]. With `first_byte`, an answer slower than that
+    /// after sending is a transient failure.
     async fn send(
         &self,
         url: &str,
@@ -275,101 +273,141 @@ impl MixpanelClient {
         deadline: Instant,
         params: impl Fn(Option<u64>) -> Vec<(String, String)>,
     ) -> Result<(reqwest::Response, Option<Permit>)> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let creds = self.credentials.get().await?;
-            // Every attempt is a request Mixpanel counts: each takes from the shared budget.
-            let permit = match &self.budget {
-                Some(b) => Some(b.acquire(family, deadline).await?),
-                None => None,
-            };
-            let query = params(creds.project_id());
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let request = self
-                .http
-                .get(url)
-                .header(reqwest::header::AUTHORIZATION, creds.authorization())
-                .header(reqwest::header::ACCEPT_ENCODING, "gzip")
-                .query(&query)
-                .send();
-            let sent = match first_byte {
-                Some(wait) => tokio::time::timeout(wait, request).await.ok(),
-                None => Some(request.await),
-            };
-            let Some(sent) = sent else {
-                return Err(Error::transient(format!(
-                    "Mixpanel sent no answer to {shown} for {:.0} s",
-                    first_byte.unwrap_or_default().as_secs_f64()
-                )));
-            };
-            let (err, retry_after) = match sent {
-                Ok(resp) if resp.status() == StatusCode::OK => return Ok((resp, permit)),
-                Ok(resp) => {
-                    let status = resp.status();
-                    let retry_after = retry_after(&resp);
-                    let body = read_error_body(resp).await;
-                    let err = classify(status, &body, shown);
-                    if err.kind() == ErrorKind::Unauthorized {
-                        // A rotated secret is picked up by the next invocation.
-                        self.credentials.invalidate().await;
+        Policy::MIXPANEL
+            .with_first_delay(self.base_backoff)
+            .run(
+                Some(deadline),
+                |_| self.send_once(url, shown, family, first_byte, deadline, &params),
+                |failed, _| {
+                    if failed.last {
+                        return Decision::GiveUp;
                     }
-                    if status == StatusCode::TOO_MANY_REQUESTS {
-                        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        if let Some(budget) = &self.budget {
-                            // Every invocation now waits for the slot Mixpanel leaves; the
-                            // next attempt's grant below waits for it too (or gives up).
-                            let until = budget.rate_limited(family, retry_after).await?;
-                            tracing::warn!(
-                                path = shown,
-                                blocked_until_ms = until,
-                                "Mixpanel rate limit: requests wait for the budget's next free slot"
-                            );
-                        }
+                    // An export that fails otherwise (5xx, `Timeout Error`, a broken
+                    // connection) is Mixpanel's sign of a day too heavy to export at once: the
+                    // caller counts it and splits the request rather than sending the same one
+                    // again here.
+                    let retries = matches!(
+                        (family, failed.err.kind()),
+                        (_, ErrorKind::RateLimited) | (Family::Query, ErrorKind::Transient)
+                    );
+                    if !retries {
+                        Decision::GiveUp
+                    } else if failed.err.kind() == ErrorKind::RateLimited && self.budget.is_some() {
+                        // The budget holds every request back until the slot (acquired by the
+                        // next attempt).
+                        Decision::RetryAtOnce
+                    } else if let Some(wait) = failed.retry_after {
+                        Decision::RetryAfter(wait)
+                    } else {
+                        Decision::Retry
                     }
-                    (err, retry_after)
+                },
+                |failed, attempt, wait| {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    if let Some(wait) = wait {
+                        tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %failed.err, "retrying a Mixpanel request");
+                    }
+                },
+            )
+            .await
+            .map_err(|failed| failed.err)
+    }
+
+    /// One attempt of [`MixpanelClient::send`].
+    async fn send_once(
+        &self,
+        url: &str,
+        shown: &str,
+        family: Family,
+        first_byte: Option<Duration>,
+        deadline: Instant,
+        params: &impl Fn(Option<u64>) -> Vec<(String, String)>,
+    ) -> std::result::Result<(reqwest::Response, Option<Permit>), Failed> {
+        let creds = self.credentials.get().await.map_err(Failed::last)?;
+        // Every attempt is a request Mixpanel counts: each takes from the shared budget.
+        let permit = match &self.budget {
+            Some(b) => Some(b.acquire(family, deadline).await.map_err(Failed::last)?),
+            None => None,
+        };
+        let query = params(creds.project_id());
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let request = self
+            .http
+            .get(url)
+            .header(reqwest::header::AUTHORIZATION, creds.authorization())
+            .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+            .query(&query)
+            .send();
+        let sent = match first_byte {
+            Some(wait) => tokio::time::timeout(wait, request).await.ok(),
+            None => Some(request.await),
+        };
+        let Some(sent) = sent else {
+            return Err(Failed::last(Error::transient(format!(
+                "Mixpanel sent no answer to {shown} for {:.0} s",
+                first_byte.unwrap_or_default().as_secs_f64()
+            ))));
+        };
+        match sent {
+            Ok(resp) if resp.status() == StatusCode::OK => Ok((resp, permit)),
+            Ok(resp) => {
+                let status = resp.status();
+                let retry_after = retry_after(&resp);
+                let body = read_error_body(resp).await;
+                let err = classify(status, &body, shown);
+                if err.kind() == ErrorKind::Unauthorized {
+                    // A rotated secret is picked up by the next invocation.
+                    self.credentials.invalidate().await;
                 }
-                Err(e) => (
-                    Error::transient(format!("request to {shown} failed: {}", without_url(&e))),
-                    None,
-                ),
-            };
-            // An export that fails otherwise (5xx, `Timeout Error`, a broken connection) is
-            // Mixpanel's sign of a day too heavy to export at once: the caller counts it and
-            // splits the request rather than sending the same one again here.
-            let retries = matches!(
-                (family, err.kind()),
-                (_, ErrorKind::RateLimited) | (Family::Query, ErrorKind::Transient)
-            );
-            if !retries || attempt >= MAX_ATTEMPTS {
-                return Err(err);
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    if let Some(budget) = &self.budget {
+                        // Every invocation now waits for the slot Mixpanel leaves; the
+                        // next attempt's grant waits for it too (or gives up).
+                        let until = budget
+                            .rate_limited(family, retry_after)
+                            .await
+                            .map_err(Failed::last)?;
+                        tracing::warn!(
+                            path = shown,
+                            blocked_until_ms = until,
+                            "Mixpanel rate limit: requests wait for the budget's next free slot"
+                        );
+                    }
+                }
+                Err(Failed {
+                    err,
+                    retry_after,
+                    last: false,
+                })
             }
-            if err.kind() == ErrorKind::RateLimited && self.budget.is_some() {
-                // The budget holds every request back until the slot (acquired above).
-                self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let wait = retry_after.unwrap_or_else(|| backoff(self.base_backoff, attempt));
-            if Instant::now() + wait >= deadline {
-                return Err(err);
-            }
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying a Mixpanel request");
-            tokio::time::sleep(wait).await;
+            Err(e) => Err(Failed {
+                err: Error::transient(format!("request to {shown} failed: {}", without_url(&e))),
+                retry_after: None,
+                last: false,
+            }),
         }
     }
 }
 
-/// Exponential backoff with jitter, capped at a minute.
-pub fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
-    let capped = exp.min(Duration::from_secs(60));
-    // Jitter from the clock's nanoseconds: enough to spread concurrent invocations.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    capped.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
+/// A failed attempt of a request.
+struct Failed {
+    err: Error,
+    /// Mixpanel's `Retry-After`.
+    retry_after: Option<Duration>,
+    /// Not worth another attempt whatever its kind (the credentials, the budget, no first
+    /// byte).
+    last: bool,
+}
+
+impl Failed {
+    fn last(err: Error) -> Failed {
+        Failed {
+            err,
+            retry_after: None,
+            last: true,
+        }
+    }
 }
 
 fn retry_after(resp: &reqwest::Response) -> Option<Duration> {

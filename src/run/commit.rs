@@ -5,6 +5,7 @@ use bytes::Bytes;
 use jiff::Timestamp;
 
 use crate::error::{Cause, Error, ErrorKind, Result};
+use crate::retry::{Decision, Policy};
 use crate::sink::ObjectSink;
 use crate::state::{Lease, Schema, SliceId, SliceRecord, SliceStatus, StateStore};
 use crate::tables::Table;
@@ -183,10 +184,6 @@ pub async fn commit_with_rejected(
     Ok(manifest)
 }
 
-/// How many times the removal of other attempts' parts (and the reading back of a completion
-/// whose answer was lost) is tried once the manifest is written.
-const CLEANUP_ATTEMPTS: u32 = 3;
-
 /// The first half of a commit: the fencing check, the manifest (and a date partition's symlink
 /// manifest), then the removal of other attempts' parts. The slice is not marked committed yet:
 /// whatever must be visible before it is (a snapshot's `_latest.json`) goes next, then
@@ -253,22 +250,28 @@ async fn write_manifest_with(
     }
     // Parts of other attempts (failed, abandoned or replaced) go. The manifest is written: a
     // passing storage failure here is worth a few more tries rather than failing the commit.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let mut removed = remove_other_parts(sink, folder, &manifest.files).await;
-        if let (Ok(()), Some(r)) = (&removed, rejected) {
-            removed = remove_other_parts(sink, &r.folder, &r.files).await;
-        }
-        match removed {
-            Ok(()) => break,
-            Err(e) if attempt < CLEANUP_ATTEMPTS && e.kind().retryable() => {
+    Policy::CLEANUP
+        .run(
+            None,
+            |_| async {
+                remove_other_parts(sink, folder, &manifest.files).await?;
+                match rejected {
+                    Some(r) => remove_other_parts(sink, &r.folder, &r.files).await,
+                    None => Ok(()),
+                }
+            },
+            |e: &Error, _| {
+                if e.kind().retryable() {
+                    Decision::Retry
+                } else {
+                    Decision::GiveUp
+                }
+            },
+            |e, attempt, _| {
                 tracing::warn!(folder, attempt, error = %e, "removing other attempts' parts again");
-                tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+            },
+        )
+        .await?;
     Ok(manifest)
 }
 
@@ -320,23 +323,24 @@ pub async fn complete(store: &dyn StateStore, lease: &Lease, result: Option<&str
     if matches!(outcome, Ok(true)) {
         return Ok(());
     }
-    let mut ours = false;
-    for attempt in 1..=CLEANUP_ATTEMPTS {
-        match store.slices(lease.table).await {
-            Ok(slices) => {
-                ours = slices.iter().any(|r| {
-                    r.slice == lease.slice
-                        && r.status == SliceStatus::Committed
-                        && r.lease_owner.as_deref() == Some(lease.owner.as_str())
-                });
-                break;
-            }
-            Err(e) => {
+    let ours = Policy::CLEANUP
+        .run(
+            None,
+            |_| store.slices(lease.table),
+            |e, attempt| {
                 tracing::warn!(attempt, error = %e, "cannot read the slice back after its completion failed");
-                tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
-            }
-        }
-    }
+                Decision::Retry
+            },
+            |_, _, _| {},
+        )
+        .await
+        .is_ok_and(|slices| {
+            slices.iter().any(|r| {
+                r.slice == lease.slice
+                    && r.status == SliceStatus::Committed
+                    && r.lease_owner.as_deref() == Some(lease.owner.as_str())
+            })
+        });
     match outcome {
         _ if ours => Ok(()),
         Err(e) => Err(e),

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::mixpanel::without_url;
+use crate::retry::{Decision, Policy};
 use crate::run::commit::{self, FileEntry};
 use crate::run::setaside::{self, Aside, BodyShape, Rejected};
 use crate::run::spill::{DayShards, Spill};
@@ -104,10 +105,6 @@ pub enum Exported {
     /// big for one invocation. Nothing was committed.
     TooBig(String),
 }
-
-/// How many times a slice's body is fetched in one invocation when Mixpanel cuts it off (or
-/// fails it): a failing request never spends more of the hour's 60 exports than this.
-const FETCH_ATTEMPTS: u32 = 2;
 
 /// Mixpanel's signs that a request is too heavy (`terminated early`, a cut body, `Timeout
 /// Error`, a 5xx, no first byte), for the same whole-day request in a row, after which the day
@@ -312,69 +309,78 @@ pub(crate) async fn fetch(
     deadline: Instant,
 ) -> Result<Fetch> {
     let s = &app.settings;
-    let mut attempt = 0;
     let mut signals = heavy.signals;
     let started = Instant::now();
     let read = AtomicU64::new(0);
-    loop {
-        let began = OnceLock::new();
-        attempt += 1;
-        let mut transformer = Transformer::new(
-            s.timezone.clone(),
-            s.export_time_mode,
-            window,
-            known.allowed(),
-        )
-        .named(known.stored());
-        if bounds.len() > 2 {
-            transformer = transformer.routed(bounds);
-        }
-        // A slice that has not begun yet (an hour of today still to come), or that holds no
-        // instant (the hour the clocks skip on a 23-hour day), holds no event: Mixpanel is not
-        // asked, and the slice is written empty (a day of today is refreshed later).
-        let begun = window.start <= app.clock.now().as_second() && window.start < window.end;
-        match fetch_into_spill(
-            app,
-            &window.query,
-            begun,
-            transformer,
-            deadline,
-            &read,
-            &began,
-        )
-        .await
-        {
-            Ok(pass1) => {
-                return Ok(Fetch::Read(Fetched {
-                    pass1,
-                    started,
-                    body_began: began.get().copied().unwrap_or(started),
-                }));
-            }
-            // The body flowed for most of the invocation and did not end: too big. (A slow
-            // answer, retries or rate-limit waits say nothing of the size: the slice is then
-            // simply tried again whole.)
-            Err(e)
+    let read = &read;
+    // Set when an error says the slice is too big rather than failed.
+    let mut too_big = None;
+    let fetched = Policy::EXPORT_FETCH
+        .run(
+            None,
+            |_| async move {
+                let began = OnceLock::new();
+                let mut transformer = Transformer::new(
+                    s.timezone.clone(),
+                    s.export_time_mode,
+                    window,
+                    known.allowed(),
+                )
+                .named(known.stored());
+                if bounds.len() > 2 {
+                    transformer = transformer.routed(bounds);
+                }
+                // A slice that has not begun yet (an hour of today still to come), or that
+                // holds no instant (the hour the clocks skip on a 23-hour day), holds no event:
+                // Mixpanel is not asked, and the slice is written empty (a day of today is
+                // refreshed later).
+                let begun =
+                    window.start <= app.clock.now().as_second() && window.start < window.end;
+                match fetch_into_spill(
+                    app,
+                    &window.query,
+                    begun,
+                    transformer,
+                    deadline,
+                    read,
+                    &began,
+                )
+                .await
+                {
+                    Ok(pass1) => Ok(Fetched {
+                        pass1,
+                        started,
+                        body_began: began.get().copied().unwrap_or(started),
+                    }),
+                    Err(e) => Err((e, began.get().copied())),
+                }
+            },
+            |(e, began), _| {
+                // The body flowed for most of the invocation and did not end: too big. (A slow
+                // answer, retries or rate-limit waits say nothing of the size: the slice is
+                // then simply tried again whole.)
                 if e.kind() == ErrorKind::Deadline
                     && read.load(Ordering::Relaxed) > 0
-                    && began
-                        .get()
-                        .is_some_and(|b| b.elapsed() >= started.elapsed() / 2) =>
-            {
-                return Ok(Fetch::TooBig(format!(
-                    "the export body of {what} did not end within the invocation ({:.1} MB read in {:.1} s)",
-                    read.load(Ordering::Relaxed) as f64 / 1e6,
-                    started.elapsed().as_secs_f64()
-                )));
-            }
-            // The spill (about the raw size) outgrew the temporary storage: an hour's fits.
-            Err(e) if e.cause() == Some(Cause::NoSpace) => {
-                return Ok(Fetch::TooBig(format!(
-                    "the spill of {what} outgrew the temporary storage ({:.1} MB read): {e}",
-                    read.load(Ordering::Relaxed) as f64 / 1e6
-                )));
-            }
-            Err(e) if e.kind() == ErrorKind::Transient => {
+                    && began.is_some_and(|b| b.elapsed() >= started.elapsed() / 2)
+                {
+                    too_big = Some(format!(
+                        "the export body of {what} did not end within the invocation ({:.1} MB read in {:.1} s)",
+                        read.load(Ordering::Relaxed) as f64 / 1e6,
+                        started.elapsed().as_secs_f64()
+                    ));
+                    return Decision::GiveUp;
+                }
+                // The spill (about the raw size) outgrew the temporary storage: an hour's fits.
+                if e.cause() == Some(Cause::NoSpace) {
+                    too_big = Some(format!(
+                        "the spill of {what} outgrew the temporary storage ({:.1} MB read): {e}",
+                        read.load(Ordering::Relaxed) as f64 / 1e6
+                    ));
+                    return Decision::GiveUp;
+                }
+                if e.kind() != ErrorKind::Transient {
+                    return Decision::GiveUp;
+                }
                 signals += 1;
                 if signals >= HEAVY_SIGNALS_TO_SPLIT && heavy.split {
                     let what_is = if heavy.whole_day {
@@ -382,22 +388,29 @@ pub(crate) async fn fetch(
                     } else {
                         "the range"
                     };
-                    return Ok(Fetch::TooBig(format!(
+                    too_big = Some(format!(
                         "Mixpanel failed the export of {what_is} {what} {signals} times in a row (last: {e})"
-                    )));
+                    ));
+                    return Decision::GiveUp;
                 }
-                if attempt >= FETCH_ATTEMPTS || Instant::now() >= deadline {
-                    return Err(e);
+                // The attempts are the policy's, and none begins once the deadline has come.
+                // (The policy is given no deadline: the wait before the next attempt is short,
+                // and that attempt ends at the deadline if it comes meanwhile.)
+                if Instant::now() >= deadline {
+                    Decision::GiveUp
+                } else {
+                    Decision::Retry
                 }
+            },
+            |(e, _), attempt, _| {
                 tracing::warn!(table = "export", slice = %what, attempt, error = %e, "fetching the slice again");
-                tokio::time::sleep(crate::mixpanel::backoff(
-                    std::time::Duration::from_millis(500),
-                    attempt,
-                ))
-                .await;
-            }
-            Err(e) => return Err(e),
-        }
+            },
+        )
+        .await;
+    match (fetched, too_big) {
+        (Ok(fetched), _) => Ok(Fetch::Read(fetched)),
+        (Err(_), Some(why)) => Ok(Fetch::TooBig(why)),
+        (Err((e, _)), None) => Err(e),
     }
 }
 

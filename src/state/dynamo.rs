@@ -26,14 +26,13 @@ use super::{
     Failure, Lease, Ledger, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore,
 };
 use crate::error::{Error, Result, describe_sdk_error as describe};
+use crate::retry::{Decision, Policy};
 use crate::tables::Table;
 
 const BOOKMARK_PK: &str = "bookmark";
 const SCHEMA_PK: &str = "schema";
 /// Partition key of small versioned documents (the request ledger).
 const DOCUMENT_PK: &str = "document";
-/// How often a schema merge re-reads after losing a race before giving up.
-const MERGE_ATTEMPTS: usize = 32;
 
 /// Attribute names behind `#` placeholders (`status`, `day`, `columns` are reserved words).
 const STATUS: (&str, &str) = ("#status", "status");
@@ -525,28 +524,54 @@ impl StateStore for DynamoStore {
     }
 
     async fn merge_schema(&self, table: Table, columns: &Schema) -> Result<Schema> {
-        for _ in 0..MERGE_ATTEMPTS {
-            let current = self.read_schema(table).await?;
-            let (merged, expected) = match &current {
-                Some((stored, version)) => {
-                    (stored.merged(columns, table.fixed_keys()), Some(*version))
-                }
-                None => (columns.clone(), None),
-            };
-            if let Some((stored, _)) = &current
-                && *stored == merged
-            {
-                return Ok(merged);
-            }
-            if self.write_schema(table, &merged, expected).await? {
-                return Ok(merged);
-            }
+        // A lost race is read again and merged at once, under the policy's bound.
+        let policy = Policy::SCHEMA_MERGE;
+        let merged = policy
+            .run(
+                None,
+                |_| async {
+                    let current = self.read_schema(table).await.map_err(Some)?;
+                    let (merged, expected) = match &current {
+                        Some((stored, version)) => {
+                            (stored.merged(columns, table.fixed_keys()), Some(*version))
+                        }
+                        None => (columns.clone(), None),
+                    };
+                    if let Some((stored, _)) = &current
+                        && *stored == merged
+                    {
+                        return Ok(merged);
+                    }
+                    if self
+                        .write_schema(table, &merged, expected)
+                        .await
+                        .map_err(Some)?
+                    {
+                        return Ok(merged);
+                    }
+                    // Another writer's version came first.
+                    Err(None)
+                },
+                // `None`: a lost race; `Some`: DynamoDB failed, which is final here as before.
+                |failed: &Option<Error>, _| {
+                    if failed.is_some() {
+                        Decision::GiveUp
+                    } else {
+                        Decision::Retry
+                    }
+                },
+                |_, _, _| {},
+            )
+            .await;
+        match merged {
+            Ok(merged) => Ok(merged),
+            Err(Some(e)) => Err(e),
+            Err(None) => Err(Error::state(format!(
+                "merging the schema of {table} (DynamoDB table {}): lost {} races to \
+                 concurrent writers",
+                self.table_name, policy.attempts
+            ))),
         }
-        Err(Error::state(format!(
-            "merging the schema of {table} (DynamoDB table {}): lost {MERGE_ATTEMPTS} races to \
-             concurrent writers",
-            self.table_name
-        )))
     }
 }
 
