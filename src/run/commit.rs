@@ -2,8 +2,8 @@
 //! bookmark update. After a commit the partition holds exactly the parts its manifest lists.
 
 use bytes::Bytes;
-use jiff::Timestamp;
 
+use crate::clock::Clock;
 use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::retry::{Decision, Policy};
 use crate::sink::ObjectSink;
@@ -143,6 +143,7 @@ async fn replaced_records(
 pub async fn commit(
     store: &dyn StateStore,
     sink: &dyn ObjectSink,
+    clock: &dyn Clock,
     lease: &Lease,
     folder: &str,
     partition: &str,
@@ -150,8 +151,9 @@ pub async fn commit(
     result: Option<&str>,
     guard: ShrinkGuard,
 ) -> Result<Manifest> {
-    let manifest = write_manifest(store, sink, lease, folder, partition, files, guard).await?;
-    complete(store, lease, result).await?;
+    let manifest =
+        write_manifest(store, sink, clock, lease, folder, partition, files, guard).await?;
+    complete(store, clock, lease, result).await?;
     Ok(manifest)
 }
 
@@ -161,6 +163,7 @@ pub async fn commit(
 pub async fn commit_with_rejected(
     store: &dyn StateStore,
     sink: &dyn ObjectSink,
+    clock: &dyn Clock,
     lease: &Lease,
     folder: &str,
     partition: &str,
@@ -172,6 +175,7 @@ pub async fn commit_with_rejected(
     let manifest = write_manifest_with(
         store,
         sink,
+        clock,
         lease,
         folder,
         partition,
@@ -180,7 +184,7 @@ pub async fn commit_with_rejected(
         guard,
     )
     .await?;
-    complete(store, lease, result).await?;
+    complete(store, clock, lease, result).await?;
     Ok(manifest)
 }
 
@@ -189,16 +193,21 @@ pub async fn commit_with_rejected(
 /// whatever must be visible before it is (a snapshot's `_latest.json`) goes next, then
 /// [`complete`]. A crash in between leaves the slice to be replicated again. `guard` refuses a
 /// re-read far smaller than what it replaces (nothing is written then).
+#[allow(clippy::too_many_arguments)]
 pub async fn write_manifest(
     store: &dyn StateStore,
     sink: &dyn ObjectSink,
+    clock: &dyn Clock,
     lease: &Lease,
     folder: &str,
     partition: &str,
     files: Vec<FileEntry>,
     guard: ShrinkGuard,
 ) -> Result<Manifest> {
-    write_manifest_with(store, sink, lease, folder, partition, files, None, guard).await
+    write_manifest_with(
+        store, sink, clock, lease, folder, partition, files, None, guard,
+    )
+    .await
 }
 
 /// [`write_manifest`], with an export day's rejected lines when given.
@@ -206,6 +215,7 @@ pub async fn write_manifest(
 async fn write_manifest_with(
     store: &dyn StateStore,
     sink: &dyn ObjectSink,
+    clock: &dyn Clock,
     lease: &Lease,
     folder: &str,
     partition: &str,
@@ -218,7 +228,7 @@ async fn write_manifest_with(
         let previous = replaced_records(sink, folder, partition).await?;
         guard.check(&format!("{} {partition}", lease.table), previous, records)?;
     }
-    let now = Timestamp::now();
+    let now = clock.now();
     let now_ms = now.as_millisecond() as u64;
     // Fencing: only the attempt that still holds the lease may write the manifest.
     if !store
@@ -316,10 +326,13 @@ async fn remove_other_parts(
 /// by the SDK into a failed condition or an error) is recognised by reading the slice back:
 /// committed with this attempt as its last owner means this attempt committed it, since only a
 /// completion under this lease sets that.
-pub async fn complete(store: &dyn StateStore, lease: &Lease, result: Option<&str>) -> Result<()> {
-    let outcome = store
-        .complete(lease, Timestamp::now().as_millisecond() as u64, result)
-        .await;
+pub async fn complete(
+    store: &dyn StateStore,
+    clock: &dyn Clock,
+    lease: &Lease,
+    result: Option<&str>,
+) -> Result<()> {
+    let outcome = store.complete(lease, clock.now_ms(), result).await;
     if matches!(outcome, Ok(true)) {
         return Ok(());
     }

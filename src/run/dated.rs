@@ -233,6 +233,7 @@ async fn replicate(
         let committed = commit::commit(
             app.store.as_ref(),
             app.sink.as_ref(),
+            app.clock.as_ref(),
             lease,
             &folder,
             &partition,

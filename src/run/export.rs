@@ -532,7 +532,13 @@ pub(crate) async fn write_day(
         // An hour's (or a piece's) parts wait, recorded with it, for the day's manifest.
         recorded.files = files.clone();
         recorded.rejected_files = rejected.files.clone();
-        if let Err(e) = commit::complete(app.store.as_ref(), lease, Some(&recorded.to_json())).await
+        if let Err(e) = commit::complete(
+            app.store.as_ref(),
+            app.clock.as_ref(),
+            lease,
+            Some(&recorded.to_json()),
+        )
+        .await
         {
             // Lost the lease: the hour is another attempt's, these parts are leftovers. Any
             // other failure may have recorded them after all: they stay, and the day's commit
@@ -547,6 +553,7 @@ pub(crate) async fn write_day(
         let committed = commit::commit_with_rejected(
             app.store.as_ref(),
             app.sink.as_ref(),
+            app.clock.as_ref(),
             lease,
             &folder,
             &partition,

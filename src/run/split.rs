@@ -400,6 +400,7 @@ async fn assemble(app: &App, lease: &Lease, day: Date, slices: &[SliceRecord]) -
     commit::commit_with_rejected(
         app.store.as_ref(),
         app.sink.as_ref(),
+        app.clock.as_ref(),
         lease,
         &folder,
         &partition,
@@ -470,6 +471,12 @@ async fn assemble_piece(app: &App, lease: &Lease, slices: &[SliceRecord]) -> Res
         raw_bytes: total.raw_bytes,
         rejected: total.rejected,
     };
-    commit::complete(app.store.as_ref(), lease, Some(&total.to_json())).await?;
+    commit::complete(
+        app.store.as_ref(),
+        app.clock.as_ref(),
+        lease,
+        Some(&total.to_json()),
+    )
+    .await?;
     Ok(Step::Done(result))
 }

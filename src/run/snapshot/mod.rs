@@ -909,6 +909,7 @@ async fn finish(
     let manifest = commit::write_manifest(
         app.store.as_ref(),
         app.sink.as_ref(),
+        app.clock.as_ref(),
         lease,
         folder,
         snapshot,
@@ -940,7 +941,13 @@ async fn finish(
     // leaves the slice to an invocation that prunes again.
     prune(app, table, snapshot).await?;
     let result = committed(table, progress)?;
-    commit::complete(app.store.as_ref(), lease, result.as_deref()).await?;
+    commit::complete(
+        app.store.as_ref(),
+        app.clock.as_ref(),
+        lease,
+        result.as_deref(),
+    )
+    .await?;
     Ok(Outcome::Done(SliceResult {
         records: manifest.records,
         bytes: manifest.files.iter().map(|f| f.bytes).sum(),
