@@ -216,11 +216,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     for r in &done {
         total.add(r);
     }
-    let label = match (days_done.first(), days_done.last()) {
-        (Some(a), Some(b)) if a != b => format!("{a}..{b}"),
-        (Some(a), _) => a.to_string(),
-        _ => label,
-    };
+    let label = label_of(&days_done);
     Ok(Some(Windowed::Done(total, label)))
 }
 
@@ -279,15 +275,44 @@ async fn give_back(app: &App, leases: &[Lease], alone: bool) {
     }
 }
 
-/// The days a committed slice's label covers: `a..b` is a window's, anything else one slice.
-pub fn days_in_label(label: &str) -> u64 {
-    let Some((a, b)) = label.split_once("..") else {
-        return 1;
-    };
-    match (a.parse::<Date>(), b.parse::<Date>()) {
-        (Ok(a), Ok(b)) => a.until(b).map_or(1, |s| s.get_days().max(0) as u64 + 1),
-        _ => 1,
+/// The label of the committed days of a window (in order): its runs of consecutive days,
+/// `a..b` each (a lone day as itself), joined by commas. The days are written side by side, so
+/// a day that failed may lie between two that committed.
+fn label_of(days: &[Date]) -> String {
+    let mut runs: Vec<(Date, Date)> = Vec::new();
+    for d in days {
+        match runs.last_mut() {
+            Some((_, end)) if end.tomorrow().ok() == Some(*d) => *end = *d,
+            _ => runs.push((*d, *d)),
+        }
     }
+    runs.iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}..{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The days a committed slice's label covers: a window's runs (`a..b`, comma-separated) day by
+/// day; anything else is one slice.
+pub fn days_in_label(label: &str) -> u64 {
+    label
+        .split(',')
+        .map(|run| {
+            let Some((a, b)) = run.split_once("..") else {
+                return 1;
+            };
+            match (a.parse::<Date>(), b.parse::<Date>()) {
+                (Ok(a), Ok(b)) => a.until(b).map_or(1, |s| s.get_days().max(0) as u64 + 1),
+                _ => 1,
+            }
+        })
+        .sum()
 }
 
 /// Whether any export day has a recorded size (else the next day fetched is a probe).
@@ -425,6 +450,24 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn a_windows_label_counts_exactly_the_days_it_committed() {
+        let d = |s: &str| s.parse::<Date>().unwrap();
+        let days = [
+            d("2026-03-01"),
+            d("2026-03-02"),
+            d("2026-03-04"),
+            d("2026-03-06"),
+        ];
+        let label = label_of(&days);
+        assert_eq!(label, "2026-03-01..2026-03-02,2026-03-04,2026-03-06");
+        assert_eq!(days_in_label(&label), 4);
+        assert_eq!(days_in_label(&label_of(&days[..2])), 2);
+        assert_eq!(label_of(&days[..2]), "2026-03-01..2026-03-02");
+        assert_eq!(days_in_label("2026-03-05"), 1);
+        assert_eq!(days_in_label("2026-03-05T10"), 1);
     }
 
     #[test]
