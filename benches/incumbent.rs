@@ -215,10 +215,20 @@ fn main() {
     };
     let daily = [("MIXPANEL_EXPORT_WINDOW_DAYS", "1")];
     let zstd_windows = [("OUTPUT_COMPRESSION", "zstd")];
-    let one = ours("0", &daily);
-    let two = ours("0,1", &daily);
-    let one_zstd = ours("0", &zstd_windows);
-    let two_zstd = ours("0,1", &zstd_windows);
+    // `BENCH_ROWS` (a comma list of `gzip1,gzip2,zstd1,zstd2`, default all) picks the
+    // replicator's rows; `BENCH_REPEAT` runs each that many times and keeps every figure.
+    let rows = std::env::var("BENCH_ROWS").unwrap_or_else(|_| "gzip1,gzip2,zstd1,zstd2".into());
+    let repeat: usize = env_or("BENCH_REPEAT", 1);
+    let row = |name: &str, cpus: &str, env: &[(&str, &str)]| -> Vec<Usage> {
+        if !rows.split(',').any(|r| r == name) {
+            return Vec::new();
+        }
+        (0..repeat).map(|_| ours(cpus, env)).collect()
+    };
+    let one = row("gzip1", "0", &daily);
+    let two = row("gzip2", "0,1", &daily);
+    let one_zstd = row("zstd1", "0", &zstd_windows);
+    let two_zstd = row("zstd2", "0,1", &zstd_windows);
 
     // The floor of the core: the binary doing nothing, and tokio + reqwest only reading the day.
     let mut version = Command::new("taskset");
@@ -271,8 +281,10 @@ fn main() {
         "| program | cores | seconds | events/s | CPU s | peak RSS MiB | speed vs tap | memory vs tap |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let tap_row = vec![tap];
+    let (floor, floor_one_thread) = (vec![floor], vec![floor_one_thread]);
     for (name, cores, u) in [
-        ("tap-mixpanel 1.8.0 → /dev/null", "1", &tap),
+        ("tap-mixpanel 1.8.0 → /dev/null", "1", &tap_row),
         (
             "mixpanel-replicator → local gzip parts, a request a day",
             "1",
@@ -299,7 +311,10 @@ fn main() {
             "1",
             &floor_one_thread,
         ),
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|(name, cores, runs)| runs.iter().map(move |u| (name, cores, u)))
+    {
         println!(
             "| {name} | {cores} | {:.2} | {:.0} | {:.2} | {:.1} | {:.0}× | 1/{:.1} |",
             u.seconds,

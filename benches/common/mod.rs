@@ -255,7 +255,12 @@ pub fn run_replicator_days(
 ) -> (Usage, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new("taskset");
-    cmd.args(["-c", cpus, BIN, "sync", "--table", "export", "--out"])
+    cmd.args(["-c", cpus]);
+    // `BENCH_WRAP`: a command the replicator runs under (a profiler: `perf record -g --`).
+    if let Ok(wrap) = std::env::var("BENCH_WRAP") {
+        cmd.args(wrap.split_whitespace());
+    }
+    cmd.args([BIN, "sync", "--table", "export", "--out"])
         .arg(dir.path())
         .env("MIXPANEL_API_SECRET", "bench-secret")
         .env("MIXPANEL_START_DATE", first.to_string())
