@@ -265,7 +265,11 @@ pub struct Transformer {
     end: i64,
     /// Column filter (`MIXPANEL_SELECT_PROPERTIES_BY_DEFAULT=false`) and discovery.
     columns: Columns,
-    hasher: (std::hash::RandomState, std::hash::RandomState),
+    /// The dedup key's seed: random, one per process (every fork of a transformer shares it,
+    /// since their shards are deduplicated together).
+    seed: u64,
+    /// The bytes a dedup key is hashed from (reused).
+    key_bytes: Vec<u8>,
     props: Vec<u8>,
     /// A multi-day window's day boundaries (first start, ..., last end); empty for one slice.
     bounds: std::sync::Arc<[i64]>,
@@ -288,7 +292,8 @@ impl Transformer {
             start: window.start,
             end: window.end,
             columns: Columns::keeping(allowed, is_system_property),
-            hasher: (std::hash::RandomState::new(), std::hash::RandomState::new()),
+            seed: std::hash::RandomState::new().build_hasher().finish(),
+            key_bytes: Vec::with_capacity(256),
             props: Vec::with_capacity(4096),
             bounds: std::sync::Arc::new([]),
             day: 0,
@@ -332,7 +337,8 @@ impl Transformer {
             start: self.start,
             end: self.end,
             columns: self.columns.fork(),
-            hasher: self.hasher.clone(),
+            seed: self.seed,
+            key_bytes: Vec::with_capacity(256),
             props: Vec::with_capacity(4096),
             bounds: self.bounds.clone(),
             day: 0,
@@ -427,25 +433,25 @@ impl Transformer {
         let key = match found.insert_id {
             None => None,
             Some(insert_id) => {
-                let mut a = self.hasher.0.build_hasher();
-                let mut b = self.hasher.1.build_hasher();
-                for h in [&mut a, &mut b] {
-                    h.write(canonical(event).as_bytes());
-                    h.write_u8(0xff);
-                    match found.distinct_id {
-                        Some(d) => {
-                            h.write_u8(1);
-                            h.write(canonical(d).as_bytes());
-                        }
-                        None => h.write_u8(0),
+                // One 128-bit hash of the key's fields, each ended by a byte no UTF-8 text
+                // holds (the insert id, last, needs none).
+                let k = &mut self.key_bytes;
+                k.clear();
+                k.extend_from_slice(canonical(event).as_bytes());
+                k.push(0xff);
+                match found.distinct_id {
+                    Some(d) => {
+                        k.push(1);
+                        k.extend_from_slice(canonical(d).as_bytes());
                     }
-                    h.write_u8(0xff);
-                    // The normalized second: `1602611311`, `1602611311.5`, `"1602611311"` and
-                    // `1602611311500` are one time.
-                    h.write_i64(encoded);
-                    h.write(canonical(insert_id).as_bytes());
+                    None => k.push(0),
                 }
-                Some((u128::from(a.finish()) << 64) | u128::from(b.finish()))
+                k.push(0xff);
+                // The normalized second: `1602611311`, `1602611311.5`, `"1602611311"` and
+                // `1602611311500` are one time.
+                k.extend_from_slice(&encoded.to_le_bytes());
+                k.extend_from_slice(canonical(insert_id).as_bytes());
+                Some(xxhash_rust::xxh3::xxh3_128_with_seed(k, self.seed))
             }
         };
         let processing_ms = found
