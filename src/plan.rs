@@ -363,6 +363,30 @@ pub struct Claim {
     /// Claimed as the table's oldest (not a given day's): the small days after it may join
     /// it in one export request ([`crate::run::window`]).
     pub widen: bool,
+    /// Held by the claimer until the claim's window has its days (see [`ClaimGate`]).
+    pub gate: ClaimGate,
+}
+
+/// Keeps the other workers of one process (`sync`'s) from claiming, from a claim until the
+/// multi-day window it starts has claimed its days: a worker claiming at the same moment would
+/// otherwise take the window's second day, and the days after the first would go as two
+/// requests, or the first day alone. Opened (released) once the window is claimed, or at once
+/// when no window follows; dropping the claim opens it too.
+#[derive(Default)]
+pub struct ClaimGate(std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>);
+
+impl ClaimGate {
+    /// A gate held by `guard`.
+    pub fn holding(guard: tokio::sync::OwnedMutexGuard<()>) -> Self {
+        ClaimGate(std::sync::Mutex::new(Some(guard)))
+    }
+
+    /// Lets the other workers claim again.
+    pub fn open(&self) {
+        if let Ok(mut held) = self.0.lock() {
+            held.take();
+        }
+    }
 }
 
 /// Claims the oldest claimable slice of `table`; concurrent callers each get a different one.
@@ -425,6 +449,7 @@ pub async fn claim_next_seeing(
                     lease,
                     slices: slices.clone(),
                     widen: day.is_none(),
+                    gate: ClaimGate::default(),
                 }),
                 slices,
             ));

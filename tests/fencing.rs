@@ -34,6 +34,7 @@ async fn claim(app: &App, slice: SliceId, owner: &str, lease: Duration) -> Claim
         lease,
         slices: app.store.slices(Table::Export).await.unwrap(),
         widen: false,
+        gate: Default::default(),
     }
 }
 

@@ -283,6 +283,7 @@ pub async fn sync_concurrently(
         // same way) stops the others after their current slice, which each gives back or
         // commits: none is dropped while it holds a lease.
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let gate = std::sync::Arc::new(tokio::sync::Mutex::new(()));
         let mut done: Vec<Result<Worked>> = Vec::new();
         // An export table without one measured day first fetches a day alone (the probe whose
         // size plans the multi-day windows after it): one worker, so that the others do not
@@ -293,10 +294,21 @@ pub async fn sync_concurrently(
             && app.settings.export_window_days > 1
             && !crate::run::window::measured(store).await?
         {
-            done.push(work(app, table, progress.clone(), json_lines, &stop, Some(1)).await);
+            done.push(
+                work(
+                    app,
+                    table,
+                    progress.clone(),
+                    json_lines,
+                    &stop,
+                    Some(1),
+                    &gate,
+                )
+                .await,
+            );
         }
         let workers = (0..concurrency.max(1)).map(|_| async {
-            let worked = work(app, table, progress.clone(), json_lines, &stop, None).await;
+            let worked = work(app, table, progress.clone(), json_lines, &stop, None, &gate).await;
             if worked.is_err() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -348,6 +360,7 @@ async fn work(
     json_lines: bool,
     stop: &std::sync::atomic::AtomicBool,
     max_claims: Option<u32>,
+    gate: &std::sync::Arc<tokio::sync::Mutex<()>>,
 ) -> Result<Worked> {
     let store = app.store.as_ref();
     let mut worked = Worked::default();
@@ -371,8 +384,14 @@ async fn work(
         let owner = handler::new_attempt_id();
         let now_ms = app.clock.now_ms();
         let until = now_ms + app.settings.time_budget.as_millis() as u64 + 60_000;
+        // The workers claim one at a time, each until its claim's window has its days.
+        let held = gate.clone().lock_owned().await;
         let (claim, slices) =
             plan::claim_next_seeing(store, table, None, &owner, now_ms, until).await?;
+        let claim = claim.map(|mut c| {
+            c.gate = plan::ClaimGate::holding(held);
+            c
+        });
         let Some(claim) = claim else {
             // Only slices backing off after a failure are left: wait for the first.
             match plan::next_retry_ms(&slices) {

@@ -319,6 +319,10 @@ pub async fn attempt_slice(
     let lease = &claim.lease;
     let started = Instant::now();
     let work_deadline = deadline - margin(deadline.saturating_duration_since(started));
+    if lease.table.spec().runner != Runner::Export {
+        // Only an export day starts a window that claims more.
+        claim.gate.open();
+    }
     let result = match lease.table.spec().runner {
         Runner::Export => match first_discovery(app, work_deadline).await {
             Ok(()) => crate::run::split::run(app, claim, work_deadline)

@@ -89,6 +89,8 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
             None => break,
         }
     }
+    // The window has its days: the other workers may claim what is left.
+    claim.gate.open();
     if leases.len() < 2 {
         return Ok(None);
     }
