@@ -134,14 +134,16 @@ async fn checks(app: &App, missing_state: Option<&std::path::Path>) -> Vec<Line>
         Err(e) => Line::fail("state", &e),
     });
     for table in Table::ALL {
-        lines.push(match ask(&mc, &app.settings, table, deadline).await {
-            Ok(detail) => Line::ok(table.as_str(), detail),
-            Err(e) if e.kind() == ErrorKind::PaymentRequired => Line::fail(
-                table.as_str(),
-                format!("not allowed by the Mixpanel plan: {e}"),
-            ),
-            Err(e) => Line::fail(table.as_str(), &e),
-        });
+        lines.push(
+            match ask(&mc, &app.settings, table, app.clock.now(), deadline).await {
+                Ok(detail) => Line::ok(table.as_str(), detail),
+                Err(e) if e.kind() == ErrorKind::PaymentRequired => Line::fail(
+                    table.as_str(),
+                    format!("not allowed by the Mixpanel plan: {e}"),
+                ),
+                Err(e) => Line::fail(table.as_str(), &e),
+            },
+        );
     }
     lines
 }
@@ -224,9 +226,15 @@ fn describe(s: &Settings) -> String {
     d
 }
 
-/// One small request that only this table's plan and access allow.
-async fn ask(mc: &MixpanelClient, s: &Settings, table: Table, deadline: Instant) -> Result<String> {
-    let now = Timestamp::now();
+/// One small request that only this table's plan and access allow, asked `now` (the app's
+/// clock: its today and its last second).
+async fn ask(
+    mc: &MixpanelClient,
+    s: &Settings,
+    table: Table,
+    now: Timestamp,
+    deadline: Instant,
+) -> Result<String> {
     let today = export::project_today(&s.timezone, now);
     match table {
         Table::Export => {

@@ -6,6 +6,16 @@
 //! test, whose wall time moves with tokio's clock. Under `tokio::time::pause` a test of a
 //! one-hour rate window or a lease that runs out then takes no real time, and nothing in it
 //! depends on how fast the machine is.
+//!
+//! Everything that reads wall time and can reach an app reads its clock. Two reads stay on the
+//! system's: Lambda's deadline (`handler::effective_deadline`), which the runtime gives as
+//! the system's time, and the retry jitter's nanoseconds, which are a random draw, not a time.
+//!
+//! Tests that run real HTTP to the simulator (and to moto, another process) cannot pause
+//! tokio's clock: it would jump to the next timer, a deadline, whenever every task waits on a
+//! socket. Where such a test needs an invocation to stop at a given page or hour, the
+//! simulator holds that answer until the test opens its gate (`mixpanel_sim::Gate`): the
+//! deadline then falls there on any machine, and the work before it has seconds to spare.
 
 use std::fmt;
 use std::sync::Arc;

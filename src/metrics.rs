@@ -57,8 +57,8 @@ pub struct Summary<'a> {
 
 /// Logs the summary line of an invocation and, when `emf`, prints its EMF metrics on stdout
 /// (where Lambda's log capture turns them into CloudWatch metrics).
-pub fn report(summary: &Summary<'_>, emf: bool) {
-    let doc = emf_document(summary, jiff::Timestamp::now().as_millisecond());
+pub fn report(summary: &Summary<'_>, emf: bool, clock: &dyn crate::clock::Clock) {
+    let doc = stamped(summary, clock);
     tracing::info!(
         table = summary.table,
         slice = %doc["Slice"].as_str().unwrap_or_default(),
@@ -79,6 +79,11 @@ pub fn report(summary: &Summary<'_>, emf: bool) {
     if emf {
         println!("{doc}");
     }
+}
+
+/// The EMF document of `summary`, stamped with the time `clock` reads now.
+fn stamped(summary: &Summary<'_>, clock: &dyn crate::clock::Clock) -> serde_json::Value {
+    emf_document(summary, clock.now().as_millisecond())
 }
 
 /// The EMF document of an invocation at `timestamp_ms`: its counts, `ParkedSlices` and
@@ -160,6 +165,30 @@ mod tests {
             .iter()
             .map(|m| m["Name"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_emf_timestamp_is_the_clocks() {
+        let idle = Response::new(crate::run::Status::Idle, crate::tables::Table::Export);
+        let zero = StatsSnapshot::default();
+        let summary = Summary {
+            table: "export",
+            outcome: Ok(&idle),
+            duration_ms: 12,
+            requests: (zero, zero),
+            freshness_lag_s: None,
+            parked_now: None,
+        };
+        let clock = crate::clock::TokioClock::starting_at("2026-03-08T10:00:00Z".parse().unwrap());
+        assert_eq!(
+            stamped(&summary, &clock)["_aws"]["Timestamp"],
+            json!(1_772_964_000_000_i64)
+        );
+        tokio::time::advance(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(
+            stamped(&summary, &clock)["_aws"]["Timestamp"],
+            json!(1_772_964_001_500_i64)
+        );
     }
 
     #[test]

@@ -57,14 +57,14 @@ pub enum Recorded {
 
 impl Recorded {
     /// A phrase for answers and logs: "attempt 2 of 5, retried after 10 s" or "parked after 5
-    /// attempts".
-    pub fn describe(&self, max: u32) -> String {
+    /// attempts"; the wait is counted from `now_ms` (the app's clock, epoch milliseconds).
+    pub fn describe(&self, max: u32, now_ms: u64) -> String {
         match self {
             Recorded::Retry {
                 failures,
                 retry_at_ms,
             } => {
-                let now = Timestamp::now().as_millisecond() as u64;
+                let now = now_ms;
                 let wait = Duration::from_millis(retry_at_ms.saturating_sub(now));
                 format!(
                     "failed attempt {failures} of {max}; tried again after {} s",
@@ -177,6 +177,37 @@ pub fn describe(r: &SliceRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, ShiftedClock};
+
+    #[test]
+    fn the_retry_phrase_counts_the_wait_from_the_clock_given() {
+        let retry = Recorded::Retry {
+            failures: 2,
+            retry_at_ms: 1_772_967_600_000,
+        };
+        assert_eq!(
+            retry.describe(5, 1_772_967_590_000),
+            "failed attempt 2 of 5; tried again after 10 s"
+        );
+        // A clock past the retry time: at once.
+        assert_eq!(
+            retry.describe(5, 1_772_967_600_500),
+            "failed attempt 2 of 5; tried again after 0 s"
+        );
+        // The app's clock, not the system's: an hour on, a wait of two hours has one left.
+        let clock = ShiftedClock::new();
+        let retry = Recorded::Retry {
+            failures: 1,
+            retry_at_ms: clock.now_ms() + 7_200_000,
+        };
+        clock.advance(Duration::from_secs(3600));
+        let phrase = retry.describe(5, clock.now_ms());
+        assert!(
+            phrase == "failed attempt 1 of 5; tried again after 3599 s"
+                || phrase == "failed attempt 1 of 5; tried again after 3600 s",
+            "{phrase}"
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_an_hour() {

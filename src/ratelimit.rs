@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
+use crate::retry::{Decision, Policy};
 use crate::state::Ledger;
 
 /// The two request families Mixpanel limits separately.
@@ -392,42 +393,71 @@ impl RequestBudget {
         let limits = self.limits(family);
         let name = family.document();
         let window_ms = limits.window.as_millis() as u64;
-        for _ in 0..16 {
-            let now = self.clock.now_ms();
-            let current = self.store.document(name).await?;
-            let (mut ledger, version) = match &current {
-                Some((body, v)) => (
-                    serde_json::from_str::<Window>(body).unwrap_or_default(),
-                    Some(*v),
-                ),
-                None => (Window::default(), None),
-            };
-            let until = match retry_after {
-                Some(d) => now + d.as_millis() as u64,
-                None => {
-                    let slot = (window_ms / u64::from(limits.per_window.max(1))).max(1);
-                    // A 429 soon after the last wait ended: the quota is spent for longer.
-                    let penalty = match (ledger.blocked_until, ledger.penalty_ms) {
-                        (Some(b), Some(p)) if now < b.saturating_add(p) => p.saturating_mul(2),
-                        _ => slot,
+        let policy = Policy::LEDGER_WRITE;
+        let recorded = policy
+            .run(
+                None,
+                |_| async move {
+                    let now = self.clock.now_ms();
+                    let current = self.store.document(name).await.map_err(Some)?;
+                    let (mut ledger, version) = match &current {
+                        Some((body, v)) => (
+                            serde_json::from_str::<Window>(body).unwrap_or_default(),
+                            Some(*v),
+                        ),
+                        None => (Window::default(), None),
+                    };
+                    let until = match retry_after {
+                        Some(d) => now + d.as_millis() as u64,
+                        None => {
+                            let slot = (window_ms / u64::from(limits.per_window.max(1))).max(1);
+                            // A 429 soon after the last wait ended: the quota is spent for longer.
+                            let penalty = match (ledger.blocked_until, ledger.penalty_ms) {
+                                (Some(b), Some(p)) if now < b.saturating_add(p) => {
+                                    p.saturating_mul(2)
+                                }
+                                _ => slot,
+                            }
+                            .min(window_ms);
+                            ledger.penalty_ms = Some(penalty);
+                            now + penalty
+                        }
+                    };
+                    if ledger.blocked_until.is_some_and(|b| b >= until) {
+                        return Ok(ledger.blocked_until.unwrap_or(until));
                     }
-                    .min(window_ms);
-                    ledger.penalty_ms = Some(penalty);
-                    now + penalty
-                }
-            };
-            if ledger.blocked_until.is_some_and(|b| b >= until) {
-                return Ok(ledger.blocked_until.unwrap_or(until));
-            }
-            ledger.blocked_until = Some(until);
-            let body = serde_json::to_string(&ledger).map_err(Error::state)?;
-            if self.store.put_document(name, &body, version).await? {
-                return Ok(until);
-            }
-        }
-        Err(Error::state(format!(
-            "the request ledger {name} changed 16 times while a rate limit was recorded"
-        )))
+                    ledger.blocked_until = Some(until);
+                    let body = serde_json::to_string(&ledger).map_err(|e| Some(Error::state(e)))?;
+                    if self
+                        .store
+                        .put_document(name, &body, version)
+                        .await
+                        .map_err(Some)?
+                    {
+                        return Ok(until);
+                    }
+                    // Another invocation wrote first.
+                    Err(None)
+                },
+                // `None`: a lost race, read again at once; `Some`: the store failed, final.
+                |failed: &Option<Error>, _| {
+                    if failed.is_some() {
+                        Decision::GiveUp
+                    } else {
+                        Decision::Retry
+                    }
+                },
+                |_, _, _| {},
+            )
+            .await;
+        recorded.map_err(|failed| {
+            failed.unwrap_or_else(|| {
+                Error::state(format!(
+                    "the request ledger {name} changed {} times while a rate limit was recorded",
+                    policy.attempts
+                ))
+            })
+        })
     }
 }
 
@@ -463,26 +493,35 @@ impl Drop for Permit {
 
 async fn release(store: Arc<dyn Ledger>, family: Family, id: String) {
     let name = family.document();
-    for _ in 0..16 {
-        let Ok(Some((body, version))) = store.document(name).await else {
-            return;
-        };
-        let Ok(mut ledger) = serde_json::from_str::<Window>(&body) else {
-            return;
-        };
-        let before = ledger.inflight.len();
-        ledger.inflight.retain(|f| f.id != id);
-        if ledger.inflight.len() == before {
-            return;
-        }
-        let Ok(body) = serde_json::to_string(&ledger) else {
-            return;
-        };
-        match store.put_document(name, &body, Some(version)).await {
-            Ok(true) | Err(_) => return,
-            Ok(false) => continue,
-        }
-    }
+    let (store, id) = (&store, &id);
+    // Best effort: a slot not given back runs out at its `until`. `Err(())` is a lost race.
+    let _ = Policy::LEDGER_WRITE
+        .run(
+            None,
+            |_| async move {
+                let Ok(Some((body, version))) = store.document(name).await else {
+                    return Ok(());
+                };
+                let Ok(mut ledger) = serde_json::from_str::<Window>(&body) else {
+                    return Ok(());
+                };
+                let before = ledger.inflight.len();
+                ledger.inflight.retain(|f| f.id != *id);
+                if ledger.inflight.len() == before {
+                    return Ok(());
+                }
+                let Ok(body) = serde_json::to_string(&ledger) else {
+                    return Ok(());
+                };
+                match store.put_document(name, &body, Some(version)).await {
+                    Ok(true) | Err(_) => Ok(()),
+                    Ok(false) => Err(()),
+                }
+            },
+            |_: &(), _| Decision::Retry,
+            |_, _, _| {},
+        )
+        .await;
 }
 
 #[cfg(test)]

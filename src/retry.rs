@@ -10,6 +10,11 @@
 //! (a batch of which only the failed entries are sent again) takes its attempts from
 //! [`Attempts`], the counter `run` is built on.
 //!
+//! Two loops of the request budget are not retries in this sense and stay hand-written:
+//! waiting for room in the budget (`ratelimit`'s `acquire`) is bounded by the deadline, not by
+//! a count of attempts, and re-stamping a grant after a slow ledger write repeats after a write
+//! that succeeded too (until one is quick enough), not only after a failure.
+//!
 //! Written here rather than with a retry crate such as `backon`: its retry loop has no
 //! deadline, decides only "retry or not" on an error (a `Retry-After` wait replaces its delay
 //! only through a separate hook, and "at once, without counting the deadline" not at all), and
@@ -84,6 +89,20 @@ impl Policy {
         factor: 1,
         cap: Duration::ZERO,
         jitter: 0.0,
+    };
+
+    /// A request-ledger write that lost a compare-and-swap race (recording a 429's block,
+    /// giving an in-flight slot back): read again and written at once, 16 tries.
+    pub const LEDGER_WRITE: Policy = Policy {
+        attempts: 16,
+        ..Policy::SCHEMA_MERGE
+    };
+
+    /// A Glue UpdateTable that lost to a concurrent modification: the table is read again
+    /// and written at once, three tries before the commit's catalog update fails.
+    pub const GLUE_UPDATE: Policy = Policy {
+        attempts: 3,
+        ..Policy::SCHEMA_MERGE
     };
 
     /// The same policy with another first delay (tests shorten Mixpanel's).
@@ -261,6 +280,14 @@ mod tests {
         assert_eq!([ms(Policy::CLEANUP, 1), ms(Policy::CLEANUP, 2)], [400, 800]);
         assert_eq!([1, 2, 3].map(|a| ms(Policy::SQS_SEND, a)), [200, 400, 800]);
         assert_eq!(Policy::SCHEMA_MERGE.delay(7), Duration::ZERO);
+        assert_eq!(
+            (Policy::LEDGER_WRITE.attempts, Policy::LEDGER_WRITE.delay(3)),
+            (16, Duration::ZERO)
+        );
+        assert_eq!(
+            (Policy::GLUE_UPDATE.attempts, Policy::GLUE_UPDATE.delay(2)),
+            (3, Duration::ZERO)
+        );
         assert_eq!(
             Policy::MIXPANEL
                 .with_first_delay(Duration::from_millis(20))

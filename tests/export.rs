@@ -771,26 +771,109 @@ async fn parts_in(app: &mixpanel_replicator::app::App, day: jiff::civil::Date) -
     names
 }
 
+/// The first second of hour `h` of the UTC day `day`, as the export counts it.
+fn hour_start(day: jiff::civil::Date, h: i8) -> i64 {
+    let days = i64::from((day - jiff::civil::date(1970, 1, 1)).get_days());
+    days * 86_400 + i64::from(h) * 3600
+}
+
+/// A rule for the requests of `day`'s hour `h` (and of any range holding it).
+fn at_hour(day: jiff::civil::Date, h: i8, times: u32, fault: Fault) -> mixpanel_sim::FaultRule {
+    mixpanel_sim::FaultRule {
+        times,
+        ..mixpanel_sim::FaultRule::export_instant(hour_start(day, h), None, fault)
+    }
+}
+
+/// The export requests the simulator saw from index `from` on that name `day`.
+fn export_asked(sim: &mixpanel_sim::Simulator, from: usize, day: jiff::civil::Date) -> Vec<String> {
+    sim.requests()
+        .into_iter()
+        .skip(from)
+        .filter(|q| q.path == "/api/2.0/export" && q.query.contains(&day.to_string()))
+        .map(|q| q.query)
+        .collect()
+}
+
+/// The hour labels `from..to` of `day`.
+fn hour_labels(day: jiff::civil::Date, hours: std::ops::Range<u8>) -> Vec<String> {
+    hours
+        .map(|h| format!("{day}T{h:02}-{:02}", h + 1))
+        .collect()
+}
+
+// Which invocation reads which hour does not rest on how fast the machine is. Where an
+// invocation must stop, Mixpanel holds an answer ([`Fault::Held`], [`Fault::HeldBody`]) until the
+// test has its answer, so its deadline certainly comes while that hour (or the day) is being
+// read; the work before it is a few fast requests against seconds. Where the replicator must
+// judge a day or an invocation slow (the split before the fetch, the stop after a commit), the
+// hours are paced ([`Fault::SlowBody`]): a body takes at least its lines over the rate, on any
+// machine, and the deadlines are set against that lower bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_committed_once() {
-    // Two days whose bodies come at 1,500 lines/s: ~3.3 s a day, against invocations that have
-    // 2.5 s (2 s of work after the commit margin).
     let cfg = sim_config("UTC", 2, 4800);
     let (d1, d2) = (cfg.first_day, cfg.first_day.tomorrow().unwrap());
     let project = Project::start(cfg).await;
-    project.fault_export(
-        None,
-        100_000,
-        Fault::SlowBody {
-            lines_per_second: 1500,
+    let sim = project.simulator();
+    // The whole day's body stops after 1,000 lines until the first invocation has answered.
+    let day_gate = mixpanel_sim::Gate::new();
+    sim.push_fault(mixpanel_sim::FaultRule {
+        times: 1,
+        ..mixpanel_sim::FaultRule::export_day(
+            d1,
+            Some(std::time::Duration::from_secs(3600)),
+            Fault::HeldBody {
+                after_lines: 1000,
+                gate: day_gate.clone(),
+            },
+        )
+    });
+    // Hour 12's first answer is held until the second invocation has answered.
+    let hour_gate = mixpanel_sim::Gate::new();
+    sim.push_fault(at_hour(
+        d1,
+        12,
+        1,
+        Fault::Held {
+            gate: hour_gate.clone(),
         },
-    );
+    ));
+    // Hours 12 to 23 come paced: at least 4.5 s together, whatever the machine.
+    let late_rows = sim
+        .export_ground_truth(d1, None)
+        .iter()
+        .filter(|v| {
+            let ts: jiff::Timestamp = v["time"].as_str().unwrap().parse().unwrap();
+            ts.as_second() >= hour_start(d1, 12)
+        })
+        .count() as u32;
+    let pace_late_hours = || {
+        for h in 12..24 {
+            sim.push_fault(at_hour(
+                d1,
+                h,
+                mixpanel_sim::FaultRule::PERSISTENT,
+                Fault::SlowBody {
+                    lines_per_second: late_rows * 2 / 9,
+                },
+            ));
+        }
+    };
+    pace_late_hours();
     let (_dir, app) = project.temp_app(&[]).await;
-    let short = || tokio::time::Instant::now() + std::time::Duration::from_millis(2500);
+    let within = |secs| tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
     let scheduled = json!({"table": "export"});
+    let labels_of = |r: &mixpanel_replicator::handler::Response| -> Vec<String> {
+        r.slice
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(String::from)
+            .collect()
+    };
 
-    // The first day does not fit: abandoned cleanly and re-planned as 24 hours.
-    let r = handler::handle(&app, scheduled.clone(), short())
+    // 1. The first day's body does not end: abandoned cleanly and re-planned as 24 hours.
+    let r = handler::handle(&app, scheduled.clone(), within(6))
         .await
         .unwrap();
     assert_eq!(r.status, Status::Partial, "{r:?}");
@@ -801,16 +884,15 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
             && reason.contains("re-planned as 24 hour slices"),
         "{reason}"
     );
+    assert_eq!(day_gate.held(), 1);
+    assert_eq!(export_asked(sim, 0, d1).len(), 1, "the whole day, once");
     let slices = app.store.slices(Table::Export).await.unwrap();
     let hours: Vec<String> = slices
         .iter()
         .filter(|s| matches!(s.slice, SliceId::Hours { .. }))
         .map(|s| s.slice.to_string())
         .collect();
-    let expected: Vec<String> = (0..24)
-        .map(|h| format!("{d1}T{h:02}-{:02}", h + 1))
-        .collect();
-    assert_eq!(hours, expected);
+    assert_eq!(hours, hour_labels(d1, 0..24));
     assert!(slices.iter().all(|s| s.status == SliceStatus::Pending));
     assert!(
         parts_in(&app, d1).await.is_empty(),
@@ -818,57 +900,57 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
     );
     assert!(read_partition(&app.sink, "", "export", d1).await.is_none());
 
-    // The next invocations replicate several hours each, commit the day from them, and go on
-    // with the second day, which is split before it is fetched: its neighbour took longer than
-    // an invocation has. No whole-day request of it is made, and no invocation is wasted.
-    let mut labels: Vec<String> = Vec::new();
-    let mut invocations = 0;
-    let mut manifest = None;
-    for _ in 0..60 {
-        let r = handler::handle(&app, scheduled.clone(), short())
-            .await
-            .unwrap();
-        invocations += 1;
-        // `partial` while hours stay pending for the next invocation; `done` once drained.
-        assert!(
-            matches!(r.status, Status::Done | Status::Partial) && r.failed == 0,
-            "{r:?}"
-        );
-        labels.extend(r.slice.clone().unwrap().split(',').map(String::from));
-        if manifest.is_none() && labels.contains(&d1.to_string()) {
-            // Committed once, from its hours: exactly the manifest's parts are in the folder.
-            let (m, _) = read_partition(&app.sink, "", "export", d1).await.unwrap();
-            let listed: Vec<String> = m.files.iter().map(|f| f.name.clone()).collect();
-            assert_eq!(
-                parts_in(&app, d1).await,
-                listed,
-                "exactly the manifest's parts"
-            );
-            manifest = Some(m);
-        }
-        if labels.contains(&d2.to_string()) {
-            break;
-        }
-    }
-    let manifest = manifest.expect("the first day was committed");
-    // Each day answers after its hours, each hour once and in order (the invocation that
-    // commits the day answers for the day, not for the last hours it did on the way).
-    let of = |d: jiff::civil::Date| -> Vec<String> {
-        labels
-            .iter()
-            .filter(|l| l.starts_with(&d.to_string()))
-            .cloned()
-            .collect()
-    };
-    for d in [d1, d2] {
-        let answered = of(d);
-        let (day, hours) = answered.split_last().unwrap();
-        assert_eq!(day, &d.to_string(), "{labels:?}");
-        let expected: Vec<String> = (0..24)
-            .map(|h| format!("{d}T{h:02}-{:02}", h + 1))
-            .collect();
-        assert_eq!(hours, &expected[..hours.len()], "{labels:?}");
-    }
+    // 2. The next invocation goes on from hour to hour while its time allows: hours 0 to 11,
+    // until Mixpanel has not answered hour 12 by its deadline.
+    let seen = sim.requests().len();
+    let r = handler::handle(&app, scheduled.clone(), within(5))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.failed), (Status::Partial, 0), "{r:?}");
+    assert_eq!(labels_of(&r), hour_labels(d1, 0..12), "{r:?}");
+    assert_eq!(hour_gate.held(), 1);
+    assert_eq!(export_asked(sim, seen, d1).len(), 12, "hour 12 is held");
+    assert!(read_partition(&app.sink, "", "export", d1).await.is_none());
+
+    // 3. The next one reads hours 12 to 23 and commits the day from its hours. Its one slice
+    // took more than 4.5 s: another as slow does not fit its 10 s, so it answers then.
+    let seen = sim.requests().len();
+    let r = handler::handle(&app, scheduled.clone(), within(10))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.failed), (Status::Partial, 0), "{r:?}");
+    // (The invocation that commits the day answers for the day, not for its hours.)
+    assert_eq!(labels_of(&r), [d1.to_string()], "{r:?}");
+    assert_eq!(export_asked(sim, seen, d1).len(), 12);
+    assert!(export_asked(sim, seen, d2).is_empty());
+    // Committed once, from its hours: exactly the manifest's parts are in the folder.
+    let (manifest, _) = read_partition(&app.sink, "", "export", d1).await.unwrap();
+    let listed: Vec<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
+    assert_eq!(
+        parts_in(&app, d1).await,
+        listed,
+        "exactly the manifest's parts"
+    );
+
+    // 4. The second day is split before it is fetched: its neighbour took longer (4.5 s at
+    // least) than most of the 4.8 s this invocation has for work. No whole-day request of it
+    // is made; its hours are quick, and the day is committed from them.
+    let seen = sim.requests().len();
+    let r = handler::handle(&app, scheduled.clone(), within(6))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.status, Status::Done | Status::Partial) && r.failed == 0,
+        "{r:?}"
+    );
+    let labels = labels_of(&r);
+    assert_eq!(labels[0], d2.to_string(), "{r:?}");
+    // Then, time allowing, today (which has no events).
+    let today = d2.tomorrow().unwrap();
+    assert!(labels[1..].iter().all(|l| *l == today.to_string()), "{r:?}");
+    let asked = export_asked(sim, seen, d2);
+    assert_eq!(asked.len(), 24, "one request per hour: {asked:#?}");
+    assert!(asked.iter().all(|q| q.contains("where=")));
     let slices = app.store.slices(Table::Export).await.unwrap();
     for d in [d1, d2] {
         let hours: Vec<_> = slices
@@ -881,77 +963,64 @@ async fn a_day_too_big_for_one_invocation_is_replicated_in_hour_slices_and_commi
             "{d}"
         );
     }
-    assert!(
-        invocations < 20,
-        "an invocation goes on with the next hours while its time allows: {labels:?}"
-    );
-    let asked = |d: jiff::civil::Date| -> Vec<String> {
-        project
-            .simulator()
-            .requests()
-            .iter()
-            .filter(|q| q.path == "/api/2.0/export" && q.query.contains(&d.to_string()))
-            .map(|q| q.query.clone())
-            .collect()
-    };
     assert_eq!(
-        asked(d1).len(),
+        export_asked(sim, 0, d1).len(),
         25,
-        "the whole day once, then each hour once: {:#?}",
-        asked(d1)
+        "the whole day once, then each hour once"
     );
-    assert_eq!(
-        asked(d2).len(),
-        24,
-        "one request per hour: {:#?}",
-        asked(d2)
-    );
-    assert!(asked(d2).iter().all(|q| q.contains("where=")));
-    assert_exact(&app, project.simulator(), d1, d2, None).await;
+    assert_exact(&app, sim, d1, d2, None).await;
     assert_symlink(&app.sink, &format!("export/date={d1}"), &manifest).await;
-    // The bookmark is at the second day, or at today when the invocation that committed the
-    // second day had time left to commit today (which has no events) as well.
-    let today = d2.tomorrow().unwrap();
-    let today_committed = app
-        .store
-        .slices(Table::Export)
-        .await
-        .unwrap()
-        .iter()
-        .any(|r| r.slice == SliceId::Day(today) && r.status == SliceStatus::Committed);
+    // The bookmark is at the second day, or at today when that invocation had time left to
+    // commit today as well.
+    let today_committed = labels.contains(&today.to_string());
     assert_eq!(
         app.store.bookmark(Table::Export).await.unwrap(),
         Some(if today_committed { today } else { d2 })
     );
 
-    // Replicating the first day again (an explicit event) runs its hours again and replaces
-    // the day's parts with theirs in one commit.
+    // 5. Replicating the first day again (an explicit event) runs its hours again and replaces
+    // the day's parts with theirs in one commit: hours 0 to 11 first (hour 12 is held again)...
     let old = parts_in(&app, d1).await;
     let event = export_day(d1);
-    let mut last = None;
-    for _ in 0..40 {
-        let r = handler::handle(&app, event.clone(), short()).await.unwrap();
-        assert_eq!(r.status, Status::Done, "{r:?}");
-        last = r.slice.clone();
-        if last.as_deref() == Some(d1.to_string().as_str()) {
-            break;
-        }
-        // Until the day is committed again, its readers keep the previous commit (the new
-        // hours' parts wait beside it, listed by no manifest yet).
-        let body = app
-            .sink
-            .get(&format!("export/date={d1}/_manifest.json"))
-            .await
-            .unwrap()
-            .unwrap();
-        let m: mixpanel_replicator::run::commit::Manifest = serde_json::from_slice(&body).unwrap();
-        assert_eq!(m, manifest);
-    }
-    assert_eq!(last.as_deref(), Some(d1.to_string().as_str()));
+    // (The first matching rule applies: the hold goes before the pacing.)
+    sim.clear_faults();
+    let hour_gate = mixpanel_sim::Gate::new();
+    sim.push_fault(at_hour(
+        d1,
+        12,
+        1,
+        Fault::Held {
+            gate: hour_gate.clone(),
+        },
+    ));
+    pace_late_hours();
+    let r = handler::handle(&app, event.clone(), within(5))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert_eq!(labels_of(&r), hour_labels(d1, 0..12), "{r:?}");
+    assert_eq!(hour_gate.held(), 1);
+    // Until the day is committed again, its readers keep the previous commit (the new hours'
+    // parts wait beside it, listed by no manifest yet).
+    let body = app
+        .sink
+        .get(&format!("export/date={d1}/_manifest.json"))
+        .await
+        .unwrap()
+        .unwrap();
+    let m: mixpanel_replicator::run::commit::Manifest = serde_json::from_slice(&body).unwrap();
+    assert_eq!(m, manifest);
+    // ... then hours 12 to 23 and the day's commit.
+    let r = handler::handle(&app, event.clone(), within(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert_eq!(labels_of(&r), [d1.to_string()], "{r:?}");
     let new = parts_in(&app, d1).await;
     assert!(new.iter().all(|n| !old.contains(n)), "old parts removed");
-    assert_exact(&app, project.simulator(), d1, d2, None).await;
+    assert_exact(&app, sim, d1, d2, None).await;
     assert_layout(&app).await;
+    day_gate.open();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -990,33 +1059,51 @@ async fn a_day_split_into_hours_commits_exactly_on_s3_with_its_hours_recorded_in
     let cfg = sim_config("UTC", 1, 4800);
     let day = cfg.first_day;
     let project = Project::start(cfg).await;
-    project.fault_export(
-        None,
-        100_000,
-        Fault::SlowBody {
-            lines_per_second: 1500,
-        },
-    );
+    // The whole day's body stops after 1,000 lines until the first invocation has answered:
+    // its deadline comes while the body is being read, on any machine (see the local test).
+    let gate = mixpanel_sim::Gate::new();
+    project.simulator().push_fault(mixpanel_sim::FaultRule {
+        times: 1,
+        ..mixpanel_sim::FaultRule::export_day(
+            day,
+            Some(std::time::Duration::from_secs(3600)),
+            Fault::HeldBody {
+                after_lines: 1000,
+                gate: gate.clone(),
+            },
+        )
+    });
     let (_aws, app) = aws_app(&project, "out-bucket", "state", "mixpanel/creds", &[]).await;
-    let short = || tokio::time::Instant::now() + std::time::Duration::from_millis(2500);
     let event = export_day(day);
 
-    let r = handler::handle(&app, event.clone(), short()).await.unwrap();
+    let short = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
+    let r = handler::handle(&app, event.clone(), short).await.unwrap();
     assert_eq!(r.status, Status::Partial, "{r:?}");
-    let mut committed = false;
-    for _ in 0..40 {
-        let r = handler::handle(&app, event.clone(), short()).await.unwrap();
-        assert_eq!(r.status, Status::Done, "{r:?}");
-        if r.slice.as_deref() == Some(day.to_string().as_str()) {
-            assert_eq!(
-                r.records,
-                truth(project.simulator(), day, None).len() as u64
-            );
-            committed = true;
-            break;
-        }
-    }
-    assert!(committed, "the day is committed from its hours");
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("re-planned as 24 hour slices"),
+        "{r:?}"
+    );
+    assert_eq!(gate.held(), 1);
+    // The next invocation has the time for every hour: it reads the 24 of them and commits
+    // the day from them.
+    let r = handler::handle(&app, event.clone(), deadline())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert_eq!(r.slice.as_deref(), Some(day.to_string().as_str()), "{r:?}");
+    assert_eq!(
+        r.records,
+        truth(project.simulator(), day, None).len() as u64
+    );
+    assert_eq!(
+        export_asked(project.simulator(), 0, day).len(),
+        25,
+        "the whole day once, then each hour once"
+    );
+    gate.open();
     assert_exact(&app, project.simulator(), day, day, None).await;
     let (manifest, _) = read_partition(&app.sink, &app.prefix, "export", day)
         .await

@@ -149,6 +149,38 @@ async fn all_seven_tables_into_s3(compression: &str, extension: &str, content_ty
     }
 }
 
+/// A rule for the next `times` engage pages: answered as they are, or held at `gate`.
+fn engage_pages(times: u32, gate: Option<&mixpanel_sim::Gate>) -> mixpanel_sim::FaultRule {
+    let fault = match gate {
+        Some(gate) => mixpanel_sim::Fault::Held { gate: gate.clone() },
+        // A rule that changes nothing: it counts the pages before the next rule.
+        None => mixpanel_sim::Fault::SlowFirstByte {
+            delay: std::time::Duration::ZERO,
+        },
+    };
+    mixpanel_sim::FaultRule::new("/api/2.0/engage", times, fault)
+}
+
+/// The `page` of each engage request answered 200, from index `from` of the request log.
+fn pages_read(sim: &mixpanel_sim::Simulator, from: usize) -> Vec<u64> {
+    sim.requests()
+        .into_iter()
+        .skip(from)
+        .filter(|r| r.path == "/api/2.0/engage" && r.status == 200)
+        .filter_map(|r| {
+            r.query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("page="))
+                .and_then(|p| p.parse().ok())
+        })
+        .collect()
+}
+
+// Where an invocation stops does not rest on how fast the machine is: Mixpanel holds the page
+// at which it must stop ([`mixpanel_sim::Fault::Held`]) until the invocation has answered, so
+// its deadline certainly comes while that page is asked; the pages before it take a fraction
+// of the seconds it has. The held page is never answered (its gate stays shut): each
+// invocation's pages are exactly those the log shows answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engage_of_100k_profiles_resumes_across_many_short_invocations_and_survives_an_expired_session()
  {
@@ -157,37 +189,46 @@ async fn engage_of_100k_profiles_resumes_across_many_short_invocations_and_survi
     let project = Project::start(cfg).await;
     let sim = project.simulator();
     let (_dir, app) = project.temp_app(&[]).await;
-    let mut partials = 0;
-    let mut expired = false;
-    loop {
-        let short = tokio::time::Instant::now() + std::time::Duration::from_millis(400);
-        let r = handler::handle(&app, json!({"table": "engage"}), short)
+    // Pages 5, 10 and 15 are held the first time they are asked.
+    let gates = [(); 3].map(|_| mixpanel_sim::Gate::new());
+    for gate in &gates {
+        sim.push_fault(engage_pages(5, None));
+        sim.push_fault(engage_pages(1, Some(gate)));
+    }
+    let short = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    for (i, gate) in gates.iter().enumerate() {
+        let seen = sim.requests().len();
+        let r = handler::handle(&app, json!({"table": "engage"}), short())
             .await
             .unwrap();
-        match r.status {
-            Status::Partial => {
-                partials += 1;
-                // No half snapshot is ever visible.
-                assert!(read_latest_snapshot(&app, "engage").await.is_none());
-                if partials == 3 && !expired {
-                    sim.expire_engage_sessions();
-                    expired = true;
-                }
-            }
-            Status::Done => break,
-            other => panic!("unexpected {other:?}: {r:?}"),
-        }
-        assert!(partials < 2000, "engage never finished");
+        assert_eq!(r.status, Status::Partial, "{r:?}");
+        // Each invocation goes on from the page the previous one saved, up to its held page.
+        let from = 5 * i as u64;
+        assert_eq!(pages_read(sim, seen), (from..from + 5).collect::<Vec<_>>());
+        assert_eq!(gate.held(), 1);
+        // No half snapshot is ever visible.
+        assert!(read_latest_snapshot(&app, "engage").await.is_none());
     }
-    assert!(
-        partials >= 3,
-        "the budget was small enough to need several invocations ({partials})"
-    );
+    // Mixpanel forgets the session: page 15 is refused, and the listing restarts once, from
+    // page 0, in the same invocation.
+    sim.expire_engage_sessions();
+    let seen = sim.requests().len();
+    let r = handler::handle(&app, json!({"table": "engage"}), deadline())
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Done, "{r:?}");
+    assert_eq!(pages_read(sim, seen), (0..=100).collect::<Vec<_>>());
     let (_, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
     assert_eq!(rows.len(), 100_000);
     assert_eq!(rows, canonical(sim.engage_ground_truth()));
-    let restarts = sim.requests().iter().filter(|r| r.status == 400).count();
-    assert_eq!(restarts, 1, "one expired session, one clean restart");
+    let refused: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .skip(seen)
+        .filter(|r| r.status == 400)
+        .collect();
+    assert_eq!(refused.len(), 1, "one expired session, one clean restart");
+    assert!(refused[0].query.contains("page=15"), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,31 +392,26 @@ async fn an_engage_page_slower_than_the_deadline_answers_partial_on_time_and_res
     cfg.profiles = 2500;
     let project = Project::start(cfg).await;
     let sim = project.simulator();
-    let engage = |delay| mixpanel_sim::FaultRule {
-        path: "/api/2.0/engage".into(),
-        from_date: None,
-        times: 1,
-        covering: None,
-        wider_than: None,
-        holding: None,
-        param: None,
-        fault: mixpanel_sim::Fault::SlowFirstByte { delay },
-    };
-    // Page 0 at once, page 1 ten seconds late.
-    sim.push_fault(engage(std::time::Duration::ZERO));
-    sim.push_fault(engage(std::time::Duration::from_secs(10)));
+    // Page 0 at once; page 1 is never answered (its gate stays shut).
+    let gate = mixpanel_sim::Gate::new();
+    sim.push_fault(engage_pages(1, None));
+    sim.push_fault(engage_pages(1, Some(&gate)));
     let (_dir, app) = project.temp_app(&[]).await;
-    let started = std::time::Instant::now();
-    let short = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    let r = handler::handle(&app, json!({"table": "engage"}), short)
-        .await
-        .unwrap();
+    let short = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    // The invocation answers by its deadline without Mixpanel's answer: waiting for it would
+    // never end (the bound below is only there so that a hang fails rather than blocks).
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        handler::handle(&app, json!({"table": "engage"}), short),
+    )
+    .await
+    .expect("answered by its deadline, though page 1 never came")
+    .unwrap();
     assert_eq!(r.status, Status::Partial, "{r:?}");
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(3),
-        "answered by its deadline: {:?}",
-        started.elapsed()
-    );
+    assert_eq!(gate.held(), 1);
+    assert!(!gate.is_open());
+    assert_eq!(pages_read(sim, 0), [0]);
+    let seen = sim.requests().len();
     let r = handler::handle(&app, json!({"table": "engage"}), deadline())
         .await
         .unwrap();
@@ -383,14 +419,5 @@ async fn an_engage_page_slower_than_the_deadline_answers_partial_on_time_and_res
     let (_, rows) = read_latest_snapshot(&app, "engage").await.unwrap();
     assert_eq!(rows, canonical(sim.engage_ground_truth()));
     // The second invocation resumed at page 1 of the saved session: page 0 was read once.
-    let pages: Vec<_> = sim
-        .requests()
-        .into_iter()
-        .filter(|r| r.path == "/api/2.0/engage")
-        .collect();
-    assert_eq!(
-        pages.iter().filter(|r| r.query.contains("page=0")).count(),
-        1,
-        "{pages:?}"
-    );
+    assert_eq!(pages_read(sim, seen), [1, 2]);
 }

@@ -181,6 +181,22 @@ pub enum Fault {
         /// Lines sent per second.
         lines_per_second: u32,
     },
+    /// Headers and body only once `gate` is open: a Mixpanel that has not answered yet,
+    /// however long the client waits. A test holds a page or an hour with it until the
+    /// client's deadline has certainly passed, whatever the machine's speed.
+    Held {
+        /// Opened by the test.
+        gate: Gate,
+    },
+    /// An export body that stops after `after_lines` lines until `gate` is open, then goes
+    /// on: a big day whose body has begun and has not ended when the client's deadline comes.
+    /// Query API endpoints answer normally.
+    HeldBody {
+        /// Lines sent before the body stops.
+        after_lines: usize,
+        /// Opened by the test.
+        gate: Gate,
+    },
     /// Any literal answer.
     Status {
         /// The HTTP status.
@@ -188,6 +204,68 @@ pub enum Fault {
         /// The literal body.
         body: String,
     },
+}
+
+/// What holds the answers of [`Fault::Held`] and [`Fault::HeldBody`] until a test opens it.
+/// Cheap to clone: clones share one gate. Once open it stays open.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    open: Arc<tokio::sync::watch::Sender<bool>>,
+    held: Arc<AtomicU64>,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate::new()
+    }
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Gate {
+        Gate {
+            open: Arc::new(tokio::sync::watch::Sender::new(false)),
+            held: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Opens the gate: every answer held at it goes on, and none is held again.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Whether the gate is open.
+    pub fn is_open(&self) -> bool {
+        *self.open.borrow()
+    }
+
+    /// How many answers have been held at the gate so far (those released included).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Counts an answer held here, and waits until the gate opens.
+    pub(crate) async fn hold(&self) {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.subscribe();
+        // The sender lives as long as this gate: waiting cannot fail.
+        let _ = open.wait_for(|o| *o).await;
+    }
+
+    /// [`Gate::hold`] on a blocking thread: waits until the gate opens or `gone` says the
+    /// client went away (its answer is then never sent). Returns whether the gate opened.
+    pub(crate) fn hold_blocking(&self, gone: impl Fn() -> bool) -> bool {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        loop {
+            if self.is_open() {
+                return true;
+            }
+            if gone() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// Which requests a fault applies to, and how many times.

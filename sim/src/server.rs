@@ -272,8 +272,12 @@ async fn respond(
                 .with_status(status);
         }
         Some(Fault::SlowFirstByte { delay }) => tokio::time::sleep(delay).await,
+        Some(Fault::Held { gate }) => gate.hold().await,
         Some(
-            f @ (Fault::TerminatedEarly { .. } | Fault::CutBody { .. } | Fault::SlowBody { .. }),
+            f @ (Fault::TerminatedEarly { .. }
+            | Fault::CutBody { .. }
+            | Fault::SlowBody { .. }
+            | Fault::HeldBody { .. }),
         ) => stream_fault = Some(f),
     }
     if let Some(e) = body_error {
@@ -283,7 +287,10 @@ async fn respond(
         let reply = api::answer(sim, &ep, params, request);
         let gzip = wants_gzip(headers);
         return match stream_fault {
-            Some(f) if reply.status == 200 && !matches!(f, Fault::SlowBody { .. }) => {
+            Some(f)
+                if reply.status == 200
+                    && !matches!(f, Fault::SlowBody { .. } | Fault::HeldBody { .. }) =>
+            {
                 broken_json(reply.body, gzip, &f)
             }
             _ => json_reply(reply, gzip),
@@ -623,6 +630,10 @@ fn produce(
         Some(Fault::SlowBody { lines_per_second }) => Some(f64::from(lines_per_second.max(1))),
         _ => None,
     };
+    let mut stall = match fault {
+        Some(Fault::HeldBody { after_lines, gate }) => Some((after_lines, gate)),
+        _ => None,
+    };
     let began = Instant::now();
     let filter = Filter {
         names: sim.inner.generator.name_mask(p.events.as_deref()),
@@ -647,6 +658,20 @@ fn produce(
             let half = (buf.len() - start) / 2;
             buf.truncate(start + half);
             return false;
+        }
+        if let Some((_, gate)) = stall.take_if(|(after, _)| *after == lines) {
+            // The lines before this one reach the client; the rest waits for the gate.
+            let line = buf.split_off(start);
+            if !out.send(buf) || !out.flush() {
+                client_gone = true;
+                return false;
+            }
+            buf.clear();
+            buf.extend_from_slice(&line);
+            if !gate.hold_blocking(|| out.tx.is_closed()) {
+                client_gone = true;
+                return false;
+            }
         }
         lines += 1;
         if let Some(rate) = pace {

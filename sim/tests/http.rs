@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mixpanel_sim::{
-    AuthKind, Fault, FaultRule, RateLimit, ServiceAccount, SimConfig, Simulator, TimeMode,
+    AuthKind, Fault, FaultRule, Gate, RateLimit, ServiceAccount, SimConfig, Simulator, TimeMode,
 };
 use serde_json::Value;
 
@@ -472,6 +472,88 @@ async fn faults() {
     assert_eq!(log[0], (429, true));
     assert_eq!(log[2], (200, false));
     assert!(sim.requests().windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_answers_wait_for_their_gate() {
+    let sim = Simulator::new(recent(5, 200));
+    let srv = sim.serve(0).await.unwrap();
+    let c = raw_client();
+    let day = add_days(today_utc(), -2);
+    let q = day_params(day);
+    let full = body(&sim, day, day, None, None);
+    let full_lines: Vec<&[u8]> = full.split_inclusive(|b| *b == b'\n').collect();
+
+    // No byte of a held answer comes before its gate opens, however long the client waits.
+    let gate = Gate::new();
+    sim.push_fault(rule(Fault::Held { gate: gate.clone() }));
+    let pending = tokio::spawn({
+        let (c, url, q) = (c.clone(), srv.url(), q.clone());
+        async move { export(&c, &url, &q).await }
+    });
+    let waited = tokio::time::timeout(Duration::from_millis(300), async {
+        while gate.held() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the request reached the gate");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!pending.is_finished(), "no answer while the gate is closed");
+    gate.open();
+    let r = pending.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), full);
+    assert_eq!(gate.held(), 1);
+    // An open gate holds nothing.
+    sim.push_fault(rule(Fault::Held { gate: gate.clone() }));
+    assert_eq!(
+        export(&c, &srv.url(), &q).await.bytes().await.unwrap(),
+        full
+    );
+
+    // A held body: the lines before the gate, then nothing until it opens, then the rest.
+    let gate = Gate::new();
+    sim.push_fault(rule(Fault::HeldBody {
+        after_lines: 3,
+        gate: gate.clone(),
+    }));
+    let mut r = export(&c, &srv.url(), &q).await;
+    assert_eq!(r.status(), 200);
+    let three = full_lines[..3].concat();
+    let mut got = Vec::new();
+    while got.len() < three.len() {
+        got.extend_from_slice(&r.chunk().await.unwrap().unwrap());
+    }
+    assert_eq!(got, three);
+    let more = tokio::time::timeout(Duration::from_millis(300), r.chunk()).await;
+    assert!(more.is_err(), "nothing more while the gate is closed");
+    assert_eq!(gate.held(), 1);
+    gate.open();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, full);
+
+    // A client that gives up on a held body frees the simulator's thread; the next answer
+    // is whole.
+    let gate = Gate::new();
+    sim.push_fault(rule(Fault::HeldBody {
+        after_lines: 1,
+        gate: gate.clone(),
+    }));
+    let mut r = export(&c, &srv.url(), &q).await;
+    let mut got = Vec::new();
+    while got.len() < full_lines[0].len() {
+        got.extend_from_slice(&r.chunk().await.unwrap().unwrap());
+    }
+    assert_eq!(got, full_lines[0]);
+    drop(r);
+    assert_eq!(
+        export(&c, &srv.url(), &q).await.bytes().await.unwrap(),
+        full
+    );
+    assert!(!gate.is_open());
 }
 
 #[tokio::test]

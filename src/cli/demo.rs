@@ -55,7 +55,9 @@ pub fn project(now: jiff::Timestamp) -> Result<SimConfig> {
 
 /// Runs the demo into `out`.
 pub async fn run(out: PathBuf) -> Result<ExitCode> {
-    let config = project(jiff::Timestamp::now())?;
+    // One clock for the simulated project's days and the replicator's.
+    let clock = crate::clock::system();
+    let config = project(clock.now())?;
     let sim = Simulator::new(config.clone());
     let running = sim
         .serve(0)
@@ -83,7 +85,7 @@ pub async fn run(out: PathBuf) -> Result<ExitCode> {
     let mut settings = Settings::from_lookup(RunMode::Local, |k| vars.get(k).cloned())?;
     settings.output_dir = Some(out.clone());
     settings.state_file = Some(out.join(".state.json"));
-    let app = App::build(settings, None).await?;
+    let app = App::build_with_clock(settings, None, clock).await?;
     let report = crate::cli::sync(&app, &[]).await?;
 
     println!();

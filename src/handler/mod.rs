@@ -293,6 +293,7 @@ pub(crate) async fn reported<T>(
             parked_now,
         },
         emf,
+        app.clock.as_ref(),
     );
     result
 }

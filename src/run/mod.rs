@@ -394,7 +394,7 @@ pub async fn attempt_slice(
             };
             let what = recorded
                 .as_ref()
-                .map(|r| r.describe(app.settings.max_slice_attempts))
+                .map(|r| r.describe(app.settings.max_slice_attempts, app.clock.now_ms()))
                 .unwrap_or_else(|| "its lease will expire".into());
             resp.status = Status::Partial;
             resp.failed = 1;
