@@ -37,6 +37,8 @@ pub struct App {
     pub catalog: Option<Arc<GlueCatalog>>,
     /// The wall clock of leases, the request budget, backoffs and schedules.
     pub clock: Arc<dyn Clock>,
+    /// Export days read by this process and not yet committed (for `sync`'s window planning).
+    pub read_sizes: Arc<crate::slice::ReadSizes>,
 }
 
 impl App {
@@ -134,6 +136,7 @@ impl App {
             fan_out,
             catalog,
             clock,
+            read_sizes: Arc::default(),
         })
     }
 }

@@ -161,6 +161,56 @@ impl FromStr for SliceId {
     }
 }
 
+/// The raw sizes of export days this process has read and not yet committed, so that another
+/// worker can plan a multi-day window from a day still being written (its commit records the
+/// size for every later invocation).
+#[derive(Debug)]
+pub struct ReadSizes {
+    /// Day → (raw bytes, milliseconds its body took to read).
+    days: std::sync::Mutex<std::collections::BTreeMap<Date, (u64, u64)>>,
+    /// Whether a size was noted, or the waiters were let go without one.
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for ReadSizes {
+    fn default() -> Self {
+        ReadSizes {
+            days: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            ready: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl ReadSizes {
+    /// Notes that `day`'s body held `raw_bytes`, read in `ms`; lets the waiters go.
+    pub fn note(&self, day: Date, raw_bytes: u64, ms: u64) {
+        if let Ok(mut days) = self.days.lock() {
+            days.insert(day, (raw_bytes, ms));
+        }
+        self.open();
+    }
+
+    /// Lets the waiters go, with or without a size.
+    pub fn open(&self) {
+        self.ready.send_replace(true);
+    }
+
+    /// Waits until a size is noted or [`ReadSizes::open`] is called.
+    pub async fn ready(&self) {
+        let mut rx = self.ready.subscribe();
+        // The sender lives as long as `self`: the wait ends only on `true`.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    /// The sizes noted: (day, raw bytes, ms).
+    pub fn noted(&self) -> Vec<(Date, u64, u64)> {
+        self.days
+            .lock()
+            .map(|days| days.iter().map(|(d, (b, ms))| (*d, *b, *ms)).collect())
+            .unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,7 +132,7 @@ async fn two_workers_on_a_new_project_probe_one_day_then_take_every_other_day_in
     let cfg = sim_config("UTC", 5, 10_000);
     let first = cfg.first_day;
     let project = Project::start(cfg).await;
-    // The probe takes its time: no other request may start before it ends.
+    // The probe takes its time: no other request may start before its body is read.
     let probe_wait = Duration::from_millis(700);
     project.simulator().push_fault(FaultRule {
         from_date: Some(first),
@@ -157,12 +157,12 @@ async fn two_workers_on_a_new_project_probe_one_day_then_take_every_other_day_in
         .filter(|r| r.path == "/api/2.0/export")
         .collect();
     let requests: Vec<(Date, Date)> = records.iter().map(dates).collect();
-    // One probe, alone until it ended; then every other day in one request: the workers
+    // One probe, alone until its body was read; then every other day in one request: the workers
     // claim one at a time, so the second worker never takes a day of the first one's window.
     assert_eq!(requests[0], (first, first), "{requests:?}");
     assert!(
         records[1].at_ms >= records[0].at_ms + probe_wait.as_millis() as u64,
-        "a second request started while the probe ran: {records:?}"
+        "a second request started before the probe was read: {records:?}"
     );
     assert_eq!(
         requests,

@@ -284,39 +284,34 @@ pub async fn sync_concurrently(
         // commits: none is dropped while it holds a lease.
         let stop = std::sync::atomic::AtomicBool::new(false);
         let gate = std::sync::Arc::new(tokio::sync::Mutex::new(()));
-        let mut done: Vec<Result<Worked>> = Vec::new();
         // An export table without one measured day first fetches a day alone (the probe whose
-        // size plans the multi-day windows after it): one worker, so that the others do not
-        // each probe a day of their own, one export request (of 60 an hour) apiece. Without
-        // windows (`MIXPANEL_EXPORT_WINDOW_DAYS=1`) there is nothing to plan: all start at once.
-        if table == Table::Export
+        // size plans the multi-day windows after it): the other workers wait until its body
+        // is read (or its attempt ends), so that they do not each probe a day of their own, one
+        // export request (of 60 an hour) apiece; then one of them plans the window while the
+        // probe's parts are still written. Without windows (`MIXPANEL_EXPORT_WINDOW_DAYS=1`)
+        // there is nothing to plan: all start at once.
+        let probe = table == Table::Export
             && concurrency > 1
             && app.settings.export_window_days > 1
-            && !crate::run::window::measured(store).await?
-        {
-            done.push(
-                work(
-                    app,
-                    table,
-                    progress.clone(),
-                    json_lines,
-                    &stop,
-                    Some(1),
-                    &gate,
-                )
-                .await,
-            );
-        }
-        let workers = (0..concurrency.max(1)).map(|_| async {
-            let worked = work(app, table, progress.clone(), json_lines, &stop, None, &gate).await;
-            if worked.is_err() {
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            && !crate::run::window::measured(store).await?;
+        let workers = (0..concurrency.max(1)).map(|i| {
+            let (progress, stop, gate) = (progress.clone(), &stop, &gate);
+            async move {
+                let first = probe && i == 0;
+                if probe && i > 0 {
+                    app.read_sizes.ready().await;
+                }
+                let worked = work(app, table, progress, json_lines, stop, first, gate).await;
+                if first {
+                    app.read_sizes.open();
+                }
+                if worked.is_err() {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                worked
             }
-            worked
         });
-        if done.iter().all(Result::is_ok) {
-            done.extend(futures_util::future::join_all(workers).await);
-        }
+        let done = futures_util::future::join_all(workers).await;
         let done: Vec<Worked> = done.into_iter().collect::<Result<_>>()?;
         for worked in done {
             report.slices += worked.slices;
@@ -352,19 +347,19 @@ struct Worked {
 }
 
 /// One sync worker on `table`: claims and replicates slices until none is claimable (waiting
-/// out backoffs and rate limits), or `max_claims` of them.
+/// out backoffs and rate limits). The probe's worker (`probe`) lets the waiting workers go
+/// once its first slice has ended, whether or not its size was read.
 async fn work(
     app: &App,
     table: Table,
     progress: std::sync::Arc<Progress>,
     json_lines: bool,
     stop: &std::sync::atomic::AtomicBool,
-    max_claims: Option<u32>,
+    probe: bool,
     gate: &std::sync::Arc<tokio::sync::Mutex<()>>,
 ) -> Result<Worked> {
     let store = app.store.as_ref();
     let mut worked = Worked::default();
-    let mut claims = 0;
     // A snapshot answers partial after every budget's worth of pages, and a funnels window
     // after every budget's worth of funnels: that is progress. An export day that answers
     // partial three times in a row does not fit the budget (a slice split into smaller
@@ -376,10 +371,9 @@ async fn work(
     // row, before the next slice.
     let mut rate_wait = RATE_WAIT_FIRST;
     loop {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) || max_claims == Some(claims) {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
             break;
         }
-        claims += 1;
         let deadline = Instant::now() + app.settings.time_budget;
         let owner = handler::new_attempt_id();
         let now_ms = app.clock.now_ms();
@@ -404,7 +398,12 @@ async fn work(
                 None => break,
             }
         };
-        let (resp, failure) = handler::attempt_slice(app, &claim, deadline).await?;
+        let attempted = handler::attempt_slice(app, &claim, deadline).await;
+        if probe {
+            // The probe ended: the waiting workers go, sized or not.
+            app.read_sizes.open();
+        }
+        let (resp, failure) = attempted?;
         progress.slice_done(json_lines, &resp);
         match resp.status {
             Status::Done => {

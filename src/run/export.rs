@@ -177,6 +177,11 @@ pub async fn export_slice(
     discover(app, known.stored().is_none(), &observed).await?;
 
     let pass1_done = Instant::now();
+    if let SliceId::Day(d) = lease.slice {
+        // Its size is known now: another worker may plan a window after it while it is written.
+        let ms = (pass1_done - body_began).as_millis() as u64;
+        app.read_sizes.note(d, pass1.raw_bytes, ms);
+    }
     // Writing the parts takes about as long as reading did when reading was bound by our CPU,
     // and less when Mixpanel's sending was slower (then at most the time of a slow writer):
     // when that no longer fits, the slice is too big for one invocation, and starting would

@@ -66,8 +66,9 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     };
     let now_ms = app.clock.now_ms();
     let left = deadline.saturating_duration_since(Instant::now());
+    let slices = with_read_sizes(&claim.slices, &app.read_sizes.noted());
     let days = plan_window(
-        &claim.slices,
+        &slices,
         first,
         app.settings.export_window_days,
         now_ms,
@@ -322,6 +323,35 @@ pub async fn measured(store: &dyn crate::state::StateStore) -> Result<bool> {
     Ok(store.slices(Table::Export).await?.iter().any(|r| {
         matches!(r.slice, SliceId::Day(_)) && Recorded::parse(r.result.as_deref()).is_some()
     }))
+}
+
+/// `slices` with the sizes this process has read of days not yet recorded (a day another
+/// worker is still writing) as their results, for [`plan_window`]'s estimates.
+fn with_read_sizes<'a>(
+    slices: &'a [SliceRecord],
+    read: &[(Date, u64, u64)],
+) -> std::borrow::Cow<'a, [SliceRecord]> {
+    let unrecorded = |r: &SliceRecord| Recorded::parse(r.result.as_deref()).is_none();
+    let mut out = std::borrow::Cow::Borrowed(slices);
+    for (day, raw_bytes, ms) in read {
+        let Some(i) = slices
+            .iter()
+            .position(|r| r.slice == SliceId::Day(*day) && unrecorded(r))
+        else {
+            continue;
+        };
+        let result = Recorded {
+            raw_bytes: *raw_bytes,
+            ms: *ms,
+            records: 0,
+            duplicates: 0,
+            files: Vec::new(),
+            rejected: 0,
+            rejected_files: Vec::new(),
+        };
+        out.to_mut()[i].result = Some(result.to_json());
+    }
+    out
 }
 
 /// Whether a day is marked to be fetched alone.
