@@ -130,17 +130,33 @@ async fn queue_days_over(
 ) -> Result<Vec<Date>> {
     let stale_before = stale_before_ms(settings, now);
     let mut queued = Vec::new();
+    // Days never seen are queued together (one write of the local state file); a committed
+    // day goes on its own, its hours first.
+    let mut new_days = Vec::new();
     for &d in days {
         let rec = existing.iter().find(|r| r.slice == SliceId::Day(d));
         let final_day =
             rec.is_some_and(|r| settled(settings, d, r)) && refresh_from.is_some_and(|f| d < f);
-        if !final_day
-            && needs_queue(rec, stale_before)
-            && requeue_day(store, existing, table, d, stale_before).await?
-        {
+        if final_day || !needs_queue(rec, stale_before) {
+            continue;
+        }
+        if rec.is_none() {
+            new_days.push(d);
+        } else if requeue_day(store, existing, table, d, stale_before).await? {
             queued.push(d);
         }
     }
+    let slices: Vec<SliceId> = new_days.iter().map(|d| SliceId::Day(*d)).collect();
+    let now_pending = store
+        .enqueue_many(table, &slices, Some(stale_before))
+        .await?;
+    queued.extend(
+        new_days
+            .iter()
+            .zip(now_pending)
+            .filter_map(|(d, q)| q.then_some(*d)),
+    );
+    queued.sort();
     Ok(queued)
 }
 

@@ -70,6 +70,8 @@ macro_rules! conformance {
 
 conformance!(
     enqueue_queues_a_new_slice_once,
+    enqueue_many_queues_each_slice_as_enqueue_would,
+    claim_run_claims_in_order_up_to_the_first_taken,
     enqueue_requeues_only_committed_slices_older_than_the_threshold,
     slices_are_listed_in_slice_order_per_table,
     only_one_of_many_concurrent_claimers_wins,
@@ -258,6 +260,89 @@ async fn enqueue_queues_a_new_slice_once(store: Arc<dyn StateStore>) {
     assert_eq!(r.attempts, 0);
     assert_eq!((r.lease_owner.as_deref(), r.lease_expires_ms), (None, None));
     assert_eq!((r.committed_at_ms, r.progress.as_deref()), (None, None));
+}
+
+async fn enqueue_many_queues_each_slice_as_enqueue_would(store: Arc<dyn StateStore>) {
+    let (done, fresh, busy, new) = (day(1), day(2), day(3), day(4));
+    for slice in [done, fresh, busy] {
+        store.enqueue(T, slice, None).await.unwrap();
+    }
+    let lease = claimed(&*store, T, done, "a", 100, 200).await;
+    assert!(store.complete(&lease, 150, None).await.unwrap());
+    let lease = claimed(&*store, T, fresh, "a", 100, 200).await;
+    assert!(store.complete(&lease, 160, None).await.unwrap());
+    claimed(&*store, T, busy, "b", 100, 10_000).await;
+
+    // Committed before 155: queued again; after it, or leased: untouched; unknown: queued.
+    let queued = store
+        .enqueue_many(T, &[done, fresh, busy, new], Some(155))
+        .await
+        .unwrap();
+    assert_eq!(queued, vec![true, false, false, true]);
+    let status = |slices: &[mixpanel_replicator::state::SliceRecord], s: SliceId| {
+        slices.iter().find(|r| r.slice == s).map(|r| r.status)
+    };
+    let slices = store.slices(T).await.unwrap();
+    assert_eq!(
+        [done, fresh, busy, new].map(|s| status(&slices, s)),
+        [
+            Some(SliceStatus::Pending),
+            Some(SliceStatus::Committed),
+            Some(SliceStatus::Leased),
+            Some(SliceStatus::Pending)
+        ]
+    );
+    let r = record(&*store, done).await;
+    assert_eq!((r.attempts, r.committed_at_ms), (0, Some(150)));
+    // Nothing new: every answer is false.
+    assert_eq!(
+        store.enqueue_many(T, &[new, busy], None).await.unwrap(),
+        vec![false, false]
+    );
+    assert!(store.enqueue_many(T, &[], None).await.unwrap().is_empty());
+}
+
+async fn claim_run_claims_in_order_up_to_the_first_taken(store: Arc<dyn StateStore>) {
+    let days: Vec<SliceId> = (1..=5).map(day).collect();
+    for slice in &days {
+        store.enqueue(T, *slice, None).await.unwrap();
+    }
+    // Day 4 is someone else's: the run stops before it, day 5 stays pending.
+    claimed(&*store, T, days[3], "b", 100, 10_000).await;
+    let leases = store.claim_run(T, &days, "a", 1000, 61_000).await.unwrap();
+    assert_eq!(
+        leases
+            .iter()
+            .map(|l| (l.slice, l.owner.as_str(), l.expires_ms))
+            .collect::<Vec<_>>(),
+        days[..3]
+            .iter()
+            .map(|s| (*s, "a", 61_000))
+            .collect::<Vec<_>>()
+    );
+    for (slice, owner, status) in [
+        (days[0], Some("a"), SliceStatus::Leased),
+        (days[2], Some("a"), SliceStatus::Leased),
+        (days[3], Some("b"), SliceStatus::Leased),
+        (days[4], None, SliceStatus::Pending),
+    ] {
+        let r = record(&*store, slice).await;
+        assert_eq!(
+            (r.status, r.lease_owner.as_deref()),
+            (status, owner),
+            "{slice}"
+        );
+    }
+    assert_eq!(record(&*store, days[0]).await.attempts, 1);
+    // A run whose first slice is taken claims nothing.
+    assert!(
+        store
+            .claim_run(T, &days[3..], "c", 1000, 61_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(record(&*store, days[4]).await.status, SliceStatus::Pending);
 }
 
 async fn enqueue_requeues_only_committed_slices_older_than_the_threshold(

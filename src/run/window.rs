@@ -80,16 +80,12 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     // The days after the first, each with its own lease; the window ends at the first taken.
     let (now_ms, until) = super::lease_times(app.clock.as_ref(), deadline);
     let mut leases = vec![lease.clone()];
-    for d in &days[1..] {
-        match app
-            .store
-            .claim(Table::Export, SliceId::Day(*d), &lease.owner, now_ms, until)
-            .await?
-        {
-            Some(l) => leases.push(l),
-            None => break,
-        }
-    }
+    let after: Vec<SliceId> = days[1..].iter().map(|d| SliceId::Day(*d)).collect();
+    leases.extend(
+        app.store
+            .claim_run(Table::Export, &after, &lease.owner, now_ms, until)
+            .await?,
+    );
     // The window has its days: the other workers may claim what is left.
     claim.gate.open();
     if leases.len() < 2 {

@@ -112,6 +112,67 @@ impl StateFile {
             .get_mut(&slice.to_string())
     }
 
+    /// Queues a new slice, or re-queues a committed one last committed before
+    /// `requeue_committed_before_ms`; returns whether it is now pending because of this call.
+    fn enqueue(
+        &mut self,
+        table: Table,
+        slice: SliceId,
+        requeue_committed_before_ms: Option<u64>,
+    ) -> bool {
+        let slices = self.slices.entry(table.as_str().to_owned()).or_default();
+        match slices.get_mut(&slice.to_string()) {
+            None => {
+                slices.insert(slice.to_string(), SliceEntry::pending());
+                true
+            }
+            Some(entry)
+                if entry.status == SliceStatus::Committed
+                    && requeue_committed_before_ms.is_some_and(|before| {
+                        entry.committed_at_ms.is_some_and(|at| at < before)
+                    }) =>
+            {
+                // A re-queued slice starts a new round: attempts and progress start over.
+                entry.status = SliceStatus::Pending;
+                entry.attempts = 0;
+                entry.lease_expires_ms = None;
+                entry.progress = None;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Leases a pending slice, or one whose lease expired before `now_ms`, to `owner`.
+    fn claim(
+        &mut self,
+        table: Table,
+        slice: SliceId,
+        owner: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Option<Lease> {
+        let entry = self.slice_mut(table, slice)?;
+        let claimable = match entry.status {
+            SliceStatus::Pending => true,
+            SliceStatus::Leased => entry.lease_expires_ms.is_some_and(|e| e < now_ms),
+            SliceStatus::Committed | SliceStatus::Failed => false,
+        };
+        if !claimable {
+            return None;
+        }
+        entry.status = SliceStatus::Leased;
+        entry.lease_owner = Some(owner.to_owned());
+        entry.lease_expires_ms = Some(lease_until_ms);
+        entry.attempts = entry.attempts.saturating_add(1);
+        Some(Lease {
+            table,
+            slice,
+            owner: owner.to_owned(),
+            expires_ms: lease_until_ms,
+        })
+    }
+
     /// Applies `change` to the slice held by `lease`; returns whether it was held.
     fn with_held(
         &mut self,
@@ -252,27 +313,26 @@ impl StateStore for LocalStore {
         requeue_committed_before_ms: Option<u64>,
     ) -> Result<bool> {
         self.write(move |state| {
-            let slices = state.slices.entry(table.as_str().to_owned()).or_default();
-            match slices.get_mut(&slice.to_string()) {
-                None => {
-                    slices.insert(slice.to_string(), SliceEntry::pending());
-                    Ok((true, true))
-                }
-                Some(entry)
-                    if entry.status == SliceStatus::Committed
-                        && requeue_committed_before_ms.is_some_and(|before| {
-                            entry.committed_at_ms.is_some_and(|at| at < before)
-                        }) =>
-                {
-                    // A re-queued slice starts a new round: attempts and progress start over.
-                    entry.status = SliceStatus::Pending;
-                    entry.attempts = 0;
-                    entry.lease_expires_ms = None;
-                    entry.progress = None;
-                    Ok((true, true))
-                }
-                Some(_) => Ok((false, false)),
-            }
+            let queued = state.enqueue(table, slice, requeue_committed_before_ms);
+            Ok((queued, queued))
+        })
+        .await
+    }
+
+    async fn enqueue_many(
+        &self,
+        table: Table,
+        slices: &[SliceId],
+        requeue_committed_before_ms: Option<u64>,
+    ) -> Result<Vec<bool>> {
+        let slices = slices.to_vec();
+        self.write(move |state| {
+            let queued: Vec<bool> = slices
+                .iter()
+                .map(|s| state.enqueue(table, *s, requeue_committed_before_ms))
+                .collect();
+            let changed = queued.contains(&true);
+            Ok((queued, changed))
         })
         .await
     }
@@ -287,28 +347,29 @@ impl StateStore for LocalStore {
     ) -> Result<Option<Lease>> {
         let owner = owner.to_owned();
         self.write(move |state| {
-            let Some(entry) = state.slice_mut(table, slice) else {
-                return Ok((None, false));
-            };
-            let claimable = match entry.status {
-                SliceStatus::Pending => true,
-                SliceStatus::Leased => entry.lease_expires_ms.is_some_and(|e| e < now_ms),
-                SliceStatus::Committed | SliceStatus::Failed => false,
-            };
-            if !claimable {
-                return Ok((None, false));
-            }
-            entry.status = SliceStatus::Leased;
-            entry.lease_owner = Some(owner.clone());
-            entry.lease_expires_ms = Some(lease_until_ms);
-            entry.attempts = entry.attempts.saturating_add(1);
-            let lease = Lease {
-                table,
-                slice,
-                owner,
-                expires_ms: lease_until_ms,
-            };
-            Ok((Some(lease), true))
+            let lease = state.claim(table, slice, &owner, now_ms, lease_until_ms);
+            let changed = lease.is_some();
+            Ok((lease, changed))
+        })
+        .await
+    }
+
+    async fn claim_run(
+        &self,
+        table: Table,
+        slices: &[SliceId],
+        owner: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Result<Vec<Lease>> {
+        let (slices, owner) = (slices.to_vec(), owner.to_owned());
+        self.write(move |state| {
+            let leases: Vec<Lease> = slices
+                .iter()
+                .map_while(|s| state.claim(table, *s, &owner, now_ms, lease_until_ms))
+                .collect();
+            let changed = !leases.is_empty();
+            Ok((leases, changed))
         })
         .await
     }

@@ -176,6 +176,48 @@ pub trait StateStore: Ledger {
         lease_until_ms: u64,
     ) -> Result<Option<Lease>>;
 
+    /// [`StateStore::enqueue`] of each of `slices`, in order: whether each is now pending
+    /// because of this call. A store may do it in one write.
+    async fn enqueue_many(
+        &self,
+        table: Table,
+        slices: &[SliceId],
+        requeue_committed_before_ms: Option<u64>,
+    ) -> Result<Vec<bool>> {
+        let mut queued = Vec::with_capacity(slices.len());
+        for slice in slices {
+            queued.push(
+                self.enqueue(table, *slice, requeue_committed_before_ms)
+                    .await?,
+            );
+        }
+        Ok(queued)
+    }
+
+    /// [`StateStore::claim`] of `slices` in order, up to the first that cannot be claimed: the
+    /// leases of the claimed ones (a multi-day window's days after its first). A store may do
+    /// it in one write.
+    async fn claim_run(
+        &self,
+        table: Table,
+        slices: &[SliceId],
+        owner: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+    ) -> Result<Vec<Lease>> {
+        let mut leases = Vec::with_capacity(slices.len());
+        for slice in slices {
+            match self
+                .claim(table, *slice, owner, now_ms, lease_until_ms)
+                .await?
+            {
+                Some(lease) => leases.push(lease),
+                None => break,
+            }
+        }
+        Ok(leases)
+    }
+
     /// Fencing check before a commit: extends the lease to `until_ms` only if `lease` is still
     /// held (same owner, not expired at `now_ms`). Returns whether it is held.
     async fn confirm(&self, lease: &Lease, now_ms: u64, until_ms: u64) -> Result<bool>;
