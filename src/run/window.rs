@@ -8,8 +8,8 @@
 //! its local day by its instant as the body streams, with the day's own spill, so a day is
 //! deduplicated alone (Mixpanel's key holds the event's second: a duplicate never crosses a
 //! day). Then each day is written and committed on its own, exactly as a day fetched alone: its
-//! manifest, parts, `_rejected/`, its record (its own lines' raw bytes) and the bookmark; as
-//! many days at a time as there are cores, since a small day is written by one worker. A day
+//! manifest, parts, `_rejected/`, its record (its own lines' raw bytes) and the bookmark; one
+//! day more at a time than there are cores, since a small day is written by one worker. A day
 //! with no history near it is fetched alone first (the probe).
 //!
 //! A window whose body Mixpanel fails, or that does not end before the deadline, or outgrows
@@ -151,8 +151,9 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     let mut rejected = Some(fetched.pass1.rejected);
     let bodies = fetched.pass1.days;
     let given = bodies.len();
-    // The days are written side by side, one per core (each small day by one worker), and
-    // each commits on its own as soon as its parts are written.
+    // The days are written side by side, one more than there are cores (each small day by
+    // one worker): a day waiting on its commit's syncs leaves its core to the extra one, and
+    // an odd last day does not run alone. Each commits on its own once its parts are written.
     let mut jobs = Vec::new();
     for ((day, lease), (spill, raw_bytes)) in days.iter().zip(&leases).zip(bodies) {
         let body = DayBody {
@@ -174,7 +175,7 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     }
     let written: Vec<Option<Result<SliceResult>>> = futures_util::stream::iter(jobs)
         .map(|job| write_window_day(app, &label, job, deadline))
-        .buffered(replicate::workers())
+        .buffered(replicate::workers() + 1)
         .collect()
         .await;
     let mut done: Vec<SliceResult> = Vec::new();
