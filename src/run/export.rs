@@ -216,7 +216,7 @@ pub async fn export_slice(
     };
     // The time the size took (from the first byte on), not waits for answers or retries.
     let ms = || body_began.elapsed().as_millis() as u64;
-    let result = match write_day(app, lease, guard, day, ms, deadline).await {
+    let result = match write_day(app, lease, guard, day, ms, deadline, Bookmark::Advance).await {
         Ok(r) => r,
         Err(e) if e.cause() == Some(Cause::DeadlineWhileWriting) => {
             // Writing a small slice late says the storage is slow, not that it is big:
@@ -485,6 +485,7 @@ pub(crate) async fn write_day(
     body: DayBody,
     ms: impl FnOnce() -> u64,
     deadline: Instant,
+    bookmark: Bookmark,
 ) -> Result<SliceResult> {
     let s = &app.settings;
     let (folder, partition) = commit::date_partition(&app.prefix, Table::Export, lease.slice)?;
@@ -578,9 +579,20 @@ pub(crate) async fn write_day(
             }
             return Err(e);
         }
-        crate::plan::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
+        if bookmark == Bookmark::Advance {
+            crate::plan::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await?;
+        }
     }
     Ok(result)
+}
+
+/// Whether [`write_day`] moves the table's bookmark after a day's commit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bookmark {
+    /// After this day.
+    Advance,
+    /// Not: its caller does once for several days (a window's).
+    Leave,
 }
 
 /// The slice's failed attempts in a row that were Mixpanel's signs of a request too heavy

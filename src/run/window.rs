@@ -200,6 +200,13 @@ pub async fn run(app: &App, claim: &plan::Claim, deadline: Instant) -> Result<Op
     // Days the body held nothing for (it ended before them) are given back too.
     back.extend(leases.iter().skip(given).cloned());
     give_back(app, &back, false).await;
+    if !done.is_empty()
+        && let Err(e) =
+            plan::advance_bookmark(app.store.as_ref(), Table::Export, s.start_date).await
+    {
+        // The days are committed; the next planning moves the bookmark over them.
+        tracing::warn!(table = "export", window = %label, error = %e, "could not move the bookmark");
+    }
     if let Some(e) = first_error {
         if !done.is_empty() {
             replicate::store_schema(app).await?;
@@ -245,7 +252,9 @@ async fn write_window_day(
     let began = Instant::now();
     let read_ms = job.read_ms;
     let ms = move || read_ms + began.elapsed().as_millis() as u64;
-    Some(replicate::write_day(app, &job.lease, job.guard, job.body, ms, deadline).await)
+    // The window moves the bookmark once, after all its days.
+    let bookmark = replicate::Bookmark::Leave;
+    Some(replicate::write_day(app, &job.lease, job.guard, job.body, ms, deadline, bookmark).await)
 }
 
 /// The window's days are marked to be fetched alone and given back (the first one by its
