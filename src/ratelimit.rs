@@ -395,60 +395,46 @@ impl RequestBudget {
         let window_ms = limits.window.as_millis() as u64;
         let policy = Policy::LEDGER_WRITE;
         let recorded = policy
-            .run(
-                None,
-                |_| async move {
-                    let now = self.clock.now_ms();
-                    let current = self.store.document(name).await.map_err(Some)?;
-                    let (mut ledger, version) = match &current {
-                        Some((body, v)) => (
-                            serde_json::from_str::<Window>(body).unwrap_or_default(),
-                            Some(*v),
-                        ),
-                        None => (Window::default(), None),
-                    };
-                    let until = match retry_after {
-                        Some(d) => now + d.as_millis() as u64,
-                        None => {
-                            let slot = (window_ms / u64::from(limits.per_window.max(1))).max(1);
-                            // A 429 soon after the last wait ended: the quota is spent for longer.
-                            let penalty = match (ledger.blocked_until, ledger.penalty_ms) {
-                                (Some(b), Some(p)) if now < b.saturating_add(p) => {
-                                    p.saturating_mul(2)
-                                }
-                                _ => slot,
-                            }
-                            .min(window_ms);
-                            ledger.penalty_ms = Some(penalty);
-                            now + penalty
+            .run_cas(|_| async move {
+                let now = self.clock.now_ms();
+                let current = self.store.document(name).await.map_err(Some)?;
+                let (mut ledger, version) = match &current {
+                    Some((body, v)) => (
+                        serde_json::from_str::<Window>(body).unwrap_or_default(),
+                        Some(*v),
+                    ),
+                    None => (Window::default(), None),
+                };
+                let until = match retry_after {
+                    Some(d) => now + d.as_millis() as u64,
+                    None => {
+                        let slot = (window_ms / u64::from(limits.per_window.max(1))).max(1);
+                        // A 429 soon after the last wait ended: the quota is spent for longer.
+                        let penalty = match (ledger.blocked_until, ledger.penalty_ms) {
+                            (Some(b), Some(p)) if now < b.saturating_add(p) => p.saturating_mul(2),
+                            _ => slot,
                         }
-                    };
-                    if ledger.blocked_until.is_some_and(|b| b >= until) {
-                        return Ok(ledger.blocked_until.unwrap_or(until));
+                        .min(window_ms);
+                        ledger.penalty_ms = Some(penalty);
+                        now + penalty
                     }
-                    ledger.blocked_until = Some(until);
-                    let body = serde_json::to_string(&ledger).map_err(|e| Some(Error::state(e)))?;
-                    if self
-                        .store
-                        .put_document(name, &body, version)
-                        .await
-                        .map_err(Some)?
-                    {
-                        return Ok(until);
-                    }
-                    // Another invocation wrote first.
-                    Err(None)
-                },
-                // `None`: a lost race, read again at once; `Some`: the store failed, final.
-                |failed: &Option<Error>, _| {
-                    if failed.is_some() {
-                        Decision::GiveUp
-                    } else {
-                        Decision::Retry
-                    }
-                },
-                |_, _, _| {},
-            )
+                };
+                if ledger.blocked_until.is_some_and(|b| b >= until) {
+                    return Ok(ledger.blocked_until.unwrap_or(until));
+                }
+                ledger.blocked_until = Some(until);
+                let body = serde_json::to_string(&ledger).map_err(|e| Some(Error::state(e)))?;
+                if self
+                    .store
+                    .put_document(name, &body, version)
+                    .await
+                    .map_err(Some)?
+                {
+                    return Ok(until);
+                }
+                // Another invocation wrote first.
+                Err(None)
+            })
             .await;
         recorded.map_err(|failed| {
             failed.unwrap_or_else(|| {

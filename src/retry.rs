@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::error::Error;
+
 /// How many times an operation is tried and how long to wait between its attempts.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Policy {
@@ -176,6 +178,30 @@ impl Policy {
                 }
             }
         }
+    }
+}
+
+impl Policy {
+    /// A compare-and-swap loop under the policy: `op` answers `Err(None)` when another writer
+    /// came first (read again and tried again, at once or after the policy's delay) and
+    /// `Err(Some(e))` when the store failed, which ends it.
+    pub async fn run_cas<T, Fut>(self, mut op: impl FnMut(u32) -> Fut) -> Result<T, Option<Error>>
+    where
+        Fut: Future<Output = Result<T, Option<Error>>>,
+    {
+        self.run(
+            None,
+            &mut op,
+            |failed: &Option<Error>, _| {
+                if failed.is_some() {
+                    Decision::GiveUp
+                } else {
+                    Decision::Retry
+                }
+            },
+            |_, _, _| {},
+        )
+        .await
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_glue::types::{Column, StorageDescriptor, TableInput};
 
 use crate::error::{Error, ErrorKind, Result, describe_sdk_error};
-use crate::retry::{Decision, Policy};
+use crate::retry::Policy;
 use crate::state::{Schema, folded};
 use crate::tables::Table;
 
@@ -120,78 +120,66 @@ impl GlueCatalog {
         // the columns changed, at the version read (a concurrent writer makes it read again).
         let wanted = &wanted;
         let updated = Policy::GLUE_UPDATE
-            .run(
-                None,
-                |_| async move {
-                    let got = self
-                        .client
-                        .get_table()
-                        .database_name(&self.database)
-                        .name(table.as_str())
-                        .send()
-                        .await
-                        .map_err(|e| Some(self.fail(table, "reading", e)))?;
-                    let Some(found) = got.table() else {
-                        return Err(Some(self.missing(table)));
-                    };
-                    let descriptor = found.storage_descriptor();
-                    let existing: Vec<(String, String)> = descriptor
-                        .map(|d| d.columns())
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|c| {
-                            (
-                                c.name().to_string(),
-                                c.r#type().unwrap_or("string").to_string(),
-                            )
-                        })
-                        .collect();
-                    let columns = merged_columns(wanted, &existing);
-                    if columns == existing {
+            .run_cas(|_| async move {
+                let got = self
+                    .client
+                    .get_table()
+                    .database_name(&self.database)
+                    .name(table.as_str())
+                    .send()
+                    .await
+                    .map_err(|e| Some(self.fail(table, "reading", e)))?;
+                let Some(found) = got.table() else {
+                    return Err(Some(self.missing(table)));
+                };
+                let descriptor = found.storage_descriptor();
+                let existing: Vec<(String, String)> = descriptor
+                    .map(|d| d.columns())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.name().to_string(),
+                            c.r#type().unwrap_or("string").to_string(),
+                        )
+                    })
+                    .collect();
+                let columns = merged_columns(wanted, &existing);
+                if columns == existing {
+                    self.remember(table, wanted.clone());
+                    return Ok(false);
+                }
+                let input = table_input(found, descriptor, &columns).map_err(Some)?;
+                let mut update = self
+                    .client
+                    .update_table()
+                    .database_name(&self.database)
+                    .table_input(input);
+                if let Some(version) = found.version_id() {
+                    update = update.version_id(version);
+                }
+                match update.send().await {
+                    Ok(_) => {
+                        tracing::info!(
+                            table = table.as_str(),
+                            database = %self.database,
+                            columns = columns.len(),
+                            added = columns.len().saturating_sub(existing.len()),
+                            "Glue table updated with the discovered columns"
+                        );
                         self.remember(table, wanted.clone());
-                        return Ok(false);
+                        Ok(true)
                     }
-                    let input = table_input(found, descriptor, &columns).map_err(Some)?;
-                    let mut update = self
-                        .client
-                        .update_table()
-                        .database_name(&self.database)
-                        .table_input(input);
-                    if let Some(version) = found.version_id() {
-                        update = update.version_id(version);
+                    // Someone else changed the table since it was read: read it again.
+                    Err(e)
+                        if e.as_service_error()
+                            .is_some_and(|s| s.is_concurrent_modification_exception()) =>
+                    {
+                        Err(None)
                     }
-                    match update.send().await {
-                        Ok(_) => {
-                            tracing::info!(
-                                table = table.as_str(),
-                                database = %self.database,
-                                columns = columns.len(),
-                                added = columns.len().saturating_sub(existing.len()),
-                                "Glue table updated with the discovered columns"
-                            );
-                            self.remember(table, wanted.clone());
-                            Ok(true)
-                        }
-                        // Someone else changed the table since it was read: read it again.
-                        Err(e)
-                            if e.as_service_error()
-                                .is_some_and(|s| s.is_concurrent_modification_exception()) =>
-                        {
-                            Err(None)
-                        }
-                        Err(e) => Err(Some(self.fail(table, "updating", e))),
-                    }
-                },
-                // `None`: a concurrent modification, tried again at once; `Some`: final.
-                |failed: &Option<Error>, _| {
-                    if failed.is_some() {
-                        Decision::GiveUp
-                    } else {
-                        Decision::Retry
-                    }
-                },
-                |_, _, _| {},
-            )
+                    Err(e) => Err(Some(self.fail(table, "updating", e))),
+                }
+            })
             .await;
         updated.map_err(|failed| {
             failed.unwrap_or_else(|| {

@@ -26,7 +26,7 @@ use super::{
     Failure, Lease, Ledger, Schema, SliceError, SliceId, SliceRecord, SliceStatus, StateStore,
 };
 use crate::error::{Error, Result, describe_sdk_error as describe};
-use crate::retry::{Decision, Policy};
+use crate::retry::Policy;
 use crate::tables::Table;
 
 const BOOKMARK_PK: &str = "bookmark";
@@ -527,41 +527,29 @@ impl StateStore for DynamoStore {
         // A lost race is read again and merged at once, under the policy's bound.
         let policy = Policy::SCHEMA_MERGE;
         let merged = policy
-            .run(
-                None,
-                |_| async {
-                    let current = self.read_schema(table).await.map_err(Some)?;
-                    let (merged, expected) = match &current {
-                        Some((stored, version)) => {
-                            (stored.merged(columns, table.fixed_keys()), Some(*version))
-                        }
-                        None => (columns.clone(), None),
-                    };
-                    if let Some((stored, _)) = &current
-                        && *stored == merged
-                    {
-                        return Ok(merged);
+            .run_cas(|_| async {
+                let current = self.read_schema(table).await.map_err(Some)?;
+                let (merged, expected) = match &current {
+                    Some((stored, version)) => {
+                        (stored.merged(columns, table.fixed_keys()), Some(*version))
                     }
-                    if self
-                        .write_schema(table, &merged, expected)
-                        .await
-                        .map_err(Some)?
-                    {
-                        return Ok(merged);
-                    }
-                    // Another writer's version came first.
-                    Err(None)
-                },
-                // `None`: a lost race; `Some`: DynamoDB failed, which is final here as before.
-                |failed: &Option<Error>, _| {
-                    if failed.is_some() {
-                        Decision::GiveUp
-                    } else {
-                        Decision::Retry
-                    }
-                },
-                |_, _, _| {},
-            )
+                    None => (columns.clone(), None),
+                };
+                if let Some((stored, _)) = &current
+                    && *stored == merged
+                {
+                    return Ok(merged);
+                }
+                if self
+                    .write_schema(table, &merged, expected)
+                    .await
+                    .map_err(Some)?
+                {
+                    return Ok(merged);
+                }
+                // Another writer's version came first.
+                Err(None)
+            })
             .await;
         match merged {
             Ok(merged) => Ok(merged),
