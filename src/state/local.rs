@@ -4,6 +4,16 @@
 //! holds a lock on a sidecar `<file>.lock` while it reads, changes and rewrites the state, and a
 //! rewrite goes to a temporary file renamed over the old one, so a crash never leaves a torn
 //! file. A file that cannot be read as state is an error, never silently reset.
+//!
+//! Every rewrite's content is synced before its rename. The rename itself is forced to disk
+//! (the folder synced) for the schemas, documents (the request ledger) and bookmarks, but not
+//! for changes to slice records (queueing, claims, progress, commits, failures): on ext4 that
+//! sync commits the whole journal, spill and parts included, and cost a tenth of a ten-day
+//! backfill's time. After an OS crash or power loss the file may then come back with its last
+//! slice changes undone, never torn: a day it calls pending is read again (its commit replaces
+//! the parts found), a lease it still holds runs out; nothing it says is false of the output,
+//! whose parts and manifests are forced before their commit is recorded. A process crash loses
+//! nothing either way.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -227,8 +237,27 @@ impl LocalStore {
     }
 
     /// Reads, changes and (if `f` says it changed something) rewrites the state under an
-    /// exclusive lock. `f` returns its answer and whether it changed the state.
+    /// exclusive lock, the rename forced to disk. `f` returns its answer and whether it changed
+    /// the state.
     async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut StateFile) -> Result<(T, bool)> + Send + 'static,
+    {
+        self.write_as(Rename::Forced, f).await
+    }
+
+    /// [`LocalStore::write`] of a change to slice records only: the new file's content is
+    /// synced, its rename is not forced (see the module's doc).
+    async fn write_records<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut StateFile) -> Result<(T, bool)> + Send + 'static,
+    {
+        self.write_as(Rename::MayRollBack, f).await
+    }
+
+    async fn write_as<T, F>(&self, rename: Rename, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut StateFile) -> Result<(T, bool)> + Send + 'static,
@@ -242,7 +271,7 @@ impl LocalStore {
             let mut state = load(path)?;
             let (answer, changed) = f(&mut state)?;
             if changed {
-                save(path, &state)?;
+                save(path, &state, rename)?;
             }
             Ok(answer)
         })
@@ -312,7 +341,7 @@ impl StateStore for LocalStore {
         slice: SliceId,
         requeue_committed_before_ms: Option<u64>,
     ) -> Result<bool> {
-        self.write(move |state| {
+        self.write_records(move |state| {
             let queued = state.enqueue(table, slice, requeue_committed_before_ms);
             Ok((queued, queued))
         })
@@ -326,7 +355,7 @@ impl StateStore for LocalStore {
         requeue_committed_before_ms: Option<u64>,
     ) -> Result<Vec<bool>> {
         let slices = slices.to_vec();
-        self.write(move |state| {
+        self.write_records(move |state| {
             let queued: Vec<bool> = slices
                 .iter()
                 .map(|s| state.enqueue(table, *s, requeue_committed_before_ms))
@@ -346,7 +375,7 @@ impl StateStore for LocalStore {
         lease_until_ms: u64,
     ) -> Result<Option<Lease>> {
         let owner = owner.to_owned();
-        self.write(move |state| {
+        self.write_records(move |state| {
             let lease = state.claim(table, slice, &owner, now_ms, lease_until_ms);
             let changed = lease.is_some();
             Ok((lease, changed))
@@ -363,7 +392,7 @@ impl StateStore for LocalStore {
         lease_until_ms: u64,
     ) -> Result<Vec<Lease>> {
         let (slices, owner) = (slices.to_vec(), owner.to_owned());
-        self.write(move |state| {
+        self.write_records(move |state| {
             let leases: Vec<Lease> = slices
                 .iter()
                 .map_while(|s| state.claim(table, *s, &owner, now_ms, lease_until_ms))
@@ -376,7 +405,7 @@ impl StateStore for LocalStore {
 
     async fn confirm(&self, lease: &Lease, now_ms: u64, until_ms: u64) -> Result<bool> {
         let lease = lease.clone();
-        self.write(move |state| {
+        self.write_records(move |state| {
             Ok(state.with_held(&lease, Some(now_ms), |e| {
                 e.lease_expires_ms = Some(until_ms)
             }))
@@ -387,14 +416,16 @@ impl StateStore for LocalStore {
     async fn save_progress(&self, lease: &Lease, progress: Option<&str>) -> Result<bool> {
         let lease = lease.clone();
         let progress = progress.map(str::to_owned);
-        self.write(move |state| Ok(state.with_held(&lease, None, |e| e.progress = progress)))
-            .await
+        self.write_records(
+            move |state| Ok(state.with_held(&lease, None, |e| e.progress = progress)),
+        )
+        .await
     }
 
     async fn complete(&self, lease: &Lease, now_ms: u64, result: Option<&str>) -> Result<bool> {
         let lease = lease.clone();
         let result = result.map(str::to_owned);
-        self.write(move |state| {
+        self.write_records(move |state| {
             Ok(state.with_held(&lease, Some(now_ms), |e| {
                 e.status = SliceStatus::Committed;
                 e.committed_at_ms = Some(now_ms);
@@ -411,7 +442,7 @@ impl StateStore for LocalStore {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         let lease = lease.clone();
-        self.write(move |state| {
+        self.write_records(move |state| {
             let (_, changed) = state.with_held(&lease, None, |e| {
                 e.status = SliceStatus::Pending;
                 e.lease_expires_ms = None;
@@ -423,7 +454,7 @@ impl StateStore for LocalStore {
 
     async fn fail(&self, lease: &Lease, failure: &Failure) -> Result<bool> {
         let (lease, failure) = (lease.clone(), failure.clone());
-        self.write(move |state| {
+        self.write_records(move |state| {
             Ok(state.with_held(&lease, None, |e| {
                 e.status = if failure.park {
                     SliceStatus::Failed
@@ -589,8 +620,16 @@ fn load(path: &Path) -> Result<StateFile> {
     })
 }
 
+/// Whether a rewrite's rename is forced to disk (the state file's directory synced).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rename {
+    Forced,
+    /// Slice records: after an OS crash the file may come back some of these writes older.
+    MayRollBack,
+}
+
 /// Replaces the file with `state`: a synced temporary file renamed over it.
-fn save(path: &Path, state: &StateFile) -> Result<()> {
+fn save(path: &Path, state: &StateFile, rename: Rename) -> Result<()> {
     let mut text = serde_json::to_string_pretty(state)
         .map_err(|e| Error::state(format!("state file {}: cannot encode: {e}", path.display())))?;
     text.push('\n');
@@ -610,7 +649,8 @@ fn save(path: &Path, state: &StateFile) -> Result<()> {
         return Err(state_io(path, "cannot write it", e));
     }
     // Make the rename itself durable; a failure here loses nothing already visible.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+    if rename == Rename::Forced
+        && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && let Ok(dir) = File::open(dir)
     {
         let _ = dir.sync_all();
