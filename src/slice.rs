@@ -161,6 +161,9 @@ impl FromStr for SliceId {
     }
 }
 
+/// The most days [`ReadSizes`] keeps.
+const READ_SIZES_KEPT: usize = 64;
+
 /// The raw sizes of export days this process has read and not yet committed, so that another
 /// worker can plan a multi-day window from a day still being written (its commit records the
 /// size for every later invocation).
@@ -186,6 +189,11 @@ impl ReadSizes {
     pub fn note(&self, day: Date, raw_bytes: u64, ms: u64) {
         if let Ok(mut days) = self.days.lock() {
             days.insert(day, (raw_bytes, ms));
+            // Only the newest matter (a window is planned from days near it, and a committed
+            // day's record holds its own size): a long backfill keeps this small.
+            while days.len() > READ_SIZES_KEPT {
+                days.pop_first();
+            }
         }
         self.open();
     }
@@ -213,6 +221,21 @@ impl ReadSizes {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn read_sizes_keep_the_newest_days_only() {
+        let sizes = super::ReadSizes::default();
+        let first = jiff::civil::date(2020, 1, 1);
+        let mut d = first;
+        for n in 0..100u64 {
+            sizes.note(d, n, 1);
+            d = d.tomorrow().unwrap();
+        }
+        let noted = sizes.noted();
+        assert_eq!(noted.len(), super::READ_SIZES_KEPT);
+        assert_eq!(noted[0].1, 100 - super::READ_SIZES_KEPT as u64);
+        assert_eq!(noted.last().map(|n| n.1), Some(99));
+    }
+
     use super::*;
 
     #[test]
