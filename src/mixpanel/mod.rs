@@ -58,6 +58,12 @@ impl ExportResponse {
     }
 }
 
+/// Whether a base URL is one TLS is needed for: anything but `http://`.
+fn needs_tls(url: &str) -> bool {
+    !url.get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+}
+
 impl MixpanelClient {
     /// A client for the given base URLs.
     pub fn new(
@@ -65,19 +71,24 @@ impl MixpanelClient {
         data_url: &str,
         credentials: Arc<CredentialsProvider>,
     ) -> Result<Self> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // Large exports may think for minutes before the first byte; a stalled read beyond
             // this is a broken connection.
             .read_timeout(Duration::from_secs(300))
-            .user_agent(concat!("mixpanel-replicator/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::InvalidSetting,
-                    format!("cannot build the HTTP client: {e}"),
-                )
-            })?;
+            .user_agent(concat!("mixpanel-replicator/", env!("CARGO_PKG_VERSION")));
+        if !needs_tls(api_url) && !needs_tls(data_url) {
+            // Both base URLs are plain HTTP (a local simulator, a proxy on loopback): the
+            // system's CA store, which takes 10 to 20 ms to load, is not read. Should a server
+            // send such a client to an HTTPS URL, no certificate is trusted: the request fails.
+            builder = builder.tls_certs_only(std::iter::empty());
+        }
+        let http = builder.build().map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidSetting,
+                format!("cannot build the HTTP client: {e}"),
+            )
+        })?;
         Ok(MixpanelClient {
             http,
             api_url: api_url.trim_end_matches('/').to_string(),
@@ -523,6 +534,17 @@ pub fn without_url(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_http_base_urls_go_without_tls() {
+        assert!(!needs_tls("http://127.0.0.1:8080"));
+        assert!(!needs_tls("HTTP://localhost/"));
+        assert!(needs_tls("https://data.mixpanel.com"));
+        assert!(needs_tls("https://127.0.0.1:8443"));
+        // Anything not plainly HTTP keeps the system's roots.
+        assert!(needs_tls("httpx://example.com"));
+        assert!(needs_tls(""));
+    }
 
     #[test]
     fn classification() {
