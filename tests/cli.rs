@@ -376,3 +376,47 @@ async fn check_names_the_region_when_the_project_is_in_another_cluster() {
     );
     assert_eq!(files_under(dir.path()), Vec::<String>::new());
 }
+
+/// A plain-HTTP base URL whose server redirects to HTTPS, as Mixpanel answers `http://`: the
+/// client (which loads no CA store for plain HTTP) does not follow it, and `check` names the
+/// settings to change for each table, with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_settings_when_a_plain_http_url_redirects_to_https() {
+    use std::io::{Read, Write};
+    let project = Project::start(sim_config("UTC", 1, 5)).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut head = [0u8; 8192];
+            let _ = stream.read(&mut head);
+            let _ = stream.write_all(
+                b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://127.0.0.1:9/api/2.0/export?project_id=1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let url = format!("http://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(&project, dir.path());
+    cmd.env("MIXPANEL_API_URL", &url)
+        .env("MIXPANEL_DATA_URL", &url);
+    let out = tokio::task::spawn_blocking(move || cmd.arg("check").output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let export = stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("export"))
+        .unwrap_or_else(|| panic!("no export line: {stdout}"));
+    assert!(
+        export.starts_with("FAIL  export")
+            && export.contains("redirected a plain-HTTP request to https://127.0.0.1;")
+            && export.contains("set MIXPANEL_API_URL and MIXPANEL_DATA_URL to its https:// URLs"),
+        "{export}"
+    );
+    // The redirect's path and query are not repeated.
+    assert!(!stdout.contains("project_id=1"), "{stdout}");
+    assert_eq!(files_under(dir.path()), Vec::<String>::new());
+}

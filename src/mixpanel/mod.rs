@@ -64,6 +64,28 @@ fn needs_tls(url: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
 }
 
+/// A plain-HTTP client sent on to another scheme (the scheme and host it was sent to).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server redirected a plain-HTTP request to {0}; set MIXPANEL_API_URL and \
+     MIXPANEL_DATA_URL to its https:// URLs"
+)]
+struct PlainHttpRedirected(String);
+
+/// Redirects of a plain-HTTP client: followed (up to ten, as reqwest's default) while they
+/// stay plain HTTP; one to HTTPS is an error naming the host, never its path or query.
+fn plain_http_redirect(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {
+    let url = attempt.url();
+    if url.scheme() != "http" {
+        let to = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+        return attempt.error(PlainHttpRedirected(to));
+    }
+    if attempt.previous().len() >= 10 {
+        return attempt.error("too many redirects");
+    }
+    attempt.follow()
+}
+
 impl MixpanelClient {
     /// A client for the given base URLs.
     pub fn new(
@@ -79,9 +101,12 @@ impl MixpanelClient {
             .user_agent(concat!("mixpanel-replicator/", env!("CARGO_PKG_VERSION")));
         if !needs_tls(api_url) && !needs_tls(data_url) {
             // Both base URLs are plain HTTP (a local simulator, a proxy on loopback): the
-            // system's CA store, which takes 10 to 20 ms to load, is not read. Should a server
-            // send such a client to an HTTPS URL, no certificate is trusted: the request fails.
-            builder = builder.tls_certs_only(std::iter::empty());
+            // system's CA store, which takes 10 to 20 ms to load, is not read. Such a client
+            // trusts no certificate, so a redirect to HTTPS (Mixpanel's answer to `http://`)
+            // fails at once, saying which settings to change.
+            builder = builder
+                .tls_certs_only(std::iter::empty())
+                .redirect(reqwest::redirect::Policy::custom(plain_http_redirect));
         }
         let http = builder.build().map_err(|e| {
             Error::new(
@@ -392,6 +417,11 @@ impl MixpanelClient {
                     last: false,
                 })
             }
+            // A setting to change, not a fault to wait out: no other attempt.
+            Err(e) if redirected_off_plain_http(&e) => Err(Failed::last(Error::new(
+                ErrorKind::InvalidSetting,
+                format!("request to {shown} failed: {}", without_url(&e)),
+            ))),
             Err(e) => Err(Failed {
                 err: Error::transient(format!("request to {shown} failed: {}", without_url(&e))),
                 retry_after: None,
@@ -399,6 +429,18 @@ impl MixpanelClient {
             }),
         }
     }
+}
+
+/// Whether `e` is a plain-HTTP client's refusal of a redirect to HTTPS.
+fn redirected_off_plain_http(e: &reqwest::Error) -> bool {
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        if inner.is::<PlainHttpRedirected>() {
+            return true;
+        }
+        src = inner.source();
+    }
+    false
 }
 
 /// A failed attempt of a request.
