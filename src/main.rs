@@ -40,7 +40,8 @@ fn main() -> ExitCode {
 /// Bounds glibc's malloc to as many arenas as a pass has worker threads (one per core, 1 to
 /// 4). By default glibc opens up to eight per core as threads contend, and memory freed into
 /// one arena serves no other: on the 10-day benchmark that held 7 to 10 MiB more at peak (a
-/// third of the process) at no gain in speed (BENCHMARKS.md, "malloc arenas").
+/// third of the process) at no gain in speed (BENCHMARKS.md, "Ten days, zstd, and multi-day
+/// requests").
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn bound_malloc_arenas() {

@@ -221,9 +221,11 @@ impl ReadSizes {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn read_sizes_keep_the_newest_days_only() {
-        let sizes = super::ReadSizes::default();
+        let sizes = ReadSizes::default();
         let first = jiff::civil::date(2020, 1, 1);
         let mut d = first;
         for n in 0..100u64 {
@@ -231,12 +233,10 @@ mod tests {
             d = d.tomorrow().unwrap();
         }
         let noted = sizes.noted();
-        assert_eq!(noted.len(), super::READ_SIZES_KEPT);
-        assert_eq!(noted[0].1, 100 - super::READ_SIZES_KEPT as u64);
+        assert_eq!(noted.len(), READ_SIZES_KEPT);
+        assert_eq!(noted[0].1, 100 - READ_SIZES_KEPT as u64);
         assert_eq!(noted.last().map(|n| n.1), Some(99));
     }
-
-    use super::*;
 
     #[test]
     fn slice_ids_read_back_as_written_and_pieces_sort_beside_their_hour() {
